@@ -1,0 +1,64 @@
+# ocibuild: set-up, demo, tests, protocol code and benchmarks.
+# Every target is idempotent and works on a fresh Debian machine as root.
+
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := runc fuse3 libfuse3-dev pkg-config busybox-static nix-bin b3sum graphviz
+# Nix for tests and the demo: single-user root, sandbox on. The config lives in
+# the repo (.nix/nix.conf) and is selected with NIX_CONF_DIR, so nothing else
+# on the machine changes.
+NIX_CONF_DIR := $(CURDIR)/.nix
+export NIX_CONF_DIR
+export NIX_REMOTE := local
+
+.PHONY: install apt venv nix-setup demo test proto bench clean
+
+install: apt venv nix-setup
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: apt $(VENV)/.installed
+
+nix-setup: $(NIX_CONF_DIR)/nix.conf
+
+$(NIX_CONF_DIR)/nix.conf:
+	mkdir -p $(NIX_CONF_DIR)
+	printf '%s\n' 'sandbox = true' 'build-users-group =' 'substituters =' \
+	  'experimental-features = nix-command' 'max-jobs = 2' > $@.tmp
+	mv $@.tmp $@
+
+demo: install
+	$(PY) dag_examples/demo.py
+
+test: install
+	$(PY) -m pytest -q tests dag_examples
+
+proto: venv
+	$(PY) -m grpc_tools.protoc -I . \
+	  --python_out=. --grpc_python_out=. \
+	  --mypy_out=. --mypy_grpc_out=. \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  stages/proto/*.proto
+
+bench: install
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(NIX_CONF_DIR)

@@ -1,0 +1,1 @@
+"""ocibuild's build domain: castore, OCI, and the stages of a build."""

@@ -1,0 +1,238 @@
+"""The castore service interfaces: blobs by digest, directories by digest.
+
+Both are async. Backends (memory, the local on-disk store, gRPC clients)
+implement these classes; everything else in ocibuild talks to the interfaces
+only, and picks a backend by address (see :mod:`stages.castore.addresses`).
+
+Blobs are written as streams through a :class:`BlobWriter` (bounded memory;
+the digest is known only at the end) and read through a :class:`BlobReader`
+that verifies the digest: a reader that reaches the end of a blob whose bytes
+no longer hash to its digest raises :class:`CorruptionError` instead of
+returning the last chunk.
+
+Directories are uploaded with a :class:`DirectoryPutter`, leaves to root: each
+directory may only reference directories sent before it in the same upload,
+the last one sent is the root, and every directory sent must be reachable from
+it. :class:`ClosureValidator` holds those rules so every backend checks them
+the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+from typing import AsyncIterator
+
+import blake3
+
+from stages.castore.errors import CorruptionError, NotFoundError, ValidationError
+from stages.castore.nodes import Directory, validate_digest
+
+__all__ = [
+    "BlobReader",
+    "BlobService",
+    "BlobWriter",
+    "ClosureValidator",
+    "DirectoryPutter",
+    "DirectoryService",
+    "READ_CHUNK",
+]
+
+# Chunk size for streaming blob bytes around (reads, gRPC messages, copies).
+READ_CHUNK = 1 << 20
+
+
+class BlobReader(abc.ABC):
+    """Reads one blob. Sequential reads verify the digest at the end."""
+
+    digest: bytes
+    size: int
+
+    @abc.abstractmethod
+    async def read(self, n: int = READ_CHUNK) -> bytes:
+        """Up to ``n`` bytes from the current position; b"" at the end."""
+
+    @abc.abstractmethod
+    async def pread(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``offset``, unverified unless verify() ran."""
+
+    @abc.abstractmethod
+    async def verify(self) -> None:
+        """Hash the whole blob once; raise CorruptionError on mismatch."""
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> BlobReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class BlobWriter(abc.ABC):
+    """Writes one blob. Nothing is visible in the store before close()."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> bytes:
+        """Make the blob visible; return its digest."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Drop what was written; nothing becomes visible."""
+
+    async def __aenter__(self) -> BlobWriter:
+        return self
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        # close() is explicit (it returns the digest); leaving the block
+        # without it, or with an exception, drops the partial blob.
+        if exc_type is not None or not getattr(self, "closed", False):
+            await self.abort()
+
+
+class BlobService(abc.ABC):
+    """Blobs addressed by the BLAKE3 digest of their bytes."""
+
+    @abc.abstractmethod
+    async def stat(self, digest: bytes) -> int | None:
+        """The blob's size, or None when it is not in the store."""
+
+    async def has(self, digest: bytes) -> bool:
+        return await self.stat(digest) is not None
+
+    @abc.abstractmethod
+    async def open_read(self, digest: bytes) -> BlobReader:
+        """A reader for the blob; NotFoundError when it is missing."""
+
+    @abc.abstractmethod
+    def open_write(self) -> BlobWriter:
+        """A writer for a new blob."""
+
+    async def put(self, data: bytes) -> bytes:
+        writer = self.open_write()
+        async with writer:
+            await writer.write(data)
+            return await writer.close()
+
+    async def get(self, digest: bytes) -> bytes:
+        """The whole blob, verified (for small blobs; stream big ones)."""
+        parts = []
+        async with await self.open_read(digest) as reader:
+            while chunk := await reader.read():
+                parts.append(chunk)
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class DirectoryPutter(abc.ABC):
+    """One leaves-to-root upload of a directory tree."""
+
+    @abc.abstractmethod
+    async def put(self, directory: Directory) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> bytes:
+        """Check the upload is one connected tree; store it; return the root digest."""
+
+
+class DirectoryService(abc.ABC):
+    """Directories addressed by the digest of their canonical encoding."""
+
+    @abc.abstractmethod
+    async def get(self, digest: bytes) -> Directory | None:
+        """One directory, or None when it is not in the store."""
+
+    async def get_recursive(self, digest: bytes) -> AsyncIterator[Directory]:
+        """The tree rooted at ``digest``, breadth first, each directory once.
+
+        A missing root raises NotFoundError; a missing directory below it
+        raises NotFoundError too (the store is then incomplete).
+        """
+        validate_digest(digest)
+        seen = {digest}
+        queue = collections.deque([digest])
+        while queue:
+            current = queue.popleft()
+            directory = await self.get(current)
+            if directory is None:
+                raise NotFoundError("directory", current)
+            yield directory
+            for child in directory.directories:
+                if child.digest not in seen:
+                    seen.add(child.digest)
+                    queue.append(child.digest)
+
+    @abc.abstractmethod
+    def put_multiple_start(self) -> DirectoryPutter: ...
+
+    async def put_tree(self, directories: list[Directory]) -> bytes:
+        """Upload directories given leaves to root; return the root digest."""
+        putter = self.put_multiple_start()
+        for d in directories:
+            await putter.put(d)
+        return await putter.close()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ClosureValidator:
+    """The rules of a leaves-to-root directory upload, for every backend.
+
+    Feed each directory to :meth:`add` in the order received, then call
+    :meth:`finalize` for the directories in an order safe to store (leaves
+    first) and the root's digest.
+    """
+
+    def __init__(self) -> None:
+        self._received: dict[bytes, Directory] = {}
+        self._order: list[bytes] = []
+
+    def add(self, directory: Directory) -> bytes:
+        for child in directory.directories:
+            known = self._received.get(child.digest)
+            if known is None:
+                raise ValidationError(
+                    "put-order",
+                    "directory references a directory not sent before it in this upload",
+                    name=child.name, digest=child.digest)
+            if known.size != child.size:
+                raise ValidationError(
+                    "directory-size",
+                    f"DirectoryNode says size {child.size}, the directory has {known.size}",
+                    name=child.name, digest=child.digest)
+        digest = directory.digest
+        if digest not in self._received:
+            self._received[digest] = directory
+            self._order.append(digest)
+        return digest
+
+    def finalize(self) -> tuple[list[Directory], bytes]:
+        if not self._order:
+            raise ValidationError("put-empty", "an upload must contain at least the root")
+        root = self._order[-1]
+        # The last one sent is the root; everything sent must hang below it.
+        reachable = {root}
+        stack = [root]
+        while stack:
+            for child in self._received[stack.pop()].directories:
+                if child.digest not in reachable:
+                    reachable.add(child.digest)
+                    stack.append(child.digest)
+        for digest in self._order:
+            if digest not in reachable:
+                raise ValidationError("put-disconnected",
+                                      "directory is not reachable from the root "
+                                      "(the last directory sent)", digest=digest)
+        return [self._received[d] for d in self._order], root
+
+
+def verify_bytes(kind: str, digest: bytes, data: bytes, where: str = "") -> None:
+    if blake3.blake3(data).digest() != digest:
+        raise CorruptionError(kind, digest, where)

@@ -1,0 +1,64 @@
+"""The ``ocibuild`` command line.
+
+Each command group lives in its own module with a ``register(subparsers)``
+function; a command's handler returns an exit code. Errors that users cause
+(bad input, missing paths, unusable stores) are printed as one line on stderr
+with a non-zero exit, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+__all__ = ["main", "UserError"]
+
+# Command-group modules, in the order --help lists them.
+COMMAND_MODULES = ["stages.cli.castore_cmd"]
+
+
+class UserError(Exception):
+    """An error whose message is the whole story; printed without traceback."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from stages.castore.errors import CastoreError
+
+    types: list[type[BaseException]] = [UserError, CastoreError]
+    try:
+        from pipeline.errors import PipelineError
+        types.append(PipelineError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ocibuild",
+        description="Hermetic builds in OCI containers over a content-addressed store.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except _user_error_types() as exc:
+        print(f"ocibuild: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ocibuild: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())
