@@ -1,0 +1,1 @@
+"""ocibuild benchmarks; run them all with ``make bench`` (``python -m bench``)."""
