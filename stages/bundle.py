@@ -1,0 +1,222 @@
+"""The bundle stage: the OCI bundle directory a build runs from.
+
+:func:`write_bundle` lays out (see :mod:`stages.oci.layout`):
+
+- ``config.json`` from :func:`stages.spec.make_spec`;
+- ``rootfs/``: the read-only root, with /etc/passwd, /etc/group and
+  /etc/hosts byte-identical to Nix 2.8's sandbox, and a mount point for
+  everything the spec mounts;
+- ``scratch/<i>/``: the host side of each scratch path, owned by the host id
+  that the container's uid 1000 / gid 100 map to, so the builder can write;
+- the request's additional_files, and its symlink inputs (which are not
+  mounted: a bind mount cannot carry a symlink).
+
+Where a build-root path lands: in the scratch directory of its longest
+scratch-path prefix when it lies in a scratch path (so an additional file
+in ``build/`` is writable and visible at /build), otherwise in the rootfs
+(read-only in the container). Validation has already kept every path inside
+the build root and off the read-only mounts.
+
+Caveats:
+
+- Atomic-ish: everything is written into a hidden sibling directory that is
+  renamed into place at the end; on any failure it is removed, so either the
+  whole bundle exists or nothing does. ``bundle_dir`` must not exist yet.
+- The container's root maps to a subordinate id that owns nothing on the
+  host, so every directory from / down to the bundle must be searchable by
+  others (mode o+x): runc's init resolves the bind sources from inside the
+  user namespace. The bundle itself is made 0711; the caller picks a parent
+  that is traversable (:func:`check_traversable`).
+- Directories created inside a scratch directory for mount points and
+  additional files belong to the builder too; those in the rootfs stay
+  root's (they show as ``nobody`` inside).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
+from stages.errors import BundleError
+from stages.oci.idmap import IdMap
+from stages.oci.layout import BundleLayout
+from stages.request import BuildRequest
+from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_points
+from stages.validate import is_under, validate_request
+
+__all__ = ["NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "check_traversable", "remove_bundle",
+           "write_bundle"]
+
+# Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
+# sandboxUid 1000, sandboxGid 100, build dir /build. The integration test
+# tests/integration/test_sandbox_vs_nix.py compares them with a real nix-build.
+NIX_PASSWD = (b"root:x:0:0:Nix build user:/build:/noshell\n"
+              b"nixbld:x:1000:100:Nix build user:/build:/noshell\n"
+              b"nobody:x:65534:65534:Nobody:/:/noshell\n")
+NIX_GROUP = b"root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n"
+NIX_HOSTS = b"127.0.0.1 localhost\n::1 localhost\n"
+
+
+def check_traversable(path: Path | str) -> None:
+    """Refuse a bundle location the container's root could not reach."""
+    p = Path(path).resolve()
+    for d in [p, *p.parents]:
+        try:
+            mode = d.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if not mode & 0o001:
+            raise BundleError(path, f"{d} is not searchable by others (mode "
+                                    f"{mode & 0o777:o}); the container's mapped root could "
+                                    f"not reach the bundle; use a directory with o+x")
+
+
+class _Writer:
+    def __init__(self, tmp: Path, final: Path, req: BuildRequest, idmap: IdMap) -> None:
+        self.tmp = BundleLayout(tmp)
+        self.final = BundleLayout(final)
+        self.req = req
+        self.uid = idmap.host_uid(BUILD_UID)
+        self.gid = idmap.host_gid(BUILD_GID)
+
+    def backing(self, rel: str, *, strict: bool) -> tuple[Path, Path | None]:
+        """(host path in the temp bundle, scratch base or None) holding ``rel``.
+
+        With ``strict`` only scratch paths strictly above ``rel`` count (the
+        mount point of a scratch path lies in what is mounted below it).
+        """
+        best = None
+        for s in self.req.scratch_paths:
+            if (s != rel or not strict) and is_under(rel, s):
+                if best is None or len(s) > len(best):
+                    best = s
+        if best is None:
+            return self.tmp.rootfs / rel, None
+        base = self.tmp.scratch_dir(self.req, best)
+        tail = rel[len(best) + 1:]
+        return (base / tail if tail else base), base
+
+    def mkdirs(self, path: Path, base: Path | None) -> None:
+        """mkdir -p; inside a scratch dir the new directories go to the builder."""
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir(mode=0o755)
+            if base is not None and is_under(str(d), str(base)):
+                os.chown(d, self.uid, self.gid)
+
+    def touch(self, path: Path, base: Path | None) -> None:
+        self.mkdirs(path.parent, base)
+        if not path.exists():
+            path.touch(mode=0o644)
+
+    def write(self, spec: SpecOptions) -> None:
+        root = self.tmp.root
+        root.mkdir(mode=0o711)
+        os.chmod(root, 0o711)
+        rootfs = self.tmp.rootfs
+        rootfs.mkdir(mode=0o755)
+        etc = rootfs / "etc"
+        etc.mkdir(mode=0o755)
+        for name, data in (("passwd", NIX_PASSWD), ("group", NIX_GROUP), ("hosts", NIX_HOSTS)):
+            (etc / name).write_bytes(data)
+            os.chmod(etc / name, 0o644)
+
+        if self.req.scratch_paths:
+            (root / "scratch").mkdir(mode=0o711)
+        for s in self.req.scratch_paths:
+            d = self.tmp.scratch_dir(self.req, s)
+            d.mkdir(mode=0o755)
+            os.chown(d, self.uid, self.gid)
+
+        for rel, kind in mount_points(self.req):
+            is_scratch = rel in self.req.scratch_paths
+            host, base = self.backing(rel, strict=is_scratch)
+            if rel in [p[1:] for p in self.req.available_ro_paths]:
+                kind = "dir" if os.path.isdir("/" + rel) else "file"
+                if not os.path.exists("/" + rel):
+                    raise BundleError(self.final.root,
+                                      f"available_ro_path /{rel} does not exist on this host")
+            if kind == "dir":
+                self.mkdirs(host, base)
+            else:
+                self.touch(host, base)
+
+        for node in self.req.inputs:
+            if isinstance(node, SymlinkNode):
+                host, base = self.backing(f"{self.req.inputs_dir}/{node.name.decode()}",
+                                          strict=False)
+                self.mkdirs(host.parent, base)
+                os.symlink(node.target, os.fsencode(host))
+
+        for f in self.req.additional_files:
+            host, base = self.backing(f.path, strict=False)
+            self.mkdirs(host.parent, base)
+            host.write_bytes(f.contents)
+            os.chmod(host, 0o644)
+            if base is not None:
+                os.chown(host, self.uid, self.gid)
+
+        config = make_spec(self.req, spec)
+        self.tmp.config.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
+                 input_paths: Mapping[bytes, object] | None = None,
+                 **spec_options: object) -> BundleLayout:
+    """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
+
+    ``input_paths`` maps each non-symlink input's name to the host path to
+    bind; ``spec_options`` go to :class:`stages.spec.SpecOptions` (busybox,
+    network_files, nofile, hostname). Returns the bundle's layout.
+    """
+    validate_request(req)
+    final = Path(bundle_dir).absolute()
+    if final.exists() or final.is_symlink():
+        raise BundleError(final, "already exists; remove it or choose another directory")
+    if not final.parent.is_dir():
+        raise BundleError(final, f"parent directory {final.parent} does not exist")
+    check_traversable(final.parent)
+    tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    layout = BundleLayout(final)
+    opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
+                       input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
+    try:
+        _Writer(tmp, final, req, idmap).write(opts)
+        os.rename(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BundleError(final, f"cannot write the bundle: {exc}") from exc
+        raise
+    return layout
+
+
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mnt = line.split()[4].encode().decode("unicode_escape")
+            if mnt == str(path) or mnt.startswith(prefix):
+                found.append(mnt)
+    return found
+
+
+def remove_bundle(bundle_dir: Path | str) -> None:
+    """Remove a bundle; refuses while anything is still mounted inside it."""
+    path = Path(bundle_dir).absolute()
+    if not path.exists():
+        return
+    mounted = _mounts_under(path)
+    if mounted:
+        raise BundleError(path, f"still mounted inside: {', '.join(mounted)}; unmount first")
+    shutil.rmtree(path)

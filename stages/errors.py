@@ -1,0 +1,115 @@
+"""Errors of the build domain (requests, specs, bundles, containers).
+
+::
+
+    BuildError                      everything below; catch this at a boundary
+    ├── RequestError                a request breaks a rule (field=, rule=)
+    │   └── RequestFileError        a request file cannot be read or parsed (path=)
+    ├── SpecError                   a valid request cannot be expressed as an OCI spec (field=, rule=)
+    ├── BundleError                 the bundle directory cannot be written (path=)
+    ├── IdMapError                  /etc/subuid or /etc/subgid is unusable (path=, line=)
+    └── RuncError                   runc failed or the builder exited non-zero (exit_code=, log_tail=)
+        └── RuncTimeoutError        the builder ran longer than its timeout (timeout=)
+
+Castore's errors stay in ``stages.castore.errors``; a castore ValidationError
+met while converting a request is translated into a RequestError naming the
+field (``raise ... from``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "BuildError",
+    "BundleError",
+    "IdMapError",
+    "RequestError",
+    "RequestFileError",
+    "RuncError",
+    "RuncTimeoutError",
+    "SpecError",
+]
+
+
+class BuildError(Exception):
+    """Root of the build domain's error hierarchy."""
+
+
+class RequestError(BuildError, ValueError):
+    """A BuildRequest breaks a rule of the protocol or of our sandbox.
+
+    ``field`` names the offending field as a path into the request
+    (``outputs[2]``, ``constraints.available_ro_paths[0]``); ``rule`` is a
+    short stable identifier of the rule (``"path-clean"``, ``"sorted"``).
+    """
+
+    def __init__(self, field: str, rule: str, message: str) -> None:
+        self.field = field
+        self.rule = rule
+        self.detail = message
+        super().__init__(f"{field}: {message} [rule {rule}]")
+
+
+class RequestFileError(RequestError):
+    """A request file cannot be read, or its contents are not a BuildRequest."""
+
+    def __init__(self, path: Path | str, rule: str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(str(path), rule, message)
+
+
+class SpecError(BuildError, ValueError):
+    """A valid request that this runtime cannot express (e.g. non-UTF-8 env)."""
+
+    def __init__(self, field: str, rule: str, message: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {message} [rule {rule}]")
+
+
+class BundleError(BuildError):
+    """Writing the bundle directory failed; nothing half-written is left."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"bundle {path}: {message}")
+
+
+class IdMapError(BuildError):
+    """/etc/subuid or /etc/subgid cannot be used for the user namespace."""
+
+    def __init__(self, path: Path | str, message: str, *, line: int | None = None) -> None:
+        self.path = Path(path)
+        self.line = line
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+
+
+class RuncError(BuildError):
+    """runc failed, or the builder exited with a non-zero status.
+
+    ``exit_code`` is runc's exit status (128+N when the builder died of
+    signal N); ``log_tail`` holds the last lines of the build log.
+    """
+
+    def __init__(self, container_id: str, message: str, *, exit_code: int | None = None,
+                 log_tail: str = "") -> None:
+        self.container_id = container_id
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+        text = f"container {container_id}: {message}"
+        if exit_code is not None:
+            text += f" (exit code {exit_code})"
+        if log_tail:
+            text += "\n--- last lines of the build log ---\n" + log_tail
+        super().__init__(text)
+
+
+class RuncTimeoutError(RuncError, TimeoutError):
+    """The builder did not finish within its timeout and was killed."""
+
+    def __init__(self, container_id: str, timeout: float, *, log_tail: str = "") -> None:
+        self.timeout = timeout
+        super().__init__(container_id, f"killed after the timeout of {timeout:g} s",
+                         log_tail=log_tail)

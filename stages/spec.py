@@ -1,0 +1,239 @@
+"""The spec stage: a BuildRequest as an OCI runtime spec (config.json), pure.
+
+:func:`make_spec` turns a validated request plus the host facts in
+:class:`SpecOptions` into the config.json dict for runc 1.1 (OCI runtime spec
+1.0.2). Nothing here touches the disk; every host path comes in through the
+options.
+
+The sandbox follows Nix 2.8's: uid 1000 / gid 100, hostname ``localhost``,
+the request's environment and nothing else, cwd ``/<working_dir>``, a new
+pid, ipc, uts, mount and user namespace, and a new network namespace unless
+the request asks for network access (then the host's is shared, as Nix does
+for fixed-output derivations, with the host's resolv.conf, services and hosts).
+
+Mounts, in this order (a mount's parent is always mounted before it):
+
+1. /proc, /dev (tmpfs), /dev/pts, /dev/shm, /dev/mqueue, /sys: runc's
+   defaults for a user namespace (``runc spec --rootless``). /sys is a fresh
+   read-only sysfs with a private network namespace, and a read-only rbind of
+   the host's /sys with network access (sysfs cannot be mounted in a user
+   namespace that does not own the network namespace).
+2. /tmp: a tmpfs.
+3. The scratch paths, read-write binds, shallowest first.
+4. Each input read-only (``bind, ro, nosuid, nodev``) at /<inputs_dir>/<name>.
+   Symlink inputs are not mounted: the bundle creates the symlink itself.
+5. The available_ro_paths, read-only recursive binds at the same path.
+6. /bin/sh: the static busybox, read-only, when provide_bin_sh.
+7. With network access only: /etc/resolv.conf, /etc/services, /etc/hosts.
+
+Caveats:
+
+- Capabilities: none at all. Nix's builder runs as uid 1000 in its user
+  namespace, so its effective, permitted and ambient sets are empty after
+  the uid change; Nix leaves the bounding set full, we empty it too, since
+  with no_new_privileges nothing could regain a capability anyway.
+- Env values are bytes on the wire, but config.json is JSON text, and runc
+  (Go) would replace invalid UTF-8 by U+FFFD. A value that is not valid
+  UTF-8 is therefore refused (SpecError, rule ``env-utf8``) rather than
+  passed altered.
+- RLIMIT_NOFILE defaults to 1024 soft and hard (runc's default spec); it
+  cannot exceed the host's hard limit, since the limit is applied inside the
+  user namespace.
+- The root is read-only; the bundle must create every mount point
+  beforehand (:func:`mount_points` lists them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import attrs
+
+from stages.castore.nodes import SymlinkNode
+from stages.errors import SpecError
+from stages.oci.idmap import IdMap
+from stages.request import BuildRequest
+
+__all__ = ["BUILD_GID", "BUILD_UID", "MASKED_PATHS", "READONLY_PATHS", "SpecOptions",
+           "make_spec", "mount_points"]
+
+BUILD_UID = 1000
+BUILD_GID = 100
+OCI_VERSION = "1.0.2"
+
+#: As in runc's default spec.
+MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/sys/firmware", "/proc/scsi")
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+_NETWORK_FILES = ("/etc/resolv.conf", "/etc/services", "/etc/hosts")
+
+
+def _str_path(value: object) -> str:
+    return str(value)
+
+
+def _paths_map(value: Mapping) -> dict:
+    return {k: str(v) for k, v in value.items()}
+
+
+@attrs.frozen(kw_only=True)
+class SpecOptions:
+    """Host facts the spec needs: where things are on this machine.
+
+    ``scratch_dirs`` maps each scratch path to its host directory;
+    ``input_paths`` maps each non-symlink input's name (bytes) to the host
+    path to bind (the FUSE mount's entry for it). ``network_files`` maps the
+    container's /etc/resolv.conf, /etc/services and /etc/hosts to host files,
+    used only with network access.
+    """
+
+    idmap: IdMap
+    rootfs: str = attrs.field(converter=_str_path)
+    scratch_dirs: Mapping[str, str] = attrs.field(converter=_paths_map, factory=dict)
+    input_paths: Mapping[bytes, str] = attrs.field(converter=_paths_map, factory=dict)
+    busybox: str = attrs.field(converter=_str_path, default="/bin/busybox")
+    network_files: Mapping[str, str] = attrs.field(
+        converter=_paths_map, factory=lambda: {p: p for p in _NETWORK_FILES})
+    hostname: str = "localhost"
+    nofile: int = 1024
+
+
+def _sorted_by_depth(paths: list[str]) -> list[str]:
+    return sorted(paths, key=lambda p: (p.count("/"), p))
+
+
+def mount_points(req: BuildRequest) -> list[tuple[str, str]]:
+    """Every mount destination the spec uses below the root, as (path, kind).
+
+    ``path`` is relative to the build root; ``kind`` is ``"dir"`` or
+    ``"file"`` (what the mount point must be). The sandbox's own /proc, /dev,
+    /sys and /tmp are included; the working directory too (as ``"dir"``).
+    """
+    points: list[tuple[str, str]] = [("proc", "dir"), ("dev", "dir"), ("sys", "dir"),
+                                     ("tmp", "dir")]
+    points += [(s, "dir") for s in _sorted_by_depth(list(req.scratch_paths))]
+    for node in req.inputs:
+        if isinstance(node, SymlinkNode):
+            continue
+        kind = "file" if hasattr(node, "executable") else "dir"
+        points.append((f"{req.inputs_dir}/{node.name.decode()}", kind))
+    for p in req.available_ro_paths:
+        points.append((p[1:], "dir"))  # decided per host path by the bundle
+    if req.provide_bin_sh:
+        points.append(("bin/sh", "file"))
+    if req.network_access:
+        points += [(p[1:], "file") for p in _NETWORK_FILES]
+    points.append((req.working_dir, "dir"))
+    return points
+
+
+def _env(req: BuildRequest) -> list[str]:
+    env = []
+    for i, var in enumerate(req.environment_vars):
+        try:
+            value = var.value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"environment_vars[{i}].value", "env-utf8",
+                            f"the value of {var.key} is not valid UTF-8 ({exc.reason} at byte "
+                            f"{exc.start}); config.json cannot carry it unaltered") from exc
+        env.append(f"{var.key}={value}")
+    return env
+
+
+def _bind(dest: str, source: str, *options: str) -> dict:
+    return {"destination": dest, "type": "bind", "source": source,
+            "options": ["bind", *options]}
+
+
+def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
+    """The config.json for a validated request, as a dict (no I/O)."""
+    mounts: list[dict] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+    ]
+    if req.network_access:
+        mounts.append({"destination": "/sys", "type": "none", "source": "/sys",
+                       "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+    else:
+        mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                       "options": ["nosuid", "noexec", "nodev", "ro"]})
+    mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                   "options": ["nosuid", "nodev", "mode=1777"]})
+
+    for s in _sorted_by_depth(list(req.scratch_paths)):
+        try:
+            source = opts.scratch_dirs[s]
+        except KeyError:
+            raise SpecError("scratch_paths", "host-path-missing",
+                            f"no host directory given for scratch path {s!r}") from None
+        mounts.append(_bind(f"/{s}", source, "rw", "nosuid", "nodev"))
+
+    for i, node in enumerate(req.inputs):
+        if isinstance(node, SymlinkNode):
+            continue
+        try:
+            source = opts.input_paths[node.name]
+        except KeyError:
+            raise SpecError(f"inputs[{i}]", "host-path-missing",
+                            f"no host path given for input {node.name!r}") from None
+        mounts.append(_bind(f"/{req.inputs_dir}/{node.name.decode()}", source,
+                            "ro", "nosuid", "nodev"))
+
+    for p in req.available_ro_paths:
+        mounts.append({"destination": p, "type": "bind", "source": p,
+                       "options": ["rbind", "ro", "nosuid", "nodev"]})
+
+    if req.provide_bin_sh:
+        mounts.append(_bind("/bin/sh", opts.busybox, "ro", "nosuid", "nodev"))
+
+    if req.network_access:
+        for p in _NETWORK_FILES:
+            mounts.append(_bind(p, opts.network_files[p], "ro", "nosuid", "nodev"))
+
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")]
+    if not req.network_access:
+        namespaces.append({"type": "network"})
+
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": {"uid": BUILD_UID, "gid": BUILD_GID},
+            "args": list(req.command_args),
+            "env": _env(req),
+            "cwd": f"/{req.working_dir}",
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [],
+                             "permitted": [], "ambient": []},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": opts.rootfs, "readonly": True},
+        "hostname": opts.hostname,
+        "mounts": mounts,
+        "linux": {
+            "uidMappings": [m.as_oci() for m in opts.idmap.uid],
+            "gidMappings": [m.as_oci() for m in opts.idmap.gid],
+            "namespaces": namespaces,
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
+
+
+def spec_options(layout_root: Path | str, req: BuildRequest, idmap: IdMap,
+                 input_paths: Mapping[bytes, object], **kw: object) -> SpecOptions:
+    """SpecOptions for a bundle laid out by :class:`stages.oci.layout.BundleLayout`."""
+    from stages.oci.layout import BundleLayout
+    layout = BundleLayout(layout_root)
+    return SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
+                       input_paths=input_paths, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,187 @@
+"""write_bundle: layout, ownership, additional files, all-or-nothing.
+
+Writing a bundle chowns the scratch directories to subordinate ids, so these
+tests need root (marker ``root``); they touch only their own temp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from build_strategies import valid_requests
+from stages import bundle as bundle_mod
+from stages.bundle import check_traversable, remove_bundle, write_bundle
+from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
+from stages.errors import BundleError, RequestError
+from stages.oci.idmap import IdMap
+from stages.oci.schema import validate_config
+from stages.request import AdditionalFile, BuildConstraints, BuildRequest, EnvVar
+from stages.spec import mount_points
+
+pytestmark = pytest.mark.root
+
+D = b"\x03" * 32
+IDMAP = IdMap.single(500000, 600000)
+
+
+@pytest.fixture
+def base_dir():
+    d = Path(tempfile.mkdtemp(prefix="ocibuild-bundle-test-"))
+    os.chmod(d, 0o711)
+    try:
+        yield d
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
+
+
+def request(**changes) -> BuildRequest:
+    req = BuildRequest(
+        inputs=[DirectoryNode(name=b"aaa-dep", digest=D, size=0),
+                FileNode(name=b"bbb-src.sh", digest=D, size=1),
+                SymlinkNode(name=b"ccc-link", target=b"aaa-dep/bin")],
+        command_args=["/bin/sh", "-c", "true"],
+        working_dir="build",
+        scratch_paths=["build", "nix/store"],
+        inputs_dir="nix/store",
+        outputs=["nix/store/zzz-out"],
+        environment_vars=[EnvVar(key="A", value=b"1")],
+        constraints=BuildConstraints(system="x86_64-linux", provide_bin_sh=True,
+                                     available_ro_paths=["/usr/share"]),
+        additional_files=[AdditionalFile(path="build/.attrs.json", contents=b'{"a":1}'),
+                          AdditionalFile(path="opt/conf/x.cfg", contents=b"cfg\n")],
+    )
+    return attrs.evolve(req, **changes)
+
+
+def inputs_for(req: BuildRequest) -> dict:
+    return {n.name: f"/nonexistent/{n.name.decode()}" for n in req.inputs}
+
+
+def test_layout(base_dir: Path) -> None:
+    req = request()
+    lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req))
+    config = json.loads(lay.config.read_text())
+    validate_config(config)
+    assert config["root"]["path"] == str(lay.rootfs)
+    rootfs = lay.rootfs
+    # /etc: the build user as Nix's sandbox names it
+    passwd = (rootfs / "etc/passwd").read_text().splitlines()
+    assert "nixbld:x:1000:100:Nix build user:/build:/noshell" in passwd
+    assert (rootfs / "etc/group").read_text().splitlines()[1].split(":")[2] == "100"
+    assert "127.0.0.1 localhost" in (rootfs / "etc/hosts").read_text()
+    # scratch dirs: writable by the mapped build user
+    for s in req.scratch_paths:
+        d = lay.scratch_dir(req, s)
+        st_ = d.stat()
+        assert (st_.st_uid, st_.st_gid) == (500000 + 1000, 600000 + 100)
+        assert any(m["source"] == str(d) and m["destination"] == "/" + s
+                   for m in config["mounts"])
+    store = lay.scratch_dir(req, "nix/store")
+    # mount points: a directory for a directory input, a file for a file input
+    assert (store / "aaa-dep").is_dir()
+    assert stat.S_ISREG((store / "bbb-src.sh").lstat().st_mode)
+    # symlink inputs are created, not mounted
+    assert os.readlink(store / "ccc-link") == "aaa-dep/bin"
+    assert (rootfs / "bin/sh").is_file() and (rootfs / "usr/share").is_dir()
+    for rel in ("proc", "dev", "sys", "tmp", "build", "nix/store"):
+        assert (rootfs / rel).is_dir(), rel
+    # additional files: into the scratch dir (builder's) or the rootfs (root's)
+    attrs_json = lay.scratch_dir(req, "build") / ".attrs.json"
+    assert attrs_json.read_bytes() == b'{"a":1}'
+    assert attrs_json.stat().st_uid == 501000
+    assert (rootfs / "opt/conf/x.cfg").read_bytes() == b"cfg\n"
+    assert (rootfs / "opt/conf/x.cfg").stat().st_uid == 0
+    # host_path: where an output is read back
+    assert lay.host_path(req, "nix/store/zzz-out") == store / "zzz-out"
+    assert lay.host_path(req, "opt/conf") == rootfs / "opt/conf"
+    assert not [p for p in base_dir.iterdir() if p.name != "b"]
+
+
+def test_bundle_dir_mode_lets_mapped_root_through(base_dir: Path) -> None:
+    lay = write_bundle(base_dir / "b", request(), idmap=IDMAP, input_paths=inputs_for(request()))
+    assert lay.root.stat().st_mode & 0o001
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(req=valid_requests(ro_paths=False))
+def test_every_mount_point_exists(base_dir: Path, req: BuildRequest) -> None:
+    target = Path(tempfile.mkdtemp(dir=base_dir)) / "b"
+    os.chmod(target.parent, 0o711)
+    lay = write_bundle(target, req, idmap=IDMAP, input_paths=inputs_for(req))
+    validate_config(json.loads(lay.config.read_text()))
+    for rel, kind in mount_points(req):
+        # the mount point lives where the enclosing mount's host side is
+        host = _mount_point_host(lay, req, rel)
+        assert host.is_dir() if kind == "dir" else host.is_file(), rel
+    for f in req.additional_files:
+        assert lay.host_path(req, f.path).read_bytes() == f.contents
+
+
+def _mount_point_host(lay, req, rel):
+    enclosing = [s for s in req.scratch_paths if s != rel and rel.startswith(s + "/")]
+    if not enclosing:
+        return lay.rootfs / rel
+    s = max(enclosing, key=len)
+    return lay.scratch_dir(req, s) / rel[len(s) + 1:]
+
+
+def test_existing_bundle_dir_is_refused(base_dir: Path) -> None:
+    (base_dir / "b").mkdir()
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(base_dir / "b", request(), idmap=IDMAP, input_paths=inputs_for(request()))
+
+
+def test_invalid_request_creates_nothing(base_dir: Path) -> None:
+    with pytest.raises(RequestError):
+        write_bundle(base_dir / "b", request(working_dir="../x"), idmap=IDMAP)
+    assert list(base_dir.iterdir()) == []
+
+
+def test_missing_ro_path_fails_and_leaves_nothing(base_dir: Path) -> None:
+    req = request(constraints=BuildConstraints(system="x", available_ro_paths=["/no/such/dir"]))
+    with pytest.raises(BundleError, match="/no/such/dir"):
+        write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req))
+    assert list(base_dir.iterdir()) == []
+
+
+def test_failure_at_the_last_step_leaves_nothing(base_dir: Path, monkeypatch) -> None:
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bundle_mod, "make_spec", boom)
+    with pytest.raises(BundleError, match="No space left"):
+        write_bundle(base_dir / "b", request(), idmap=IDMAP, input_paths=inputs_for(request()))
+    assert list(base_dir.iterdir()) == []
+
+
+def test_unreachable_parent_is_refused(base_dir: Path) -> None:
+    private = base_dir / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    with pytest.raises(BundleError, match="not searchable"):
+        check_traversable(private)
+    with pytest.raises(BundleError, match="not searchable"):
+        write_bundle(private / "b", request(), idmap=IDMAP, input_paths=inputs_for(request()))
+    assert list(private.iterdir()) == []
+
+
+def test_remove_bundle_refuses_while_mounted(base_dir: Path) -> None:
+    lay = write_bundle(base_dir / "b", request(), idmap=IDMAP, input_paths=inputs_for(request()))
+    inside = lay.scratch_dir(request(), "build")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inside)], check=True)
+    try:
+        with pytest.raises(BundleError, match="still mounted"):
+            remove_bundle(lay.root)
+        assert lay.root.exists()
+    finally:
+        subprocess.run(["umount", str(inside)], check=True)
+    remove_bundle(lay.root)
+    assert not lay.root.exists()
