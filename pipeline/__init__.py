@@ -1,0 +1,91 @@
+"""pipeline: declarative stage graphs with resources, caps, cancellation, drawing and resume.
+
+Build a :class:`Graph` of :class:`Stage` values (``async def fn(ctx)``), run it
+with :class:`Runner` (or :func:`run_sync` from synchronous code, which also
+handles SIGINT/SIGTERM), watch it through subscribers, draw it with
+:func:`to_dot`/:func:`to_mermaid`/:func:`render_image`/:func:`to_text`, and
+continue a stopped or failed run with :func:`resume`.
+
+This package knows nothing of containers or stores; it imports nothing from
+``stages``.
+"""
+
+from pipeline.caps import CapacityLimiter, Caps, LimiterStatistics
+from pipeline.definition import (
+    JSON,
+    NOT_SERIALIZABLE,
+    PICKLE,
+    Codec,
+    Graph,
+    GraphBuilder,
+    Resource,
+    Stage,
+)
+from pipeline.errors import (
+    CycleError,
+    DefinitionError,
+    DuplicateNameError,
+    GraphError,
+    MissingDependencyError,
+    PipelineError,
+    ResourceError,
+    ResumeMismatch,
+    RunCancelled,
+    RunFailed,
+    SerializationError,
+    StageFailed,
+    StateError,
+)
+from pipeline.events import Collector, Event, EventKind, JsonLinesLog, RichProgress, Subscriber
+from pipeline.render import STATE_COLORS, render_image, to_dot, to_mermaid, to_text
+from pipeline.runner import Runner, StageContext, plan_resume, resume, run_sync
+from pipeline.state import MISSING, Run, RunStatus, StageOutcome, StageState, load_run
+
+__all__ = [
+    "JSON",
+    "MISSING",
+    "NOT_SERIALIZABLE",
+    "PICKLE",
+    "STATE_COLORS",
+    "CapacityLimiter",
+    "Caps",
+    "Codec",
+    "Collector",
+    "CycleError",
+    "DefinitionError",
+    "DuplicateNameError",
+    "Event",
+    "EventKind",
+    "Graph",
+    "GraphBuilder",
+    "GraphError",
+    "JsonLinesLog",
+    "LimiterStatistics",
+    "MissingDependencyError",
+    "PipelineError",
+    "Resource",
+    "ResourceError",
+    "ResumeMismatch",
+    "RichProgress",
+    "Run",
+    "RunCancelled",
+    "RunFailed",
+    "RunStatus",
+    "Runner",
+    "SerializationError",
+    "Stage",
+    "StageContext",
+    "StageFailed",
+    "StageOutcome",
+    "StageState",
+    "StateError",
+    "Subscriber",
+    "load_run",
+    "plan_resume",
+    "render_image",
+    "resume",
+    "run_sync",
+    "to_dot",
+    "to_mermaid",
+    "to_text",
+]
