@@ -150,6 +150,9 @@ class _Writer:
             else:
                 self.touch(host, base)
 
+        # runc gives a tmpfs the mode of its mount point: /tmp must be 1777.
+        os.chmod(rootfs / "tmp", 0o1777)
+
         for node in self.req.inputs:
             if isinstance(node, SymlinkNode):
                 host, base = self.backing(f"{self.req.inputs_dir}/{node.name.decode()}",

@@ -18,7 +18,8 @@ Mounts, in this order (a mount's parent is always mounted before it):
    read-only sysfs with a private network namespace, and a read-only rbind of
    the host's /sys with network access (sysfs cannot be mounted in a user
    namespace that does not own the network namespace).
-2. /tmp: a tmpfs.
+2. /tmp: a tmpfs (runc gives a tmpfs its mount point's mode, so the bundle
+   makes rootfs/tmp 1777).
 3. The scratch paths, read-write binds, shallowest first.
 4. Each input read-only (``bind, ro, nosuid, nodev``) at /<inputs_dir>/<name>.
    Symlink inputs are not mounted: the bundle creates the symlink itself.

@@ -94,6 +94,7 @@ def test_layout(base_dir: Path) -> None:
     assert (rootfs / "bin/sh").is_file() and (rootfs / "usr/share").is_dir()
     for rel in ("proc", "dev", "sys", "tmp", "build", "nix/store"):
         assert (rootfs / rel).is_dir(), rel
+    assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777  # runc copies it to the tmpfs
     # additional files: into the scratch dir (builder's) or the rootfs (root's)
     attrs_json = lay.scratch_dir(req, "build") / ".attrs.json"
     assert attrs_json.read_bytes() == b'{"a":1}'
