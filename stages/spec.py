@@ -37,6 +37,9 @@ Caveats:
   (Go) would replace invalid UTF-8 by U+FFFD. A value that is not valid
   UTF-8 is therefore refused (SpecError, rule ``env-utf8``) rather than
   passed altered.
+- runc sets HOME from the build user's /etc/passwd entry (/build) when the
+  environment has none; every request made from a Nix derivation sets HOME
+  (/homeless-shelter), so the environment is then exactly the request's.
 - RLIMIT_NOFILE defaults to 1024 soft and hard (runc's default spec); it
   cannot exceed the host's hard limit, since the limit is applied inside the
   user namespace.
@@ -51,7 +54,7 @@ from typing import Mapping
 
 import attrs
 
-from stages.castore.nodes import SymlinkNode
+from stages.castore.nodes import FileNode, SymlinkNode
 from stages.errors import SpecError
 from stages.oci.idmap import IdMap
 from stages.request import BuildRequest
@@ -119,7 +122,7 @@ def mount_points(req: BuildRequest) -> list[tuple[str, str]]:
     for node in req.inputs:
         if isinstance(node, SymlinkNode):
             continue
-        kind = "file" if hasattr(node, "executable") else "dir"
+        kind = "file" if isinstance(node, FileNode) else "dir"
         points.append((f"{req.inputs_dir}/{node.name.decode()}", kind))
     for p in req.available_ro_paths:
         points.append((p[1:], "dir"))  # decided per host path by the bundle

@@ -7,6 +7,7 @@ The spec and bundle stages themselves live in ``stages.spec`` and
 from stages.oci.idmap import FALLBACK_START, IdMap, IdMapping, load_idmap
 from stages.oci.layout import BundleLayout
 from stages.oci.runc import RuncContainer, cleanup_stale_containers, list_containers
+from stages.oci.schema import validate_config
 
 __all__ = [
     "FALLBACK_START",
@@ -17,4 +18,5 @@ __all__ = [
     "cleanup_stale_containers",
     "list_containers",
     "load_idmap",
+    "validate_config",
 ]

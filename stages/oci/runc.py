@@ -23,6 +23,8 @@ Caveats:
 - The exit code is runc's: the builder's status, or 128+N when it died of
   signal N; runc's own failures (a broken bundle) give 1 with runc's message
   in the log.
+- An exception raised by ``on_line`` stops the build (with the teardown
+  above) and propagates as itself.
 - stdout and stderr are read in chunks and split on newlines; a line longer
   than 64 KiB is delivered in pieces. Lines are bytes, as the builder wrote
   them.
@@ -177,10 +179,16 @@ class RuncContainer:
             if buf:
                 await emit(stream, buf)
 
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(pump("stdout", proc.stdout))
-            tg.create_task(pump("stderr", proc.stderr))
-            tg.create_task(proc.wait())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(pump("stdout", proc.stdout))
+                tg.create_task(pump("stderr", proc.stderr))
+                tg.create_task(proc.wait())
+        except BaseExceptionGroup as group:
+            # One failing callback is the common case: raise it as itself.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def destroy(self) -> None:
         """Kill every process of the container, wait for runc, delete it. Idempotent."""

@@ -260,9 +260,8 @@ async def test_exception_in_callback_cleans_up(sb) -> None:
         raise RuntimeError("subscriber failed")
 
     async with sb.container(lay) as c:
-        with pytest.raises(ExceptionGroup) as info:
+        with pytest.raises(RuntimeError, match="subscriber failed"):
             await c.run(on_line=explode)
-    assert info.group_contains(RuntimeError, match="subscriber failed")
     assert await list_containers(sb.state) == []
     assert _processes_with(f"sleep {marker}") == []
 
@@ -302,4 +301,32 @@ async def test_broken_bundle_reports_runc_error(sb) -> None:
             await c.run()
     assert info.value.exit_code != 0
     assert "nonexistent" in info.value.log_tail
+    assert await list_containers(sb.state) == []
+
+
+async def test_no_capabilities_and_nofile_limit(sb) -> None:
+    code, lines, _ = await sb.run(sb.request(
+        "while read k v; do case $k in Cap*) echo $k $v;; esac; done < /proc/self/status; "
+        "ulimit -n"))
+    assert code == 0
+    assert out(lines) == b"".join(f"{k}: 0000000000000000\n".encode()
+                                  for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+                                  ) + b"1024\n"
+
+
+async def test_runc_supplies_home_when_the_request_has_none(sb) -> None:
+    # A documented limitation of runc 1.1 (see stages/spec.py): HOME from /etc/passwd.
+    code, lines, _ = await sb.run(sb.request(args=[f"{BB}/env"], env=[("A", "1")]))
+    assert code == 0
+    assert out(lines) == b"A=1\nHOME=/build\n"
+
+
+async def test_concurrent_builds_share_the_mapping(sb) -> None:
+    reqs = [sb.request(f"echo {i} > /nix/store/out; ls /build; touch /build/mine{i}")
+            for i in range(3)]
+    results = await asyncio.gather(*(sb.run(r) for r in reqs))
+    for i, (code, lines, lay) in enumerate(results):
+        assert code == 0
+        assert out(lines) == b""  # each /build starts empty: no one sees another's files
+        assert lay.host_path(reqs[i], "nix/store/out").read_bytes() == f"{i}\n".encode()
     assert await list_containers(sb.state) == []
