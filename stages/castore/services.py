@@ -20,12 +20,16 @@ the same way.
 from __future__ import annotations
 
 import abc
+import asyncio
 import collections
-from typing import AsyncIterator
+import os
+import stat
+from typing import AsyncIterator, Sequence
 
+import attrs
 import blake3
 
-from stages.castore.errors import CorruptionError, NotFoundError, ValidationError
+from stages.castore.errors import CorruptionError, IngestError, NotFoundError, ValidationError
 from stages.castore.nodes import Directory, validate_digest
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "DirectoryPutter",
     "DirectoryService",
     "READ_CHUNK",
+    "StoredFile",
 ]
 
 # Chunk size for streaming blob bytes around (reads, gRPC messages, copies).
@@ -94,6 +99,15 @@ class BlobWriter(abc.ABC):
             await self.abort()
 
 
+@attrs.frozen(kw_only=True)
+class StoredFile:
+    """A regular file stored as a blob by :meth:`BlobService.put_files`."""
+
+    digest: bytes
+    size: int
+    mode: int  # st_mode of the file as opened (fstat), for the exec bit
+
+
 class BlobService(abc.ABC):
     """Blobs addressed by the BLAKE3 digest of their bytes."""
 
@@ -117,6 +131,37 @@ class BlobService(abc.ABC):
         async with writer:
             await writer.write(data)
             return await writer.close()
+
+    async def put_files(self, paths: Sequence[bytes]) -> list[StoredFile]:
+        """Store each regular file at ``paths`` as a blob, in order.
+
+        Symlinks are not followed; anything but a regular file raises
+        IngestError naming it. This default streams one file at a time
+        through open_write(); backends with a bulk path override it.
+        """
+        results = []
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise IngestError(os.fsdecode(path), f"cannot open: {exc.strerror}") from exc
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise IngestError(os.fsdecode(path), "not a regular file")
+                size = 0
+                writer = self.open_write()
+                async with writer:
+                    while chunk := await asyncio.to_thread(os.read, fd, READ_CHUNK):
+                        size += len(chunk)
+                        await writer.write(chunk)
+                    digest = await writer.close()
+            except OSError as exc:
+                raise IngestError(os.fsdecode(path), f"cannot read: {exc.strerror}") from exc
+            finally:
+                os.close(fd)
+            results.append(StoredFile(digest=digest, size=size, mode=st.st_mode))
+        return results
 
     async def get(self, digest: bytes) -> bytes:
         """The whole blob, verified (for small blobs; stream big ones)."""
