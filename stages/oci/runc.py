@@ -168,13 +168,14 @@ class RuncContainer:
                     break
                 buf += chunk
                 while True:
-                    nl = buf.find(b"\n")
-                    if nl < 0:
+                    nl = buf.find(b"\n", 0, _CHUNK)
+                    if nl >= 0:
+                        cut = nl + 1
+                    elif len(buf) >= _CHUNK:
+                        cut = _CHUNK  # an overlong line, delivered in pieces
+                    else:
                         break
-                    line, buf = buf[:nl + 1], buf[nl + 1:]
-                    await emit(stream, line)
-                while len(buf) >= _CHUNK:
-                    piece, buf = buf[:_CHUNK], buf[_CHUNK:]
+                    piece, buf = buf[:cut], buf[cut:]
                     await emit(stream, piece)
             if buf:
                 await emit(stream, buf)
