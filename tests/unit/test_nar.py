@@ -8,6 +8,7 @@ follows the format's grammar; the byte-for-byte comparison with `nix-store
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 
 import pytest
@@ -274,3 +275,24 @@ def test_format_nar_hash() -> None:
         format_sha256(b"short")
     with pytest.raises(nixbase32.NixBase32Error, match="sha256:"):
         parse_sha256("md5:" + NIX_PRINTED[-1][1])
+
+
+async def test_streaming_memory_stays_bounded() -> None:
+    # The blob already sits in the memory store; rendering its NAR must only
+    # allocate about a chunk at a time, not another copy of the blob.
+    import tracemalloc
+
+    castore = memory_castore()
+    data = os.urandom(48 << 20)
+    node = await put_spec(castore, {b"big": data, b"small": b"s"})
+    del data
+    tracemalloc.start()
+    try:
+        size = 0
+        async for chunk in nar_chunks(castore, node):
+            size += len(chunk)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 48 << 20
+    assert peak < 8 << 20, f"peak {peak / (1 << 20):.1f} MiB while streaming a 48 MiB blob"
