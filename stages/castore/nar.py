@@ -165,8 +165,12 @@ async def _blob(castore: Castore, node: FileNode, out: _Out) -> AsyncIterator[by
                 out.buf += chunk
                 if len(out.buf) >= _FLUSH_AT:
                     yield out.take()
+        # Reading at the end is where a reader checks the digest (again, for
+        # readers that already did at the last byte); it must find nothing.
+        if await reader.read():
+            raise CorruptionError("blob", node.digest,
+                                  f"holds more than the {node.size} bytes of its size")
         if node.size == 0:
-            # Nothing was read, so the reader never checked the digest.
             await reader.verify()
 
 

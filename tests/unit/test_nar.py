@@ -296,3 +296,31 @@ async def test_streaming_memory_stays_bounded() -> None:
         tracemalloc.stop()
     assert size > 48 << 20
     assert peak < 8 << 20, f"peak {peak / (1 << 20):.1f} MiB while streaming a 48 MiB blob"
+
+
+async def test_corruption_in_a_local_store_is_caught(tmp_path) -> None:
+    from stages.castore.addresses import open_castore
+
+    address = f"local://{tmp_path / 'store'}"
+    castore = open_castore(address, address)
+    try:
+        node = await put_spec(castore, {b"a": b"A" * 5000, b"b": b"B" * 7000})
+        assert await nar_bytes(castore, node) == expected_nar({b"a": b"A" * 5000,
+                                                               b"b": b"B" * 7000})
+    finally:
+        await castore.aclose()
+    packs = sorted((tmp_path / "store").rglob("*.pack"))
+    assert packs, "the local store keeps blobs in pack files"
+    for pack in packs:
+        raw = bytearray(pack.read_bytes())
+        where = raw.find(b"B" * 7000)
+        if where >= 0:
+            raw[where + 3000] ^= 0xFF
+            pack.write_bytes(bytes(raw))
+    castore = open_castore(address, address)
+    try:
+        with pytest.raises(CorruptionError) as info:
+            await nar_bytes(castore, node)
+        assert blob_digest(b"B" * 7000).hex() in str(info.value)
+    finally:
+        await castore.aclose()
