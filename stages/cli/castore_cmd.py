@@ -214,6 +214,9 @@ def _run_mount(args: argparse.Namespace) -> int:
     if not mountpoint.is_dir():
         raise UserError(f"{mountpoint}: mountpoint is not an existing directory")
     nodes = _read_node_lines(_read_stdin(), what="stdin")
+    if not nodes:
+        raise UserError("stdin: no nodes to mount; pipe proto-JSON node lines in "
+                        "(e.g. from ocibuild castore import --json)")
     seen: dict[bytes, int] = {}
     for number, node in enumerate(nodes, start=1):
         if not node.name:

@@ -218,6 +218,8 @@ def _named(name: bytes) -> bytes:
     pytest.param(_named(b"a") + _named(b"a"), ["node 2", "b'a'", "unique"], id="duplicate"),
     pytest.param(b'{"symlink": {"target": "dA=="}}\n', ["node 1", "needs a name"], id="unnamed"),
     pytest.param(_named(b"a") + b"garbage\n", ["line 2", "malformed"], id="malformed"),
+    pytest.param(b"\n", ["no nodes to mount"], id="nothing"),
+    pytest.param(_named(b".."), ["name-dot", "b'..'"], id="bad-name"),
 ])
 def test_mount_bad_input(tmp_path: Path, env: dict[str, str], stdin: bytes,
                          names: list[str]) -> None:
