@@ -49,7 +49,7 @@ from stages.request import BuildRequest
 from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_points
 from stages.validate import is_under, validate_request
 
-__all__ = ["NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "check_traversable", "remove_bundle",
+__all__ = ["NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "check_traversable", "remove_bundle", "stage",
            "write_bundle"]
 
 # Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
@@ -118,7 +118,7 @@ class _Writer:
         if not path.exists():
             path.touch(mode=0o644)
 
-    def write(self, spec: SpecOptions) -> None:
+    def write(self, spec: SpecOptions, config: dict | None = None) -> None:
         root = self.tmp.root
         root.mkdir(mode=0o711)
         os.chmod(root, 0o711)
@@ -168,18 +168,21 @@ class _Writer:
             if base is not None:
                 os.chown(host, self.uid, self.gid)
 
-        config = make_spec(self.req, spec)
+        if config is None:
+            config = make_spec(self.req, spec)
         self.tmp.config.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                  input_paths: Mapping[bytes, object] | None = None,
-                 **spec_options: object) -> BundleLayout:
+                 config: dict | None = None, **spec_options: object) -> BundleLayout:
     """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
 
     ``input_paths`` maps each non-symlink input's name to the host path to
     bind; ``spec_options`` go to :class:`stages.spec.SpecOptions` (busybox,
-    network_files, nofile, hostname). Returns the bundle's layout.
+    network_files, nofile, hostname). ``config``, when given, is written as
+    config.json instead of the spec made from those options (the spec stage's
+    result). Returns the bundle's layout.
     """
     validate_request(req)
     final = Path(bundle_dir).absolute()
@@ -193,7 +196,7 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
                        input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
     try:
-        _Writer(tmp, final, req, idmap).write(opts)
+        _Writer(tmp, final, req, idmap).write(opts, config)
         os.rename(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,3 +226,21 @@ def remove_bundle(bundle_dir: Path | str) -> None:
     if mounted:
         raise BundleError(path, f"still mounted inside: {', '.join(mounted)}; unmount first")
     shutil.rmtree(path)
+
+
+async def stage(build, host, ctx) -> dict:  # noqa: ANN001
+    """Pipeline stage: write the bundle, config.json from the spec stage.
+
+    A bundle left by an earlier attempt of the same build (resume) is
+    replaced.
+    """
+    from stages.spec import build_spec_options
+
+    bundle_dir = host.bundle_dir(build.key)
+    host.bundles_dir.mkdir(parents=True, exist_ok=True)
+    remove_bundle(bundle_dir)
+    opts = build_spec_options(build, host)
+    layout = write_bundle(bundle_dir, build.request, idmap=host.idmap,
+                          input_paths=opts.input_paths, config=ctx.results["spec"],
+                          busybox=opts.busybox)
+    return {"bundle": str(layout.root)}

@@ -8,8 +8,11 @@
     ├── SpecError                   a valid request cannot be expressed as an OCI spec (field=, rule=)
     ├── BundleError                 the bundle directory cannot be written (path=)
     ├── IdMapError                  /etc/subuid or /etc/subgid is unusable (path=, line=)
-    └── RuncError                   runc failed or the builder exited non-zero (exit_code=, log_tail=)
-        └── RuncTimeoutError        the builder ran longer than its timeout (timeout=)
+    ├── RuncError                   runc failed or the builder exited non-zero (exit_code=, log_tail=)
+    │   └── RuncTimeoutError        the builder ran longer than its timeout (timeout=)
+    ├── OutputError                 an output is missing or cannot be ingested (output=)
+    ├── BuildFailed                 a build did not succeed; says at which stage (key=, stage=, run_dir=)
+    └── ServiceError                a build service cannot be opened or used (address=)
 
 Castore's errors stay in ``stages.castore.errors``; a castore ValidationError
 met while converting a request is translated into a RequestError naming the
@@ -22,12 +25,15 @@ from pathlib import Path
 
 __all__ = [
     "BuildError",
+    "BuildFailed",
     "BundleError",
     "IdMapError",
+    "OutputError",
     "RequestError",
     "RequestFileError",
     "RuncError",
     "RuncTimeoutError",
+    "ServiceError",
     "SpecError",
 ]
 
@@ -113,3 +119,32 @@ class RuncTimeoutError(RuncError, TimeoutError):
         self.timeout = timeout
         super().__init__(container_id, f"killed after the timeout of {timeout:g} s",
                          log_tail=log_tail)
+
+
+class OutputError(BuildError):
+    """An output of the request is missing after the build, or cannot be ingested."""
+
+    def __init__(self, output: str, message: str) -> None:
+        self.output = output
+        super().__init__(f"output {output!r}: {message}")
+
+
+class BuildFailed(BuildError):
+    """A build did not succeed. ``stage`` is where it failed, when one did."""
+
+    def __init__(self, key: str, message: str, *, stage: str | None = None,
+                 run_dir: Path | None = None) -> None:
+        self.key = key
+        self.stage = stage
+        self.run_dir = run_dir
+        where = f" at stage {stage}" if stage else ""
+        run = f" (run {run_dir.name})" if run_dir is not None else ""
+        super().__init__(f"build failed{where}{run}: {message}")
+
+
+class ServiceError(BuildError):
+    """A build service cannot be opened or used."""
+
+    def __init__(self, address: str, message: str) -> None:
+        self.address = address
+        super().__init__(f"build service {address}: {message}")

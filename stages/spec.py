@@ -60,7 +60,7 @@ from stages.oci.idmap import IdMap
 from stages.request import BuildRequest
 
 __all__ = ["BUILD_GID", "BUILD_UID", "MASKED_PATHS", "READONLY_PATHS", "SpecOptions",
-           "make_spec", "mount_points"]
+           "make_spec", "mount_points", "stage"]
 
 BUILD_UID = 1000
 BUILD_GID = 100
@@ -241,3 +241,24 @@ def spec_options(layout_root: Path | str, req: BuildRequest, idmap: IdMap,
     layout = BundleLayout(layout_root)
     return SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
                        input_paths=input_paths, **kw)  # type: ignore[arg-type]
+
+
+def build_spec_options(build, host) -> SpecOptions:  # noqa: ANN001
+    """SpecOptions of one build on its host: bundle layout, FUSE paths, id map."""
+    import os
+
+    from stages.oci.layout import BundleLayout
+
+    req = build.request
+    layout = BundleLayout(host.bundle_dir(build.key))
+    inputs = host.input_root(build.key)
+    return SpecOptions(idmap=host.idmap, rootfs=layout.rootfs,
+                       scratch_dirs=layout.scratch_dirs(req),
+                       input_paths={n.name: inputs / os.fsdecode(n.name) for n in req.inputs
+                                    if not isinstance(n, SymlinkNode)},
+                       busybox=host.busybox)
+
+
+async def stage(build, host, ctx) -> dict:  # noqa: ANN001
+    """Pipeline stage: the config.json of the build (pure; written by ``bundle``)."""
+    return make_spec(build.request, build_spec_options(build, host))

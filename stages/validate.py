@@ -36,7 +36,7 @@ from stages.errors import RequestError
 from stages.request import BuildRequest
 
 __all__ = ["RESERVED_FILES", "RESERVED_TOP", "RULES", "is_under", "longest_scratch_prefix",
-           "validate_request"]
+           "stage", "validate_request"]
 
 #: First path components owned by the sandbox's own mounts.
 RESERVED_TOP = frozenset({"proc", "dev", "sys", "tmp"})
@@ -282,3 +282,10 @@ def _check_layout(req: BuildRequest) -> None:
                 what = "twice" if p == q else f"above additional_files[{j}] {q!r}"
                 rule = "unique" if p == q else "collision"
                 raise _fail(field, rule, f"{p!r} is written {what}")
+
+
+async def stage(build, host, ctx) -> dict:  # noqa: ANN001
+    """Pipeline stage: refuse a bad request before anything touches the disk."""
+    req = validate_request(build.request)
+    return {"inputs": len(req.inputs), "outputs": list(req.outputs),
+            "command": list(req.command_args)}

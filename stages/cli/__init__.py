@@ -16,7 +16,7 @@ from typing import Sequence
 __all__ = ["main", "UserError"]
 
 # Command-group modules, in the order --help lists them.
-COMMAND_MODULES = ["stages.cli.castore_cmd"]
+COMMAND_MODULES = ["stages.cli.castore_cmd", "stages.cli.build_cmd"]
 
 
 class UserError(Exception):
@@ -24,15 +24,11 @@ class UserError(Exception):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from pipeline.errors import PipelineError
     from stages.castore.errors import CastoreError
+    from stages.errors import BuildError
 
-    types: list[type[BaseException]] = [UserError, CastoreError]
-    try:
-        from pipeline.errors import PipelineError
-        types.append(PipelineError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (UserError, CastoreError, BuildError, PipelineError)
 
 
 def build_parser() -> argparse.ArgumentParser:

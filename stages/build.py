@@ -1,0 +1,154 @@
+"""One build as a pipeline graph: validate -> spec -> bundle -> mount -> run -> ingest -> teardown.
+
+:func:`build_graph` turns a :class:`~stages.request.BuildRequest` into a
+:class:`pipeline.Graph` whose stage functions live in the stage modules
+(``stages.validate``, ``stages.spec``, ``stages.bundle``, ``stages.mount``,
+``stages.run``, ``stages.ingest``, ``stages.teardown``). The graph is pure
+definition: it can be drawn (``ocibuild graph``) without a service.
+
+What a build needs from its host (a castore, the FUSE mount server, where
+bundles and container state live, the id mapping) comes in a
+:class:`BuildHost`, made by the build service; stage functions get it and
+their :class:`BuildSpec` bound with :func:`functools.partial`, so the graph
+digest sees the functions but not the host.
+
+Resources:
+
+- ``inputs`` (shared, kind ``inputs``): the request's inputs added to the
+  mount server under the build's key. Acquired by ``mount``, used by ``run``,
+  released (the key removed) once ``run`` is done, also on failure or
+  cancellation.
+- ``container`` (local to ``run``, kind ``container``): one runc container;
+  the service caps this kind at its number of jobs.
+
+Caveats:
+
+- ``teardown`` runs whatever happened upstream. It removes the bundle unless
+  the build is kept: ``keep="always"``, or ``keep="failed"`` and some stage
+  did not finish. A run stopped with ``stop_after`` never reaches teardown,
+  so its bundle stays for inspection and ``resume``.
+- The key names the build on this host: mount subtree, container id and
+  bundle directory. It must be unique among live builds of one host.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+
+from pipeline import Graph, Resource, Stage
+from stages.oci.layout import BundleLayout
+from stages.request import BuildRequest, request_to_proto
+
+if TYPE_CHECKING:
+    from stages.castore.addresses import Castore
+    from stages.castore.fuse import MountServer
+    from stages.oci.idmap import IdMap
+
+__all__ = ["STAGE_NAMES", "BuildHost", "BuildSpec", "build_graph", "graph_for_requests"]
+
+STAGE_NAMES = ("validate", "spec", "bundle", "mount", "run", "ingest", "teardown")
+GRAPH_VERSION = "ocibuild-build-1"
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+Keep = Literal["never", "failed", "always"]
+
+
+@attrs.frozen(kw_only=True)
+class BuildSpec:
+    """What one build is: the request, its key, and how to treat its bundle."""
+
+    request: BuildRequest
+    key: str = attrs.field()
+    keep: Keep = "never"
+    timeout: float | None = None
+
+    @key.validator
+    def _check_key(self, _attr: attrs.Attribute, value: str) -> None:
+        if not _KEY.fullmatch(value):
+            raise ValueError(f"build key {value!r} must be 1-64 of [A-Za-z0-9_.-], "
+                             f"starting with a letter or digit")
+
+
+@attrs.define(kw_only=True)
+class BuildHost:
+    """The host side of builds: stores, the mount server, directories.
+
+    Runtime state, shared by every build of one service; ``mounts`` is the
+    running :class:`~stages.castore.fuse.MountServer`.
+    """
+
+    castore: Castore
+    mounts: MountServer
+    bundles_dir: Path
+    runc_root: Path
+    idmap: IdMap
+    busybox: Path = Path("/bin/busybox")
+
+    def bundle_dir(self, key: str) -> Path:
+        return self.bundles_dir / key
+
+    def layout(self, key: str) -> BundleLayout:
+        return BundleLayout(self.bundle_dir(key))
+
+    def input_root(self, key: str) -> Path:
+        """Where the mount server shows this build's inputs (see MountServer.add)."""
+        return Path(self.mounts.mountpoint) / key
+
+
+def _request_digest(request: BuildRequest) -> str:
+    import hashlib
+
+    wire = request_to_proto(request).SerializeToString(deterministic=True)
+    return hashlib.sha256(wire).hexdigest()
+
+
+def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
+    """The seven-stage graph of one build.
+
+    ``host`` may be None to get a graph that can only be drawn or hashed.
+    """
+    from stages import bundle, ingest, mount, run, spec, teardown, validate
+
+    def bind(fn):  # noqa: ANN001, ANN202
+        return functools.partial(fn, build, host)
+
+    inputs = Resource(name="inputs", kind="inputs", factory=bind(mount.inputs_mounted),
+                      description="the request's inputs in the FUSE mount")
+    container = Resource(name="container", kind="container", factory=bind(run.container),
+                         description="a runc container")
+    stages = [
+        Stage(name="validate", fn=bind(validate.stage),
+              description="check every rule of the request"),
+        Stage(name="spec", fn=bind(spec.stage), deps=["validate"],
+              description="the OCI runtime spec (config.json)"),
+        Stage(name="bundle", fn=bind(bundle.stage), deps=["spec"],
+              description="bundle directory: config.json, rootfs, scratch"),
+        Stage(name="mount", fn=bind(mount.stage), deps=["bundle"], resources=["inputs"],
+              description="inputs through FUSE, read-only"),
+        Stage(name="run", fn=bind(run.stage), deps=["mount"],
+              resources=["inputs", container], timeout=None,
+              description="runc run of the bundle"),
+        Stage(name="ingest", fn=bind(ingest.stage), deps=["run"],
+              description="outputs into castore, reference scan"),
+        Stage(name="teardown", fn=bind(teardown.stage), deps=["ingest"], always=True,
+              description="remove the bundle unless kept"),
+    ]
+    return Graph(stages=stages, resources=[inputs], version=GRAPH_VERSION,
+                 params={"request_sha256": _request_digest(build.request), "key": build.key,
+                         "keep": build.keep, "timeout": build.timeout})
+
+
+def graph_for_requests(builds: list[BuildSpec], host: BuildHost | None) -> Graph:
+    """Several independent builds in one graph, each under the prefix of its key."""
+    if len(builds) == 1:
+        return build_graph(builds[0], host)
+    keys = [b.key for b in builds]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"build keys must be unique, got {keys}")
+    return Graph.compose(*(build_graph(b, host).prefixed(b.key) for b in builds),
+                         version=GRAPH_VERSION)

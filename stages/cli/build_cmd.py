@@ -1,0 +1,272 @@
+"""``ocibuild build``, ``graph``, ``runs``, ``resume`` and ``shell``.
+
+Builds run on the OCI build service (:mod:`stages.service`) over the store
+chosen by ``--blob-service-addr``/``--directory-service-addr`` (or
+``BLOB_SERVICE_ADDR``/``DIRECTORY_SERVICE_ADDR``, or the embedded store),
+with state (runs, bundles) in ``--state-dir`` (or ``OCIBUILD_STATE``).
+
+The first SIGINT or SIGTERM cancels the builds cleanly: containers are
+killed and deleted, mounts removed, bundles removed unless kept. A second
+one does not cut that short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from stages.cli import UserError
+
+__all__ = ["register"]
+
+FORMATS = ("dot", "mermaid", "svg", "png", "text")
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--blob-service-addr", metavar="ADDR",
+                   help="blob store address (default: $BLOB_SERVICE_ADDR or the embedded store)")
+    p.add_argument("--directory-service-addr", metavar="ADDR",
+                   help="directory store address (default: $DIRECTORY_SERVICE_ADDR or the "
+                        "embedded store)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="where runs and bundles live (default: $OCIBUILD_STATE or "
+                        "$XDG_STATE_HOME/ocibuild)")
+
+
+def _service(args: argparse.Namespace, **kw: Any):  # noqa: ANN202
+    from stages.service import OciBuildService
+
+    return OciBuildService(args.state_dir, blob_address=args.blob_service_addr,
+                           directory_address=args.directory_service_addr, **kw)
+
+
+def _run_cancellable(main: Callable[[], Awaitable[int]]) -> int:
+    """asyncio.run(main()) where SIGINT/SIGTERM cancel it once, cleanly."""
+
+    async def wrapper() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        seen: list[str] = []
+
+        def on_signal(name: str) -> None:
+            seen.append(name)
+            if len(seen) == 1:
+                print(f"ocibuild: {name}: cancelling; cleaning up", file=sys.stderr, flush=True)
+                task.cancel()
+            else:
+                print(f"ocibuild: {name} again; still cleaning up", file=sys.stderr, flush=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            if not seen:
+                raise
+            print(f"ocibuild: cancelled by {seen[0]}", file=sys.stderr)
+            return 130
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(wrapper())
+
+
+def _subscribers(args: argparse.Namespace) -> list[Any]:
+    if getattr(args, "json", False) or not sys.stderr.isatty():
+        return []
+    from pipeline import RichProgress
+
+    return [RichProgress()]
+
+
+def _report(run: Any, specs: list[Any], sources: list[str], *, as_json: bool) -> int:
+    from stages.errors import BuildError
+    from stages.request import build_to_json
+    from stages.service import build_result
+
+    from pipeline import RunStatus
+
+    failed = 0
+    if run.status is RunStatus.STOPPED:
+        print(f"ocibuild: run {run.run_dir.name} stopped as asked; inspect {run.run_dir} "
+              f"and the bundles, continue with: ocibuild resume {run.run_dir.name}",
+              file=sys.stderr)
+        return 0
+    for spec, source in zip(specs, sources):
+        try:
+            build = build_result(run, spec, specs)
+        except BuildError as exc:
+            failed += 1
+            print(f"ocibuild: error: {source}: {exc}", file=sys.stderr)
+            continue
+        if as_json:
+            print(build_to_json(build), flush=True)
+        else:
+            from stages.castore.nodes import DirectoryNode, FileNode
+
+            print(f"{source}: built (run {run.run_dir.name})")
+            for out, node, needles in zip(spec.request.outputs, build.outputs,
+                                          build.outputs_needles):
+                what = ("directory" if isinstance(node, DirectoryNode)
+                        else "file" if isinstance(node, FileNode) else "symlink")
+                digest = getattr(node, "digest", b"").hex() or repr(getattr(node, "target", b""))
+                print(f"  {out}: {what} {digest} needles {list(needles.needles)}")
+    return 1 if failed else 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from stages.build import STAGE_NAMES
+    from stages.request import read_request_file
+
+    if args.stop_after is not None and args.stop_after.split("/")[-1] not in STAGE_NAMES:
+        raise UserError(f"--stop-after: unknown stage {args.stop_after!r}; "
+                        f"stages: {', '.join(STAGE_NAMES)}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, not {args.jobs}")
+    requests = [read_request_file(p) for p in args.requests]
+    sources = [str(p) for p in args.requests]
+    keep = "always" if args.keep else ("failed" if args.keep_failed else "never")
+
+    async def main() -> int:
+        async with _service(args, jobs=args.jobs, keep=keep, timeout=args.timeout) as svc:
+            run, specs = await svc.run_builds(requests, stop_after=args.stop_after,
+                                              sources=sources, subscribers=_subscribers(args))
+        return _report(run, specs, sources, as_json=args.json)
+
+    return _run_cancellable(main)
+
+
+def _find_run(args: argparse.Namespace, run: str) -> Path:
+    from stages.service import default_state_dir
+
+    path = Path(run)
+    if path.is_dir():
+        return path.absolute()
+    state = args.state_dir or default_state_dir()
+    candidate = state / "runs" / run
+    if candidate.is_dir():
+        return candidate
+    raise UserError(f"no run {run!r} in {state / 'runs'} (see 'ocibuild runs')")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from stages.service import load_build_specs
+
+    run_dir = _find_run(args, args.run)
+    specs = load_build_specs(run_dir)
+    sources = [s.key for s in specs]
+
+    async def main() -> int:
+        async with _service(args, jobs=args.jobs) as svc:
+            run, specs2 = await svc.resume_run(run_dir, from_stage=args.from_stage,
+                                               stop_after=args.stop_after,
+                                               subscribers=_subscribers(args))
+        return _report(run, specs2, sources, as_json=args.json)
+
+    return _run_cancellable(main)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from stages.service import default_state_dir, list_runs
+
+    state = args.state_dir or default_state_dir()
+    rows = list_runs(state)
+    if not rows:
+        print(f"no runs in {state / 'runs'}")
+        return 0
+    for path, run, problem in rows:
+        if run is None:
+            print(f"{path.name}  unreadable: {problem}")
+            continue
+        counts: dict[str, int] = {}
+        for o in run.stages.values():
+            counts[o.state.value] = counts.get(o.state.value, 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        print(f"{path.name}  {run.status.value:<9}  {summary}")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from pipeline import render_image, to_dot, to_mermaid, to_text
+    from stages.build import BuildSpec, build_graph
+    from stages.request import read_request_file
+
+    req = read_request_file(args.request)
+    graph = build_graph(BuildSpec(request=req, key="graph"), None)
+    fmt = args.format or (args.output.suffix.lstrip(".") if args.output else "text")
+    if fmt not in FORMATS:
+        raise UserError(f"--format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt in ("svg", "png"):
+        if args.output is None:
+            raise UserError(f"--format {fmt} needs -o FILE")
+        render_image(graph, args.output, format=fmt)
+        return 0
+    text = {"dot": to_dot, "mermaid": to_mermaid, "text": to_text}[fmt](graph)
+    if args.output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        args.output.write_text(text)
+    return 0
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from stages.shell import open_shell
+
+    run_dir = _find_run(args, args.run)
+    return open_shell(run_dir, args, command=args.command or None)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build BuildRequest files in OCI containers",
+                       description="Build each REQUEST (a tvix.build.v1.BuildRequest as proto "
+                                   "JSON .json, binary .pb/.binpb or text .txtpb/.textproto). "
+                                   "Independent requests build concurrently.")
+    p.add_argument("requests", nargs="+", type=Path, metavar="REQUEST")
+    p.add_argument("--json", action="store_true",
+                   help="print each Build as one line of proto-JSON")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="concurrent builds (default: the number of cores)")
+    p.add_argument("--stop-after", metavar="STAGE",
+                   help="stop after this stage (validate, spec, bundle, mount, run, ingest) "
+                        "and keep the bundle for inspection")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="keep the bundle of a failed build for inspection and 'ocibuild shell'")
+    p.add_argument("--keep", action="store_true", help="keep every bundle")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="kill a builder that runs longer than this")
+    _store_options(p)
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("graph", help="draw the stage graph of a build")
+    p.add_argument("request", type=Path, metavar="REQUEST")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="output format (default: from -o's suffix, else text)")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE")
+    p.set_defaults(handler=cmd_graph)
+
+    p = sub.add_parser("runs", help="list build runs and their state")
+    p.add_argument("--state-dir", type=Path, metavar="DIR")
+    p.set_defaults(handler=cmd_runs)
+
+    p = sub.add_parser("resume", help="continue a stopped or failed run")
+    p.add_argument("run", metavar="RUN", help="run id (see 'ocibuild runs') or directory")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="re-run from this stage on (default: the first unfinished one)")
+    p.add_argument("--stop-after", metavar="STAGE")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--jobs", "-j", type=int, default=None)
+    _store_options(p)
+    p.set_defaults(handler=cmd_resume)
+
+    p = sub.add_parser("shell", help="a shell inside the sandbox of a kept run")
+    p.add_argument("run", metavar="RUN", help="run id (see 'ocibuild runs') or directory")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="command to run instead of an interactive shell")
+    _store_options(p)
+    p.set_defaults(handler=cmd_shell)

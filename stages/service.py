@@ -1,0 +1,414 @@
+"""The build service: ``do_build(request) -> Build``, and the OCI implementation.
+
+:class:`OciBuildService` runs each build as the seven-stage pipeline graph
+of :mod:`stages.build`, in runc containers, with inputs served by one FUSE
+mount server. It caps concurrent builds (``jobs``, default: the number of
+cores) and containers (the ``container`` resource kind).
+
+Addresses, as tvix spells them (``BUILD_SERVICE_ADDR``):
+
+- ``oci:///abs/state/dir``: the OCI service keeping its state there;
+- ``dummy://``: refuses every build (for wiring tests);
+- without an address: ``oci://`` + ``$OCIBUILD_STATE``, else
+  ``/var/lib/ocibuild`` for root, else ``$XDG_STATE_HOME/ocibuild``.
+
+Every directory from / down to the bundles and the FUSE mountpoint must be
+searchable by others (o+x): the container's mapped root reaches them from
+inside its user namespace. Root's home (0700) is therefore not a default.
+
+The state directory::
+
+    instances/<id>/lock     flock held while service instance <id> lives
+    instances/<id>/keys     the build keys it created, one a line
+    instances/<id>/mnt/     its FUSE mountpoint
+    instances/<id>/runc/    its runc --root (its containers only)
+    bundles/<key>/          bundles; kept ones hold .ocibuild-kept
+    runs/<run-id>/          pipeline run directories, with the requests
+
+Crash recovery: a starting service takes every instance whose lock is free
+(its owner died), unmounts what it left mounted, kills and deletes its
+containers, removes its bundles unless kept, and removes its directory,
+before it builds anything. Several services may share one state directory.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import attrs
+
+from pipeline import Caps, Run, RunStatus, Runner, StageState, Subscriber, load_run, resume
+from stages.build import BuildHost, BuildSpec, Keep, graph_for_requests
+from stages.castore.addresses import Castore, open_castore
+from stages.errors import BuildError, BuildFailed, ServiceError
+from stages.request import Build, BuildRequest, read_request_file, write_request_file
+from stages.teardown import KEPT_MARKER
+
+__all__ = [
+    "BuildService",
+    "DummyBuildService",
+    "OciBuildService",
+    "default_state_dir",
+    "open_build_service",
+]
+
+BUILDS_FILE = "builds.json"
+
+
+def default_state_dir() -> Path:
+    explicit = os.environ.get("OCIBUILD_STATE")
+    if explicit:
+        return Path(explicit).absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/ocibuild")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base).absolute() / "ocibuild"
+
+
+class BuildService(abc.ABC):
+    """Builds one request at a time per call; calls may run concurrently."""
+
+    @abc.abstractmethod
+    async def do_build(self, request: BuildRequest) -> Build: ...
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> BuildService:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class DummyBuildService(BuildService):
+    """``dummy://``: refuses every build, as tvix's dummy service does."""
+
+    async def do_build(self, request: BuildRequest) -> Build:
+        raise ServiceError("dummy://", "the dummy build service does not build anything")
+
+
+# --- instances and crash recovery ---------------------------------------------
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on ``path``, or None if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+async def cleanup_dead_instances(state_dir: Path) -> list[str]:
+    """Clean what dead service instances left behind; return what was removed."""
+    from stages.bundle import remove_bundle
+    from stages.castore.fuse import cleanup_stale_mounts
+    from stages.oci.runc import cleanup_stale_containers
+
+    removed: list[str] = []
+    instances = state_dir / "instances"
+    if not instances.is_dir():
+        return removed
+    for inst in sorted(instances.iterdir()):
+        lock = inst / "lock"
+        if not inst.is_dir():
+            continue
+        fd = _try_lock(lock) if lock.exists() else os.open(inst, os.O_RDONLY)
+        if fd is None:
+            continue  # alive
+        try:
+            for mnt in cleanup_stale_mounts(inst / "mnt"):
+                removed.append(f"mount {mnt}")
+            for cid in await cleanup_stale_containers(inst / "runc"):
+                removed.append(f"container {cid}")
+            keys = (inst / "keys").read_text().split() if (inst / "keys").exists() else []
+            for key in keys:
+                bundle = state_dir / "bundles" / key
+                if bundle.exists() and not (bundle / KEPT_MARKER).exists():
+                    remove_bundle(bundle)
+                    removed.append(f"bundle {bundle}")
+            shutil.rmtree(inst)
+            removed.append(f"instance {inst.name}")
+        finally:
+            os.close(fd)
+    return removed
+
+
+# --- the OCI service ------------------------------------------------------------
+
+
+@attrs.define
+class _Instance:
+    """One live service instance's directories and lock."""
+
+    dir: Path
+    lock_fd: int
+
+    @classmethod
+    def create(cls, state_dir: Path) -> _Instance:
+        inst = state_dir / "instances" / f"{os.getpid()}-{secrets.token_hex(4)}"
+        inst.mkdir(parents=True, mode=0o711)
+        fd = _try_lock(inst / "lock")
+        assert fd is not None
+        (inst / "mnt").mkdir()
+        (inst / "runc").mkdir(mode=0o700)
+        return cls(inst, fd)
+
+    def record_key(self, key: str) -> None:
+        with open(self.dir / "keys", "a") as f:
+            f.write(key + "\n")
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self.lock_fd)
+
+
+class OciBuildService(BuildService):
+    """Builds in runc containers; see the module docstring.
+
+    Use as an async context manager: entering cleans up after dead
+    instances and starts the mount server; leaving stops it.
+    """
+
+    def __init__(self, state_dir: Path | str | None = None, *,
+                 blob_address: str | None = None, directory_address: str | None = None,
+                 jobs: int | None = None, keep: Keep = "never", timeout: float | None = None,
+                 subscribers: Iterable[Subscriber] = ()) -> None:
+        self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
+        self.blob_address = blob_address
+        self.directory_address = directory_address
+        self.jobs = jobs or os.cpu_count() or 1
+        if self.jobs < 1:
+            raise ServiceError(str(self.state_dir), f"jobs must be >= 1, not {self.jobs}")
+        self.keep = keep
+        self.timeout = timeout
+        self.subscribers = list(subscribers)
+        self.runs_dir = self.state_dir / "runs"
+        self.bundles_dir = self.state_dir / "bundles"
+        self.host: BuildHost | None = None
+        self._instance: _Instance | None = None
+        self._castore: Castore | None = None
+        self._mounts = None
+        self._slots = asyncio.Semaphore(self.jobs)
+        self.cleaned: list[str] = []
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def __aenter__(self) -> OciBuildService:
+        from stages.castore.fuse import MountServer
+        from stages.oci.idmap import load_idmap
+
+        from stages.bundle import check_traversable
+
+        try:
+            for d in (self.state_dir, self.runs_dir, self.bundles_dir):
+                d.mkdir(parents=True, exist_ok=True, mode=0o711)
+        except OSError as exc:
+            raise ServiceError(str(self.state_dir), f"cannot create the state directory: "
+                                                     f"{exc.strerror}") from exc
+        try:
+            check_traversable(self.bundles_dir)
+        except BuildError as exc:
+            raise ServiceError(str(self.state_dir), str(exc)) from exc
+        self.cleaned = await cleanup_dead_instances(self.state_dir)
+        self._instance = _Instance.create(self.state_dir)
+        try:
+            self._castore = open_castore(self.blob_address, self.directory_address)
+            self._mounts = MountServer(self._instance.dir / "mnt",
+                                       blob_address=self.blob_address,
+                                       directory_address=self.directory_address)
+            await self._mounts.__aenter__()
+            self.host = BuildHost(castore=self._castore, mounts=self._mounts,
+                                  bundles_dir=self.bundles_dir,
+                                  runc_root=self._instance.dir / "runc", idmap=load_idmap())
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def aclose(self) -> None:
+        try:
+            if self._mounts is not None:
+                mounts, self._mounts = self._mounts, None
+                await mounts.__aexit__(None, None, None)
+            if self._castore is not None:
+                castore, self._castore = self._castore, None
+                await castore.aclose()
+        finally:
+            if self._instance is not None:
+                self._instance.close()
+                self._instance = None
+            self.host = None
+
+    # -- building ---------------------------------------------------------------
+
+    def _new_run_dir(self) -> Path:
+        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        return self.runs_dir / run_id
+
+    def _require_host(self) -> BuildHost:
+        if self.host is None:
+            raise ServiceError(str(self.state_dir), "the service is not started; "
+                                                     "use it with 'async with'")
+        return self.host
+
+    async def run_builds(self, requests: Sequence[BuildRequest], *,
+                         stop_after: str | None = None, keep: Keep | None = None,
+                         sources: Sequence[str] | None = None,
+                         subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
+        """Build several requests as one graph; returns the run and the builds.
+
+        ``stop_after`` names a stage (of every build) to stop after; the
+        bundles then stay for inspection and ``resume``.
+        """
+        host = self._require_host()
+        run_dir = self._new_run_dir()
+        specs = [BuildSpec(request=req, key=_key(run_dir, i, len(requests)),
+                           keep=keep or self.keep, timeout=self.timeout)
+                 for i, req in enumerate(requests)]
+        graph = graph_for_requests(specs, host)
+        run_dir.mkdir(parents=True)
+        _save_specs(run_dir, specs, sources)
+        for spec in specs:
+            assert self._instance is not None
+            self._instance.record_key(spec.key)
+        runner = Runner(graph, run_dir=run_dir, caps=Caps(kinds={"container": self.jobs}),
+                        subscribers=[*self.subscribers, *subscribers])
+        run = await runner.run(stop_after=_full_stage(specs, stop_after))
+        self._mark_paused(run, specs)
+        return run, specs
+
+    async def resume_run(self, run_dir: Path, *, from_stage: str | None = None,
+                         stop_after: str | None = None,
+                         subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
+        host = self._require_host()
+        specs = load_build_specs(run_dir)
+        for spec in specs:
+            assert self._instance is not None
+            self._instance.record_key(spec.key)
+        graph = graph_for_requests(specs, host)
+        run = await resume(run_dir, graph, from_stage=_full_stage(specs, from_stage),
+                           stop_after=_full_stage(specs, stop_after),
+                           caps=Caps(kinds={"container": self.jobs}),
+                           subscribers=[*self.subscribers, *subscribers])
+        self._mark_paused(run, specs)
+        return run, specs
+
+    def _mark_paused(self, run: Run, specs: Sequence[BuildSpec]) -> None:
+        # A run that stopped before teardown keeps its bundles (for inspection,
+        # `ocibuild shell` and resume): mark them so crash recovery spares them.
+        for spec in specs:
+            bundle = self.bundles_dir / spec.key
+            teardown = _stage_name(specs, spec, "teardown")
+            outcome = run.stages.get(teardown)
+            if bundle.exists() and (outcome is None or outcome.state is StageState.PENDING):
+                (bundle / KEPT_MARKER).write_text("paused\n")
+
+    async def do_build(self, request: BuildRequest) -> Build:
+        """Build one request; BuildFailed (a BuildError) when it does not succeed."""
+        async with self._slots:
+            run, specs = await self.run_builds([request])
+        return build_result(run, specs[0], specs)
+
+
+def _key(run_dir: Path, i: int, n: int) -> str:
+    return run_dir.name if n == 1 else f"{run_dir.name}.{i}"
+
+
+def _save_specs(run_dir: Path, specs: Sequence[BuildSpec],
+                sources: Sequence[str] | None) -> None:
+    """The builds of a run, so that resume and shell can rebuild its graph."""
+    (run_dir / "requests").mkdir()
+    meta = []
+    for i, spec in enumerate(specs):
+        write_request_file(run_dir / "requests" / f"{i}.binpb", spec.request)
+        meta.append({"key": spec.key, "keep": spec.keep, "timeout": spec.timeout,
+                     "request": f"requests/{i}.binpb",
+                     "source": sources[i] if sources else None})
+    (run_dir / BUILDS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _stage_name(specs: Sequence[BuildSpec], spec: BuildSpec, stage: str) -> str:
+    return stage if len(specs) == 1 else f"{spec.key}/{stage}"
+
+
+def _full_stage(specs: Sequence[BuildSpec], stage: str | None) -> str | None:
+    """A bare stage name of a multi-build run means the last build's stage."""
+    if stage is None or len(specs) == 1 or "/" in stage:
+        return stage
+    return f"{specs[-1].key}/{stage}"
+
+
+def build_result(run: Run, spec: BuildSpec, specs: Sequence[BuildSpec]) -> Build:
+    """The Build of one finished build of a run; BuildFailed naming the cause otherwise."""
+    from stages.ingest import build_from_result
+
+    outcome = run.stages.get(_stage_name(specs, spec, "ingest"))
+    if outcome is not None and outcome.state.ok:
+        return build_from_result(spec.request, outcome.result)
+    first = next((o for n, o in run.stages.items()
+                  if o.state is StageState.FAILED
+                  and (len(specs) == 1 or n.startswith(spec.key + "/"))), None)
+    if first is not None:
+        raise BuildFailed(spec.key, first.error or "failed", stage=first.name,
+                          run_dir=run.run_dir)
+    if run.status is RunStatus.CANCELLED:
+        raise BuildFailed(spec.key, "cancelled", run_dir=run.run_dir)
+    raise BuildFailed(spec.key, f"did not reach ingest (run {run.status.value})",
+                      run_dir=run.run_dir)
+
+
+def load_build_specs(run_dir: Path) -> list[BuildSpec]:
+    """The builds of a run directory made by OciBuildService."""
+    try:
+        meta = json.loads((run_dir / BUILDS_FILE).read_text())
+    except FileNotFoundError:
+        raise ServiceError(str(run_dir), "not a build run directory (no builds.json)") from None
+    except ValueError as exc:
+        raise ServiceError(str(run_dir), f"builds.json is not valid JSON: {exc}") from exc
+    return [BuildSpec(request=read_request_file(run_dir / m["request"]), key=m["key"],
+                      keep=m["keep"], timeout=m["timeout"]) for m in meta]
+
+
+def list_runs(state_dir: Path | None = None) -> list[tuple[Path, Run | None, str]]:
+    """Every run directory with its state (None and the reason when unreadable)."""
+    runs_dir = (state_dir or default_state_dir()) / "runs"
+    out: list[tuple[Path, Run | None, str]] = []
+    if not runs_dir.is_dir():
+        return out
+    for d in sorted(runs_dir.iterdir()):
+        try:
+            out.append((d, load_run(d), ""))
+        except Exception as exc:  # noqa: BLE001 - a listing shows what it cannot read
+            out.append((d, None, str(exc)))
+    return out
+
+
+def open_build_service(address: str | None = None, **kw: object) -> BuildService:
+    """A build service by address (``BUILD_SERVICE_ADDR`` when None)."""
+    address = address or os.environ.get("BUILD_SERVICE_ADDR")
+    if not address:
+        return OciBuildService(default_state_dir(), **kw)  # type: ignore[arg-type]
+    url = urllib.parse.urlsplit(address)
+    if url.scheme == "dummy":
+        return DummyBuildService()
+    if url.scheme == "oci":
+        if url.netloc or not url.path.startswith("/"):
+            raise ServiceError(address, "an oci:// address needs an absolute path: "
+                                        "oci:///abs/state/dir")
+        return OciBuildService(url.path, **kw)  # type: ignore[arg-type]
+    raise ServiceError(address, f"unknown build service scheme {url.scheme!r}; "
+                                f"known: dummy://, oci:///abs/path")

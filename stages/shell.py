@@ -1,0 +1,102 @@
+"""``ocibuild shell RUN``: a shell inside the sandbox of a kept build.
+
+Like ``nix develop``/``nix-shell`` after a failed build, or Bazel's
+``--sandbox_debug``: the shell runs with the build's own mounts (its
+scratch directories as the build left them, its inputs through a fresh FUSE
+mount, its available_ro_paths), environment, working directory, user
+(1000:100), hostname and namespaces. Only the command differs: an
+interactive shell (the static busybox at /bin/sh, added when the build did
+not ask for one), or the command given.
+
+The kept bundle is not modified but for the /bin/sh mount point; the shell
+gets a sibling bundle (``<bundle>.shell``) holding only its config.json,
+whose root is the kept bundle's rootfs. Everything the shell set up is
+removed when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.errors import ServiceError
+
+__all__ = ["open_shell", "shell_config"]
+
+
+def shell_config(config: dict, *, command: list[str] | None, terminal: bool,
+                 busybox: str) -> dict:
+    """The build's config.json turned into the shell's: same sandbox, other process."""
+    config = json.loads(json.dumps(config))
+    process = config["process"]
+    process["args"] = command or ["/bin/sh"]
+    process["terminal"] = terminal
+    if terminal:
+        process["env"] = [*process["env"], "PS1=[ocibuild-shell \\w]$ "]
+    if not any(m["destination"] == "/bin/sh" for m in config["mounts"]):
+        config["mounts"].append({"destination": "/bin/sh", "type": "bind", "source": busybox,
+                                 "options": ["bind", "ro", "nosuid", "nodev"]})
+    return config
+
+
+def open_shell(run_dir: Path, args: argparse.Namespace, *, command: list[str] | None) -> int:
+    from stages.service import load_build_specs
+
+    specs = load_build_specs(run_dir)
+    key = getattr(args, "build", None)
+    spec = next((s for s in specs if s.key == key), None) if key else specs[-1]
+    if spec is None:
+        raise ServiceError(str(run_dir), f"no build {key!r} in this run; builds: "
+                                         f"{', '.join(s.key for s in specs)}")
+    return asyncio.run(_shell(run_dir, args, spec, command))
+
+
+async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:  # noqa: ANN001
+    from stages.cli.build_cmd import _service
+    from stages.spec import SpecOptions, make_spec
+
+    async with _service(args, jobs=1) as svc:
+        host = svc.host
+        assert host is not None
+        bundle = host.bundle_dir(spec.key)
+        layout = host.layout(spec.key)
+        if not layout.config.exists():
+            raise ServiceError(str(bundle), f"the bundle of run {run_dir.name} was not kept; "
+                                            f"build again with --keep-failed, --keep or "
+                                            f"--stop-after bundle")
+        shell_key = f"{spec.key}.shell"
+        req = spec.request
+        inputs_root = await host.mounts.add(shell_key, list(req.inputs))
+        shell_bundle = Path(f"{bundle}.shell")
+        container_id = f"ocibuild-{shell_key}"
+        try:
+            opts = SpecOptions(
+                idmap=host.idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
+                input_paths={n.name: inputs_root / os.fsdecode(n.name) for n in req.inputs},
+                busybox=host.busybox)
+            terminal = sys.stdin.isatty()
+            config = shell_config(make_spec(req, opts), command=command, terminal=terminal,
+                                  busybox=str(host.busybox))
+            sh = layout.rootfs / "bin" / "sh"
+            if not sh.exists():
+                sh.parent.mkdir(parents=True, exist_ok=True)
+                sh.touch()
+            shutil.rmtree(shell_bundle, ignore_errors=True)
+            shell_bundle.mkdir()
+            (shell_bundle / "config.json").write_text(json.dumps(config, indent=2))
+            # The shell owns the terminal: run runc in the foreground, inheriting stdio.
+            proc = await asyncio.to_thread(
+                subprocess.run, ["runc", "--root", str(host.runc_root), "run", "--bundle",
+                                 str(shell_bundle), container_id])
+            return proc.returncode
+        finally:
+            subprocess.run(["runc", "--root", str(host.runc_root), "delete", "--force",
+                            container_id], capture_output=True)
+            shutil.rmtree(shell_bundle, ignore_errors=True)
+            await host.mounts.remove(shell_key)

@@ -1,0 +1,36 @@
+"""The teardown stage: always runs; removes the bundle unless the build keeps it.
+
+The mount (the ``inputs`` resource) and the container (the ``container``
+resource) are released by the pipeline as soon as their last user is done,
+whatever happened; this stage deals with what outlives them, the bundle
+directory. It keeps the bundle when asked (``keep="always"``, or
+``keep="failed"`` and some stage did not finish) and marks it kept, so a
+restarting service does not remove it as stale.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stages.bundle import remove_bundle
+
+if TYPE_CHECKING:
+    from stages.build import BuildHost, BuildSpec
+
+__all__ = ["KEPT_MARKER", "stage"]
+
+KEPT_MARKER = ".ocibuild-kept"
+
+
+async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
+    bundle = host.bundle_dir(build.key)
+    # ctx.outcomes holds only the direct dependency; a failure anywhere
+    # upstream abandons it, so its state tells whether all went well.
+    ok = all(o.state.ok for o in ctx.outcomes.values())
+    keep = build.keep == "always" or (build.keep == "failed" and not ok)
+    if keep and bundle.exists():
+        (bundle / KEPT_MARKER).write_text(ctx.name + "\n")
+        ctx.log(f"kept bundle {bundle}")
+        return {"bundle": str(bundle), "kept": True}
+    remove_bundle(bundle)
+    return {"bundle": str(bundle), "kept": False}
