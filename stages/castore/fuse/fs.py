@@ -1,0 +1,351 @@
+"""The read-only pyfuse3 filesystem over castore nodes.
+
+The root of the mount is a *synthetic* directory that the server edits at
+run time: in the mount server it holds one synthetic directory per build key,
+and each of those holds the build's input nodes by name; in the single-tree
+mode (``ocibuild castore mount``) the nodes sit at the root itself.
+
+Caveats:
+
+- Lazy: a castore Directory is fetched from the store the first time one of
+  its inodes is looked up, listed or stat'ed (a stat needs the sub-directory
+  count for st_nlink), and cached by digest for the server's life.
+- Inodes are allocated per (parent inode, name) on first lookup and never
+  reused or freed while the mount lives, so they are stable; memory grows
+  with the number of distinct paths looked up (about 200 bytes each).
+- Everything under a key is immutable, so the kernel may cache entries and
+  attributes for a day; the root's own entries (the keys) are given a zero
+  timeout so an added or removed key is seen at once.
+- Each blob is verified (hashed) once per server lifetime, the first time a
+  file with it is opened; a corrupt or missing blob makes open() fail with
+  EIO and logs a line naming the digest. Later reads are plain preads.
+- Reads run on the trio thread: a cold read from disk briefly holds up other
+  requests. Verification runs in a worker thread so it does not.
+- Write operations are refused with EROFS (the mount is also ``ro``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import Union
+
+import pyfuse3
+import trio
+
+from stages.castore.errors import CorruptionError
+from stages.castore.fuse.store import StoreReader
+from stages.castore.nodes import (
+    Directory,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    blob_digest,
+)
+
+__all__ = ["CastoreFS"]
+
+log = logging.getLogger("ocibuild.castore.fuse")
+
+EMPTY_BLOB_DIGEST = blob_digest(b"")
+# Immutable content: let the kernel cache it for a long time.
+STABLE_TIMEOUT = 86400.0
+BLKSIZE = 1 << 17
+# Nix store convention: every timestamp is 1 second past the epoch.
+MTIME_NS = 1_000_000_000
+
+
+class Synthetic:
+    """A directory made by the server (the root, a key): name -> Node or inode."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, Union[Node, int]] = {}
+
+
+Entry = Union[Node, Synthetic]
+
+
+class CastoreFS(pyfuse3.Operations):
+    """pyfuse3 operations serving castore nodes read-only from a StoreReader."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, reader: StoreReader) -> None:
+        super().__init__()
+        self.reader = reader
+        self.root = Synthetic()
+        self._entries: dict[int, Entry] = {pyfuse3.ROOT_INODE: self.root}
+        self._child_ino: dict[tuple[int, bytes], int] = {}
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._dirs: dict[bytes, tuple[Directory, dict[bytes, Node]]] = {}
+        self._open: dict[int, tuple[bytes, int]] = {}
+        # digest -> True (verified), an Event (being verified) or an error text.
+        self._verified: dict[bytes, Union[bool, trio.Event, str]] = {}
+
+    # --- editing the namespace (called by the server, not the kernel) -------
+
+    def _alloc(self, entry: Entry) -> int:
+        ino = self._next_ino
+        self._next_ino += 1
+        self._entries[ino] = entry
+        return ino
+
+    def add_key(self, key: bytes, nodes: list[Node]) -> None:
+        """Make ``/<key>/<node.name>`` visible; nodes must be named and unique."""
+        if key in self.root.entries:
+            raise KeyError(f"key {key!r} is already mounted")
+        Directory.from_nodes(nodes)  # validates names and uniqueness
+        sub = Synthetic()
+        for node in nodes:
+            sub.entries[node.name] = node
+        ino = self._alloc(sub)
+        self.root.entries[key] = ino
+
+    def remove_key(self, key: bytes) -> None:
+        """Hide ``/<key>``. Files already open stay readable."""
+        if self.root.entries.pop(key, None) is None:
+            raise KeyError(f"key {key!r} is not mounted")
+
+    def add_root_nodes(self, nodes: list[Node]) -> None:
+        """Put nodes straight at the mount's top (single-tree mode)."""
+        Directory.from_nodes(nodes)
+        for node in nodes:
+            self.root.entries[node.name] = node
+
+    # --- lookups -------------------------------------------------------------
+
+    def _directory(self, digest: bytes) -> tuple[Directory, dict[bytes, Node]]:
+        cached = self._dirs.get(digest)
+        if cached is not None:
+            return cached
+        try:
+            directory = self.reader.get_directory(digest)
+        except Exception as exc:  # noqa: BLE001 - the kernel only gets EIO
+            log.error("directory %s cannot be read from the store: %s", digest.hex(), exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        if directory is None:
+            log.error("directory %s is not in the store", digest.hex())
+            raise pyfuse3.FUSEError(errno.EIO)
+        if directory.digest != digest:
+            log.error("directory %s is corrupt: it hashes to %s",
+                      digest.hex(), directory.digest.hex())
+            raise pyfuse3.FUSEError(errno.EIO)
+        cached = (directory, {n.name: n for n in directory.entries()})
+        self._dirs[digest] = cached
+        return cached
+
+    def _entry(self, ino: int) -> Entry:
+        try:
+            return self._entries[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _children(self, entry: Entry) -> list[tuple[bytes, Union[Node, int]]]:
+        if isinstance(entry, Synthetic):
+            return sorted(entry.entries.items())
+        if isinstance(entry, DirectoryNode):
+            directory, _ = self._directory(entry.digest)
+            return [(n.name, n) for n in directory.entries()]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _child(self, parent: int, name: bytes) -> int:
+        entry = self._entry(parent)
+        if isinstance(entry, Synthetic):
+            found = entry.entries.get(name)
+        elif isinstance(entry, DirectoryNode):
+            found = self._directory(entry.digest)[1].get(name)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if isinstance(found, int):
+            return found
+        key = (parent, name)
+        ino = self._child_ino.get(key)
+        if ino is None or self._entries[ino] is not found:
+            ino = self._alloc(found)
+            self._child_ino[key] = ino
+        return ino
+
+    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        entry = self._entry(ino)
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = ino
+        attrs.st_uid = 0
+        attrs.st_gid = 0
+        attrs.st_blksize = BLKSIZE
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = MTIME_NS
+        timeout = STABLE_TIMEOUT
+        if isinstance(entry, FileNode):
+            attrs.st_mode = stat.S_IFREG | (0o555 if entry.executable else 0o444)
+            attrs.st_nlink = 1
+            attrs.st_size = entry.size
+        elif isinstance(entry, SymlinkNode):
+            attrs.st_mode = stat.S_IFLNK | 0o777
+            attrs.st_nlink = 1
+            attrs.st_size = len(entry.target)
+        elif isinstance(entry, DirectoryNode):
+            directory, index = self._directory(entry.digest)
+            attrs.st_mode = stat.S_IFDIR | 0o555
+            attrs.st_nlink = 2 + len(directory.directories)
+            attrs.st_size = len(index)
+        else:
+            attrs.st_mode = stat.S_IFDIR | 0o555
+            attrs.st_nlink = 2 + sum(
+                1 for v in entry.entries.values()
+                if isinstance(v, (int, DirectoryNode)))
+            attrs.st_size = len(entry.entries)
+            if entry is self.root:
+                timeout = 0.0
+        attrs.st_blocks = (attrs.st_size + 511) // 512
+        attrs.entry_timeout = attrs.attr_timeout = timeout
+        return attrs
+
+    def _lookup_timeout(self, parent: int, attrs: pyfuse3.EntryAttributes) -> None:
+        if parent == pyfuse3.ROOT_INODE:
+            attrs.entry_timeout = attrs.attr_timeout = 0.0
+
+    # --- pyfuse3 operations --------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        attrs = self._attrs(self._child(parent_inode, name))
+        self._lookup_timeout(parent_inode, attrs)
+        return attrs
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        entry = self._entry(inode)
+        if not isinstance(entry, SymlinkNode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return entry.target
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entry = self._entry(inode)
+        if not isinstance(entry, (Synthetic, DirectoryNode)):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # The offset handed to the kernel is the index of the next entry.
+        children = self._children(self._entry(fh))
+        for index in range(start_id, len(children)):
+            name, _ = children[index]
+            ino = self._child(fh, name)
+            attrs = self._attrs(ino)
+            self._lookup_timeout(fh, attrs)
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def open(self, inode: int, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        entry = self._entry(inode)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not isinstance(entry, FileNode):
+            raise pyfuse3.FUSEError(errno.EISDIR if not isinstance(entry, SymlinkNode)
+                                    else errno.ELOOP)
+        if entry.size:
+            await self._verify(entry)
+        self._open[inode] = (entry.digest, entry.size)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def _verify(self, node: FileNode) -> None:
+        digest = node.digest
+        state = self._verified.get(digest)
+        while isinstance(state, trio.Event):
+            await state.wait()
+            state = self._verified.get(digest)
+        if state is True:
+            return
+        if isinstance(state, str):
+            log.error("blob %s (file %r): %s", digest.hex(), node.name, state)
+            raise pyfuse3.FUSEError(errno.EIO)
+        done = trio.Event()
+        self._verified[digest] = done
+        try:
+            problem = await trio.to_thread.run_sync(self._check_blob, digest, node.size)
+        finally:
+            done.set()
+        if problem is None:
+            self._verified[digest] = True
+            return
+        self._verified[digest] = problem
+        log.error("blob %s (file %r): %s", digest.hex(), node.name, problem)
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    def _check_blob(self, digest: bytes, size: int) -> str | None:
+        """Why the blob cannot be served, or None when it is intact."""
+        try:
+            have = self.reader.blob_size(digest)
+            if have is None:
+                return "is not in the store"
+            if have != size:
+                return f"has {have} bytes in the store, the file node says {size}"
+            self.reader.verify_blob(digest)
+        except CorruptionError as exc:
+            return f"is corrupt in the store: {exc}"
+        except Exception as exc:  # noqa: BLE001 - reported to the log and as EIO
+            return f"cannot be read from the store: {exc}"
+        return None
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        digest, length = self._open[fh]
+        if off >= length:
+            return b""
+        try:
+            return self.reader.read_blob_at(digest, off, min(size, length - off))
+        except Exception as exc:  # noqa: BLE001
+            log.error("blob %s: read at %d failed: %s", digest.hex(), off, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # Inodes stay allocated for the mount's life so their numbers are stable.
+        pass
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = BLKSIZE
+        data.f_frsize = 512
+        data.f_files = len(self._entries)
+        data.f_namemax = 255
+        return data
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._entry(inode)
+        return []
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._entry(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    # --- everything that would write ----------------------------------------
+
+    async def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse  # type: ignore[assignment]
+    create = write = setxattr = removexattr = fsync = _refuse  # type: ignore[assignment]

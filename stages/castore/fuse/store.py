@@ -1,0 +1,92 @@
+"""The synchronous store reader the FUSE server reads castore through.
+
+The mount server runs in its own process and answers the kernel from a single
+trio thread, so it needs plain, blocking, positional reads, not the async
+services. :class:`StoreReader` is that small interface; the persistent local
+store (:mod:`stages.castore.local`) implements it directly.
+
+Caveats:
+
+- ``memory://`` stores live inside one process and cannot be shared with the
+  mount server; they are refused with a clear error.
+- Remote stores (``grpc+...``) are not served yet; they are refused too.
+- ``read_blob_at`` is unverified; the FUSE layer calls ``verify_blob`` once
+  per blob per server lifetime before serving its bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from stages.castore.addresses import default_address
+from stages.castore.errors import StoreError
+from stages.castore.nodes import Directory
+
+__all__ = ["StoreReader", "check_address", "open_reader", "resolve_addresses"]
+
+
+@runtime_checkable
+class StoreReader(Protocol):
+    """What the FUSE server needs from a store: sizes, ranges, checks, dirs."""
+
+    def blob_size(self, digest: bytes) -> int | None: ...
+
+    def read_blob_at(self, digest: bytes, offset: int, n: int) -> bytes: ...
+
+    def verify_blob(self, digest: bytes) -> None: ...
+
+    def get_directory(self, digest: bytes) -> Directory | None: ...
+
+
+def resolve_addresses(blob_address: str | None,
+                      directory_address: str | None) -> tuple[str, str]:
+    """Fill in unset addresses as the rest of ocibuild does (env, then default)."""
+    blob = blob_address or os.environ.get("BLOB_SERVICE_ADDR") or default_address()
+    directory = (directory_address or os.environ.get("DIRECTORY_SERVICE_ADDR")
+                 or default_address())
+    return blob, directory
+
+
+def check_address(address: str) -> Path:
+    """The store directory of a ``local://`` address, or StoreError saying why not."""
+    url = urllib.parse.urlsplit(address)
+    if url.scheme == "local":
+        if url.netloc or not url.path.startswith("/"):
+            raise StoreError(address, "a local store address is local:///absolute/dir")
+        return Path(url.path)
+    if url.scheme == "memory":
+        raise StoreError(address, "a memory:// store lives inside one process and cannot "
+                                  "be served by the FUSE mount server; use local:///abs/dir")
+    if not url.scheme:
+        raise StoreError(address, "not a URL; the FUSE mount serves local:///abs/dir stores")
+    raise StoreError(address, f"the FUSE mount cannot read {url.scheme}:// stores yet; "
+                              f"use local:///abs/dir")
+
+
+class _SplitReader:
+    """Blobs from one store, directories from another."""
+
+    def __init__(self, blobs: StoreReader, directories: StoreReader) -> None:
+        self._blobs = blobs
+        self._dirs = directories
+        self.blob_size = blobs.blob_size
+        self.read_blob_at = blobs.read_blob_at
+        self.verify_blob = blobs.verify_blob
+        self.get_directory = directories.get_directory
+
+
+def open_reader(blob_address: str | None = None,
+                directory_address: str | None = None) -> StoreReader:
+    """Open the store(s) named by the addresses for synchronous reading."""
+    blob_address, directory_address = resolve_addresses(blob_address, directory_address)
+    blob_dir = check_address(blob_address)
+    dir_dir = check_address(directory_address)
+    from stages.castore.local import open_local_store
+
+    blobs = open_local_store(blob_dir)
+    if dir_dir == blob_dir:
+        return blobs
+    return _SplitReader(blobs, open_local_store(dir_dir))

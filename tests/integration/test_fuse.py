@@ -1,0 +1,529 @@
+"""The castore FUSE view over a real mount: content, isolation, lifetime, errors.
+
+Every test mounts under its own tmp_path; the ``mountpoint`` fixture and a
+module-level guard make sure no FUSE mount is left under pytest's temporary
+directories, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import stat
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stages.castore.addresses import open_castore
+from stages.castore.errors import ValidationError
+from stages.castore.fuse import MountError, MountServer, cleanup_stale_mounts
+from stages.castore.fuse.mounts import find_mount, resolve_without_entering
+from stages.castore.ingest import ingest_path
+from stages.castore.local import open_local_store
+from stages.castore.nodes import FileNode, Node, node_to_json
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
+
+
+# --- fixtures ---------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_mount_left(tmp_path_factory: pytest.TempPathFactory):
+    yield
+    left = cleanup_stale_mounts(tmp_path_factory.getbasetemp())
+    assert not left, f"FUSE mounts were left behind (now detached): {left}"
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        left = cleanup_stale_mounts(path)
+        assert not left, f"a FUSE mount was left at {left}"
+
+
+@pytest.fixture
+def store_address(tmp_path: Path) -> str:
+    return "local://" + str(tmp_path / "store")
+
+
+async def ingest(address: str, path: Path) -> Node:
+    castore = open_castore(address, address)
+    try:
+        return await ingest_path(castore, path)
+    finally:
+        await castore.aclose()
+
+
+def make_tree(root: Path) -> Path:
+    """A source tree with every edge case the mount must reproduce."""
+    src = root / "src"
+    (src / "deep" / "er" / "est").mkdir(parents=True)
+    (src / "emptydir").mkdir()
+    (src / "hello.txt").write_bytes(b"hello, castore\n")
+    (src / "empty").write_bytes(b"")
+    tool = src / "bin-tool"
+    tool.write_bytes(b"#!/bin/busybox sh\necho tool\n")
+    tool.chmod(0o755)
+    (src / "deep" / "er" / "est" / "leaf").write_bytes(b"leaf" * 1000)
+    (src / "large").write_bytes(os.urandom(3 << 20) * 3)  # 9 MiB, spans many reads
+    os.symlink("hello.txt", src / "rel-link")
+    os.symlink("/etc/hostname", src / "abs-link")
+    os.symlink("does/not/exist", src / "dangling")
+    os.symlink("../../hello.txt", src / "deep" / "er" / "up-link")
+    (Path(os.fsdecode(os.fsencode(src) + b"/caf\xe9-\xff"))).write_bytes(b"latin-1 name\n")
+    many = src / "many"
+    many.mkdir()
+    for i in range(1500):  # several readdir batches
+        (many / f"entry-{i:04d}-{'x' * 40}").write_bytes(b"")
+    return src
+
+
+def describe(top: Path) -> dict[bytes, tuple]:
+    """Everything the mount must reproduce, keyed by relative bytes path."""
+    out: dict[bytes, tuple] = {}
+    base = os.fsencode(top)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, base)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("symlink", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", sorted(os.listdir(path)))
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
+                out[rel] = ("file", bool(st.st_mode & 0o100), len(data), data)
+    return out
+
+
+# --- content ----------------------------------------------------------------
+
+async def test_mounted_tree_walks_identical_to_source(tmp_path, mountpoint, store_address):
+    src = make_tree(tmp_path)
+    node = await ingest(store_address, src)
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address) as server:
+        top = await server.add("build-1", [node])
+        assert top == mountpoint / "build-1"
+        mounted = top / "src"
+        expected = describe(src)
+        got = await asyncio.to_thread(describe, mounted)
+        assert got.keys() == expected.keys()
+        for rel in expected:
+            assert got[rel] == expected[rel], rel
+
+        # Modes, link counts, sizes, blocks.
+        for rel, info in expected.items():
+            st = os.lstat(os.path.join(os.fsencode(mounted), rel))
+            if info[0] == "file":
+                assert stat.S_IMODE(st.st_mode) == (0o555 if info[1] else 0o444), rel
+                assert st.st_size == info[2]
+                assert st.st_blocks == (info[2] + 511) // 512
+                assert st.st_nlink == 1
+            elif info[0] == "dir":
+                assert stat.S_IMODE(st.st_mode) == 0o555
+                subdirs = sum(1 for name in info[1]
+                              if os.path.isdir(os.path.join(os.fsencode(src), rel, name))
+                              and not os.path.islink(os.path.join(os.fsencode(src), rel, name)))
+                assert st.st_nlink == 2 + subdirs, rel
+            else:
+                assert stat.S_ISLNK(st.st_mode)
+                assert st.st_size == len(info[1])
+
+        # Inode numbers are stable and distinct.
+        inos = {rel: os.lstat(os.path.join(os.fsencode(mounted), rel)).st_ino
+                for rel in expected}
+        assert len(set(inos.values())) == len(inos)
+        again = {rel: os.lstat(os.path.join(os.fsencode(mounted), rel)).st_ino
+                 for rel in expected}
+        assert again == inos
+
+        # The executable runs as itself? No shell here; the bit is enough.
+        assert os.access(mounted / "bin-tool", os.X_OK)
+        assert not os.access(mounted / "hello.txt", os.X_OK)
+
+        # Missing names, and every kind of write.
+        with pytest.raises(FileNotFoundError):
+            os.lstat(mounted / "nope")
+        with pytest.raises(FileNotFoundError):
+            os.lstat(mountpoint / "no-such-key")
+        for attempt in (
+            lambda: open(mounted / "hello.txt", "r+b"),
+            lambda: open(mounted / "new-file", "wb"),
+            lambda: os.mkdir(mounted / "newdir"),
+            lambda: os.unlink(mounted / "hello.txt"),
+            lambda: os.rename(mounted / "hello.txt", mounted / "moved"),
+            lambda: os.chmod(mounted / "hello.txt", 0o777),
+            lambda: os.symlink("x", mounted / "newlink"),
+            lambda: os.rmdir(mounted / "emptydir"),
+        ):
+            with pytest.raises(OSError) as info:
+                await asyncio.to_thread(attempt)
+            assert info.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+        # Large reads at offsets.
+        with open(mounted / "large", "rb") as f:
+            f.seek(5 << 20)
+            assert f.read(1 << 20) == (src / "large").read_bytes()[5 << 20:6 << 20]
+
+
+async def test_keys_added_concurrently_see_only_their_own_nodes(
+        tmp_path, mountpoint, store_address):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "only-a").write_bytes(b"A")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "only-b").write_bytes(b"B")
+    (tmp_path / "shared.txt").write_bytes(b"both")
+    node_a = await ingest(store_address, tmp_path / "a")
+    node_b = await ingest(store_address, tmp_path / "b")
+    shared = await ingest(store_address, tmp_path / "shared.txt")
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address) as server:
+        top_a, top_b = await asyncio.gather(server.add("key-a", [node_a, shared]),
+                                            server.add("key-b", [node_b, shared]))
+        assert sorted(os.listdir(mountpoint)) == ["key-a", "key-b"]
+        assert sorted(os.listdir(top_a)) == ["a", "shared.txt"]
+        assert sorted(os.listdir(top_b)) == ["b", "shared.txt"]
+        assert os.listdir(top_a / "a") == ["only-a"]
+        assert (top_b / "b" / "only-b").read_bytes() == b"B"
+        with pytest.raises(FileNotFoundError):
+            os.lstat(top_a / "b")
+
+        with pytest.raises(MountError, match="already mounted"):
+            await server.add("key-a", [shared])
+        with pytest.raises(ValidationError):
+            await server.add("bad/key", [shared])
+
+        await server.remove("key-a")
+        assert os.listdir(mountpoint) == ["key-b"]
+        with pytest.raises(FileNotFoundError):
+            os.lstat(top_a)
+        # The same key can come back with other content.
+        await server.add("key-a", [node_b])
+        assert os.listdir(top_a) == ["b"]
+        with pytest.raises(MountError, match="not mounted"):
+            await server.remove("never-added")
+    assert find_mount(mountpoint) is None
+
+
+async def test_corrupt_blob_reads_as_eio_and_names_the_digest(
+        tmp_path, mountpoint, store_address):
+    (tmp_path / "victim").write_bytes(b"precious bytes " * 1000)
+    node = await ingest(store_address, tmp_path / "victim")
+    assert isinstance(node, FileNode)
+    store = open_local_store(tmp_path / "store")
+    pack, offset = store.where(node.digest).rsplit("@", 1)
+    store.close()
+    with open(pack, "r+b") as f:
+        f.seek(int(offset) + 100)
+        f.write(b"X")
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address) as server:
+        top = await server.add("k", [node])
+        for _ in range(2):  # the verdict is remembered, and still EIO
+            with pytest.raises(OSError) as info:
+                await asyncio.to_thread((top / "victim").read_bytes)
+            assert info.value.errno == errno.EIO
+        assert node.digest.hex() in server.stderr_tail()
+
+
+# --- errors -----------------------------------------------------------------
+
+async def test_bad_mountpoints_and_addresses_are_refused(tmp_path, mountpoint, store_address):
+    with pytest.raises(MountError, match="does not exist"):
+        async with MountServer(tmp_path / "missing", blob_address=store_address):
+            pass
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(MountError, match="not a directory"):
+        async with MountServer(tmp_path / "file", blob_address=store_address):
+            pass
+    with pytest.raises(MountError, match="memory://"):
+        async with MountServer(mountpoint, blob_address="memory://",
+                               directory_address=store_address):
+            pass
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address):
+        with pytest.raises(MountError, match="already mounted"):
+            async with MountServer(mountpoint, blob_address=store_address,
+                                   directory_address=store_address):
+                pass
+    assert find_mount(mountpoint) is None
+
+
+async def test_server_death_is_reported_with_its_stderr(tmp_path, mountpoint, store_address):
+    (tmp_path / "f").write_bytes(b"x")
+    node = await ingest(store_address, tmp_path / "f")
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address) as server:
+        os.kill(server.pid, signal.SIGKILL)
+        with pytest.raises(MountError, match="died") as info:
+            await server.add("k", [node])
+        assert "ocibuild-fuse" in str(info.value)  # its stderr tail is included
+    assert await _wait_unmounted(mountpoint)
+
+
+# --- lifetime ---------------------------------------------------------------
+
+OWNER = textwrap.dedent("""
+    import asyncio, json, sys
+    from pathlib import Path
+    from stages.castore.fuse import MountServer
+    from stages.castore.nodes import node_from_json
+
+    async def main():
+        mp, addr, node = sys.argv[1], sys.argv[2], node_from_json(sys.argv[3])
+        async with MountServer(Path(mp), blob_address=addr, directory_address=addr) as s:
+            await s.add("k", [node])
+            print(json.dumps({"server": s.pid}), flush=True)
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+def _start_owner(mountpoint: Path, address: str, node: Node) -> tuple[subprocess.Popen, int]:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(mountpoint), address,
+                              node_to_json(node)], stdout=subprocess.PIPE, cwd=REPO)
+    line = owner.stdout.readline()
+    assert line, "the owner process died before mounting"
+    return owner, json.loads(line)["server"]
+
+
+async def _wait_unmounted(mountpoint: Path, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if find_mount(mountpoint) is None:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+def _pid_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("victim,sig", [
+    ("owner", signal.SIGTERM),
+    ("owner", signal.SIGKILL),
+    ("server", signal.SIGKILL),
+], ids=["owner-sigterm", "owner-sigkill", "server-sigkill"])
+async def test_mount_goes_away_when_its_owner_or_server_dies(
+        tmp_path, mountpoint, store_address, victim, sig):
+    (tmp_path / "f").write_bytes(b"content")
+    node = await ingest(store_address, tmp_path / "f")
+    owner, server_pid = _start_owner(mountpoint, store_address, node)
+    try:
+        assert (mountpoint / "k" / "f").read_bytes() == b"content"
+        os.kill(owner.pid if victim == "owner" else server_pid, sig)
+        assert await _wait_unmounted(mountpoint), f"mount still there after {victim} {sig!r}"
+        if victim == "owner":
+            assert _pid_gone(server_pid), "the server outlived its owner"
+    finally:
+        for pid in (server_pid, owner.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        owner.wait()
+        owner.stdout.close()
+
+
+async def test_cleanup_stale_mounts_detaches_a_hung_servers_mount(
+        tmp_path, mountpoint, store_address):
+    (tmp_path / "f").write_bytes(b"content")
+    node = await ingest(store_address, tmp_path / "f")
+    owner, server_pid = _start_owner(mountpoint, store_address, node)
+    try:
+        os.kill(server_pid, signal.SIGSTOP)  # a hung server: its mount stays
+        assert find_mount(mountpoint) is not None
+        assert cleanup_stale_mounts(tmp_path) == [resolve_without_entering(mountpoint)]
+        assert find_mount(mountpoint) is None
+        assert cleanup_stale_mounts(tmp_path) == []
+    finally:
+        for pid in (server_pid, owner.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        owner.wait()
+        owner.stdout.close()
+
+
+SERVE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from stages.castore.fuse import serve_until_signal
+    from stages.castore.nodes import node_from_json
+    nodes = [node_from_json(line) for line in sys.stdin if line.strip()]
+    serve_until_signal(Path(sys.argv[1]), nodes, sys.argv[2], sys.argv[2])
+    print("unmounted", flush=True)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+async def test_serve_until_signal_serves_at_the_top_and_unmounts(
+        tmp_path, mountpoint, store_address, sig):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_bytes(b"in d")
+    (tmp_path / "top.txt").write_bytes(b"top")
+    nodes = [await ingest(store_address, tmp_path / "d"),
+             await ingest(store_address, tmp_path / "top.txt")]
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(mountpoint), store_address],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        proc.stdin.write("".join(node_to_json(n) + "\n" for n in nodes).encode())
+        proc.stdin.close()
+        deadline = time.monotonic() + 20
+        while find_mount(mountpoint) is None:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "never mounted"
+            await asyncio.sleep(0.05)
+        assert sorted(os.listdir(mountpoint)) == ["d", "top.txt"]
+        assert (mountpoint / "d" / "x").read_bytes() == b"in d"
+        proc.send_signal(sig)
+        proc.wait(timeout=20)
+        out, err = proc.stdout.read(), proc.stderr.read()
+        assert proc.returncode == 0, err.decode()
+        assert out == b"unmounted\n"
+        assert find_mount(mountpoint) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# --- a real container -------------------------------------------------------
+
+CONTAINER_SCRIPT = r"""
+cd /inputs
+for p in $(busybox find . | busybox sort); do
+  if [ -L "$p" ]; then echo "L $p $(busybox readlink "$p")";
+  elif [ -d "$p" ]; then echo "D $p $(busybox stat -c %a "$p")";
+  else echo "F $p $(busybox stat -c %a "$p") $(busybox sha256sum < "$p" | busybox cut -d' ' -f1)"; fi
+done
+echo "id $(busybox id -u)"
+"""
+
+
+def _expected_listing(src: Path) -> list[str]:
+    import hashlib
+    lines = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = "./" + str(path.relative_to(src.parent))
+            if path.is_symlink():
+                lines.append(f"L {rel} {os.readlink(path)}")
+            elif path.is_dir():
+                lines.append(f"D {rel} 555")
+            else:
+                mode = 555 if path.stat().st_mode & 0o100 else 444
+                lines.append(f"F {rel} {mode} {hashlib.sha256(path.read_bytes()).hexdigest()}")
+    lines.append(f"D ./{src.name} 555")
+    return sorted(lines)
+
+
+def _bundle(root: Path, inputs: Path) -> Path:
+    bundle = root / "bundle"
+    rootfs = bundle / "rootfs"
+    for d in ("bin", "inputs", "proc", "dev", "tmp"):
+        (rootfs / d).mkdir(parents=True)
+    (rootfs / "bin" / "busybox").write_bytes(b"")
+    idmap = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0},
+                    "args": ["/bin/busybox", "sh", "-c", CONTAINER_SCRIPT],
+                    "env": ["PATH=/bin"], "cwd": "/", "noNewPrivileges": True},
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "fuse-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "mode=755"]},
+            {"destination": "/bin/busybox", "type": "bind", "source": "/bin/busybox",
+             "options": ["bind", "ro"]},
+            # A user namespace may not drop the FUSE mount's locked flags on
+            # the read-only remount, so they are repeated here.
+            {"destination": f"/inputs/{inputs.name}", "type": "bind", "source": str(inputs),
+             "options": ["bind", "ro", "nosuid", "nodev", "noatime"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts", "user")],
+            "uidMappings": idmap, "gidMappings": idmap,
+        },
+    }
+    (rootfs / "inputs" / inputs.name).mkdir()
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+@pytest.mark.runc
+async def test_runc_container_reads_the_tree_through_a_bind_mount(tmp_path, store_address):
+    src = tmp_path / "pkg"
+    (src / "lib" / "sub").mkdir(parents=True)
+    (src / "lib" / "data.bin").write_bytes(os.urandom(300_000))
+    (src / "lib" / "sub" / "empty").write_bytes(b"")
+    (src / "run.sh").write_bytes(b"#!/bin/sh\n")
+    (src / "run.sh").chmod(0o755)
+    os.symlink("lib/data.bin", src / "link")
+    node = await ingest(store_address, src)
+    container_id = f"ocibuild-fuse-test-{uuid.uuid4().hex[:12]}"
+    # The container's root is host uid 100000: the bundle and the mount must
+    # sit where that uid can traverse (pytest's tmp dirs are 0700).
+    shared = Path(tempfile.mkdtemp(prefix="ocibuild-fuse-runc-"))
+    try:
+        shared.chmod(0o755)
+        mountpoint = shared / "mnt"
+        mountpoint.mkdir()
+        async with MountServer(mountpoint, blob_address=store_address,
+                               directory_address=store_address) as server:
+            top = await server.add("build", [node])
+            bundle = _bundle(shared, top / "pkg")
+            try:
+                done = await asyncio.to_thread(
+                    subprocess.run, ["runc", "run", "--bundle", str(bundle), container_id],
+                    capture_output=True, timeout=60)
+            finally:
+                subprocess.run(["runc", "delete", "-f", container_id], capture_output=True)
+        assert done.returncode == 0, done.stderr.decode()
+        lines = done.stdout.decode().splitlines()
+        assert lines[-1] == "id 0"  # uid 0 inside, 100000 on the host
+        listing = sorted(line for line in lines[:-1] if not line.startswith("D . "))
+        assert listing == _expected_listing(src)
+    finally:
+        left = cleanup_stale_mounts(shared)
+        shutil.rmtree(shared, ignore_errors=True)
+        assert not left, f"a FUSE mount was left at {left}"
