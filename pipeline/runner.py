@@ -39,6 +39,7 @@ Caveats:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import shutil
@@ -315,6 +316,16 @@ class Runner:
         for node in list(self._live):
             if not node.always and node.task is not None:
                 node.task.cancel(reason)
+                # A task cancelled before its first step never runs its body.
+                node.task.add_done_callback(functools.partial(self._after_cancel, node))
+
+    def _after_cancel(self, node: _Node, _task: asyncio.Task[None]) -> None:
+        if node.state is _QUEUED or node.state is _RUNNING:
+            node.state = _CANCELLED
+            node.error = self._cancel_reason or "cancelled"
+            node.ended = _now()
+            self._emit(EventKind.STAGE_CANCELLED, node.name, node.error)
+            self._commit(node, self._line(node))
 
     async def run(self, *, stop_after: str | None = None) -> Run:
         """Run the graph (or, with ``stop_after``, that stage and its ancestors)."""
