@@ -527,3 +527,21 @@ async def test_runc_container_reads_the_tree_through_a_bind_mount(tmp_path, stor
         left = cleanup_stale_mounts(shared)
         shutil.rmtree(shared, ignore_errors=True)
         assert not left, f"a FUSE mount was left at {left}"
+
+
+async def test_cancellation_inside_the_block_still_unmounts(mountpoint, store_address):
+    entered = asyncio.Event()
+
+    async def body() -> None:
+        async with MountServer(mountpoint, blob_address=store_address,
+                               directory_address=store_address):
+            entered.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(body())
+    await asyncio.wait_for(entered.wait(), 30)
+    assert find_mount(mountpoint) is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert find_mount(mountpoint) is None
