@@ -42,8 +42,11 @@ $(NIX_CONF_DIR)/nix.conf:
 	  'experimental-features = nix-command' 'max-jobs = 2' > $@.tmp
 	mv $@.tmp $@
 
+# The castore demo, then a real build on the embedded store (default state dir).
 demo: install
 	$(PY) dag_examples/demo.py
+	@echo
+	$(PY) dag_examples/build_hello.py
 
 test: install
 	$(PY) -m pytest -q tests dag_examples

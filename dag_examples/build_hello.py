@@ -10,8 +10,8 @@ runs it too).
    busybox, seen read-only at ``/nix/store/hello-tools``; it upper-cases the
    greeting into ``/build/out``.
 4. Runs it on :class:`stages.service.OciBuildService` (the seven stages:
-   validate, spec, bundle, mount, run, ingest, teardown) and prints the
-   output node, its contents read back from the store, and its NAR hash.
+   validate, spec, bundle, mount, run, ingest, teardown), showing the
+   builder's output as it comes, and prints the output node, its contents read back from the store, and its NAR hash.
 
 Where things live: the store is ``$BLOB_SERVICE_ADDR``/``$DIRECTORY_SERVICE_ADDR``,
 else ``$OCIBUILD_STORE``, else the embedded local store; runs and bundles go
@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline import Event, EventKind
 from stages.castore import FileNode, Node, format_nar_hash, ingest_path, nar_hash_and_size, open_castore
 from stages.request import BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService, default_state_dir
@@ -71,7 +72,13 @@ async def main() -> int:
 
         request = hello_request(tools)
         print(f"command:   {' '.join(request.command_args)}")
-        async with OciBuildService() as svc:
+
+        def show_log(event: Event) -> None:
+            # The builder's stdout/stderr arrive as log events of the run stage.
+            if event.kind is EventKind.LOG and event.stage == "run":
+                print(f"log:       {event.message}")
+
+        async with OciBuildService(subscribers=[show_log]) as svc:
             build = await svc.do_build(request)
         print(f"state dir: {default_state_dir()}")
 

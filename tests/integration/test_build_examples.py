@@ -109,6 +109,7 @@ def test_build_hello(home: Path) -> None:
     greeting = load_module("build_hello").GREETING.encode()
     expected = greeting.upper()
     assert field(out, "contents") == repr(expected.decode())
+    assert field(out, "log") == "built"  # the builder's stdout, streamed
     kind, digest = field(out, "output").split(" -> ")[1].split()[:2]
     assert (kind, digest) == ("file", blake3.blake3(expected).hexdigest())
     nar = nar_of_file(expected)
