@@ -15,7 +15,7 @@ non-empty strings, and so does this module (any lengths, any bytes).
 The matcher is Hyperscan (the ``hyperscan`` package, which bundles the
 library): every needle is compiled once into a block-mode database with
 ``HS_FLAG_SINGLEMATCH``, so a chunk reports each needle at most once however
-often it occurs. Data is scanned in 4 MiB chunks; consecutive chunks overlap
+often it occurs. Data is scanned in 1 MiB chunks; consecutive chunks overlap
 by ``max_needle_len - 1`` bytes, so a needle that spans a chunk boundary is
 found, and memory stays bounded for any file size. Large files are cut into
 32 MiB segments (each read with the same overlap past its end), and segments
@@ -24,7 +24,8 @@ releases the GIL while it scans, each thread has its own scratch space.
 
 Why Hyperscan (measured here, 64 MiB in memory, 1,000 random 32-char
 nixbase32 needles, 4 MiB chunks, one thread, on a shared and loaded 2-core
-machine, so the numbers are rough):
+machine, so the numbers are rough; 256 KiB, 1 MiB and 4 MiB chunks measured
+the same within the noise):
 
 =========================  ===========  ===========  ============
 matcher                    random bin   base32 text  many matches
@@ -88,7 +89,7 @@ __all__ = [
     "scan_outputs",
 ]
 
-CHUNK_SIZE = 4 << 20
+CHUNK_SIZE = 1 << 20
 """Bytes read and scanned per Hyperscan call (plus the needle overlap)."""
 
 _SEGMENT = 32 << 20  # files larger than this are split into parallel segments
