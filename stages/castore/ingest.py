@@ -119,21 +119,28 @@ def _walk(root: bytes) -> tuple[list[_Dir], list[bytes]]:
 def _build(order: list[_Dir], stored: list[StoredFile]) -> list[Directory]:
     """Directory values, leaves to root (reversed pre-order puts children first)."""
     out: list[Directory] = []
+    by_name = lambda n: n.name  # noqa: E731
     for d in reversed(order):
-        nodes: list[Node] = []
+        dirs: list[DirectoryNode] = []
+        files: list[FileNode] = []
+        links: list[SymlinkNode] = []
         for name, kind, payload in d.entries:
             try:
                 if kind == "f":
                     s = stored[payload]  # type: ignore[index]
-                    nodes.append(FileNode(name=name, digest=s.digest, size=s.size,
+                    files.append(FileNode(name=name, digest=s.digest, size=s.size,
                                           executable=bool(s.mode & 0o100)))
                 elif kind == "l":
-                    nodes.append(SymlinkNode(name=name, target=payload))  # type: ignore[arg-type]
+                    links.append(SymlinkNode(name=name, target=payload))  # type: ignore[arg-type]
                 else:
-                    nodes.append(payload.node.renamed(name))  # type: ignore[union-attr]
+                    child = payload.node  # type: ignore[union-attr]
+                    dirs.append(DirectoryNode(name=name, digest=child.digest, size=child.size))
             except ValidationError as exc:
                 raise IngestError(os.fsdecode(os.path.join(d.path, name)), str(exc)) from exc
-        directory = Directory.from_nodes(nodes)
+        dirs.sort(key=by_name)
+        files.sort(key=by_name)
+        links.sort(key=by_name)
+        directory = Directory(directories=dirs, files=files, symlinks=links)
         d.node = directory.as_node()
         out.append(directory)
     return out

@@ -437,7 +437,7 @@ class LocalStore:
             if row is None:
                 return None
             loc = (row[0], row[1], row[2])
-            if len(self._locations) > 100_000:
+            if len(self._locations) > 20_000:  # bounded: ~4 MB
                 self._locations.clear()
             self._locations[digest] = loc
         return loc
