@@ -271,7 +271,9 @@ class NeedleScanner:
         end = None if stop is None else stop + overlap
         view = memoryview(buf)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a file swapped for a FIFO after the walk must not
+            # block the open; it is refused by the fstat below.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise RefScanError(f"cannot open for scanning: {e.strerror}", path=path) from e
         try:

@@ -139,6 +139,18 @@ def test_nix_hash_parts_at_chunk_boundaries() -> None:
         assert planted <= NeedleScanner(needles).scan_bytes(bytes(data))
 
 
+def test_scanner_shared_by_threads() -> None:
+    """One scanner, many threads at once: each thread has its own scratch space."""
+    from concurrent.futures import ThreadPoolExecutor
+    rnd = __import__("random").Random(5)
+    needles = [bytes(rnd.choices(b"ab", k=rnd.randint(3, 9))) for _ in range(40)]
+    datas = [bytes(rnd.choices(b"abc", k=rnd.randint(0, 3000))) for _ in range(64)]
+    scanner = NeedleScanner(needles)
+    with _sizes(97), ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(scanner.scan_bytes, datas))
+    assert results == [naive(needles, d) for d in datas]
+
+
 # --- paths ---------------------------------------------------------------------
 
 def _write_tree(root: Path, spec: object) -> None:
@@ -326,6 +338,21 @@ def test_special_files_refused(tmp_path: Path, make, kind: str, nested: bool) ->
     # Refused even with no needles: the output itself is invalid.
     with pytest.raises(RefScanError):
         NeedleScanner([]).scan_path(root if nested else bad)
+
+
+def test_file_replaced_after_walk(tmp_path: Path) -> None:
+    """A walked file that became a FIFO or symlink before the read is refused, not followed."""
+    scanner = NeedleScanner(["x"])
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)  # opening it for reading must not wait for a writer
+    os.symlink("/etc/passwd", link)
+    buf = bytearray(refscan.CHUNK_SIZE)
+    with pytest.raises(RefScanError, match="no longer a regular file") as info:
+        scanner._scan_range(os.fsencode(fifo), 0, None, buf, set())
+    assert info.value.path == fifo
+    with pytest.raises(RefScanError, match="cannot open") as info:
+        scanner._scan_range(os.fsencode(link), 0, None, buf, set())
+    assert info.value.path == link
 
 
 def test_device_and_missing_refused(tmp_path: Path) -> None:
