@@ -196,3 +196,27 @@ def test_concurrent_processes_write_one_store(tmp_path: Path) -> None:
             store.verify_blob(digest)
     finally:
         store.close()
+
+
+def test_processes_create_a_fresh_store_at_once(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import os, sys
+        from stages.castore.local import LocalStore
+        store = LocalStore(sys.argv[1])
+        digest = store.put_blob(sys.argv[2].encode() * 1000)
+        store.verify_blob(digest)
+        print(digest.hex())
+    """)
+    root = tmp_path / "fresh"
+    procs = [spawn(code, str(root), f"writer {i}") for i in range(5)]
+    digests = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err.decode()
+            digests.append(bytes.fromhex(out.decode().strip()))
+    finally:
+        for proc in procs:
+            reap(proc)
+    assert digests == [blake3.blake3(f"writer {i}".encode() * 1000).digest() for i in range(5)]
+    assert set(index_rows(root)[0]) == set(digests)
