@@ -57,11 +57,12 @@ Measured here (2 cores shared with other work, so noisy; rerun with
   751 MB after dedup) into a fresh store, 3 runs back to back with
   ``nix-store --add`` of the same copy: 5.7 / 14.4 / 9.7 s against
   12.4 / 59.9 / 24.4 s, ratios 0.46 / 0.24 / 0.40x (median 0.40x); b3sum over
-  the same files 1.6-4.3 s. Of ours, about 6 s is CPU (user 3.6, sys 2.5)
-  and the rest waits on the disk: fdatasync'ed sequential writes run at
-  about 300 MB/s here, so ~2.5 s of any durable ingest of this tree is the
-  disk (nix-store does not sync file data). Without the syncs, put_files
-  takes ~3.2 s; walk 0.3 s, building the Directory values 0.7-1.1 s.
+  the same files 1.6-4.3 s. In one 10.9 s ingest on the busy machine the
+  process used 6.1 s of CPU (user 3.6, sys 2.5); the rest waited, mostly on
+  the disk: fdatasync'ed sequential writes run at about 300 MB/s here, so
+  ~2.5 s of any durable ingest of those 751 MB is the disk. Phases (warm
+  cache): walk 0.3 s, put_files 3.2 s without syncs / 3.7-4.5 s with,
+  building the Directory values 0.7-1.1 s, storing them 0.2 s.
 - Peak memory above the idle process (31 MiB) with a 1 GiB file: ingest
   +8.5 MiB, streamed write +3.2 MiB, verified sequential read +2.2 MiB,
   verify_blob +12.1 MiB (blake3's threads).
