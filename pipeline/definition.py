@@ -173,6 +173,9 @@ class Stage:
     params: Any = None
     description: str = ""
     prefix: str = ""  # namespace added by Graph.prefixed; names resolve inside it first
+    # Derived from ``resources`` once (the scheduler reads them per run).
+    local_resources: tuple[Resource, ...] = attrs.field(init=False, eq=False, repr=False)
+    shared_resources: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
 
     @fn.validator
     def _fn_callable(self, _attr: attrs.Attribute, value: Any) -> None:
@@ -217,19 +220,17 @@ class Stage:
                 raise DefinitionError(f"resource {name!r} listed twice",
                                       stage=self.name, field="resources")
             local.add(name)
+        object.__setattr__(self, "local_resources",
+                           tuple(r for r in self.resources if isinstance(r, Resource)))
+        object.__setattr__(self, "shared_resources",
+                           tuple(r for r in self.resources if isinstance(r, str)))
+        if self.params is None:
+            return
         try:
             json.dumps(self.params, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise DefinitionError(f"params must be JSON-serializable: {exc}",
                                   stage=self.name, field="params") from exc
-
-    @property
-    def local_resources(self) -> tuple[Resource, ...]:
-        return tuple(r for r in self.resources if isinstance(r, Resource))
-
-    @property
-    def shared_resources(self) -> tuple[str, ...]:
-        return tuple(r for r in self.resources if isinstance(r, str))
 
     def definition(self) -> dict[str, Any]:
         """The canonical form of this stage for the graph digest."""

@@ -94,14 +94,13 @@ _now = time.time
 class _Node:
     """Runtime state of one stage (mutable; never leaves the runner)."""
 
-    __slots__ = ("stage", "name", "jname", "succs", "remaining", "state", "result", "error",
+    __slots__ = ("stage", "name", "succs", "remaining", "state", "result", "error",
                  "exception", "started", "ended", "attempts", "task", "always", "shared",
-                 "serialized", "active")
+                 "serialized", "active", "simple")
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.name = stage.name
-        self.jname = json.dumps(stage.name)
         self.succs: list[_Node] = []
         self.remaining = 0
         self.state = _PENDING
@@ -116,6 +115,7 @@ class _Node:
         self.shared = stage.shared_resources
         self.serialized = False
         self.active = False
+        self.simple = not (stage.resources or stage.timeout is not None or stage.retries)
 
     def outcome(self) -> StageOutcome:
         return StageOutcome(name=self.name, state=self.state, result=self.result,
@@ -136,6 +136,31 @@ class _Shared:
         self.ready: asyncio.Future[Any] | None = None
         self.release: asyncio.Event | None = None
         self.order = -1
+
+
+class _Outcomes(Mapping[str, StageOutcome]):
+    """``Run.stages`` of a finished run: outcomes made on first access (big runs are cheap)."""
+
+    __slots__ = ("_nodes", "_made")
+
+    def __init__(self, nodes: dict[str, _Node]) -> None:
+        self._nodes = nodes
+        self._made: dict[str, StageOutcome] = {}
+
+    def __getitem__(self, name: str) -> StageOutcome:
+        made = self._made.get(name)
+        if made is None:
+            made = self._made[name] = self._nodes[name].outcome()
+        return made
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __repr__(self) -> str:
+        return f"<{len(self._nodes)} stage outcomes>"
 
 
 class _Scoped(dict):
@@ -194,13 +219,20 @@ class _Results(Mapping[str, Any]):
 class StageContext:
     """What a stage function gets: results, resources, logging, progress, directories."""
 
-    __slots__ = ("_runner", "_node", "resources", "attempt")
+    __slots__ = ("_runner", "_node", "_resources", "attempt")
 
     def __init__(self, runner: Runner, node: _Node) -> None:
         self._runner = runner
         self._node = node
-        self.resources: dict[str, Any] = _Scoped(node.stage.prefix, "resource", node.name)
+        self._resources: _Scoped | None = None
         self.attempt = 0
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        """Acquired resources by name (shared ones also by their name inside the prefix)."""
+        if self._resources is None:
+            self._resources = _Scoped(self._node.stage.prefix, "resource", self._node.name)
+        return self._resources
 
     @property
     def name(self) -> str:
@@ -441,8 +473,12 @@ class Runner:
         return self._finish_run(started, attempt, stop_after)
 
     def _finish_run(self, started: float, attempt: int, stop_after: str | None) -> Run:
-        outcomes = {n: node.outcome() for n, node in self._nodes.items()}
-        failed = any(o.state is _FAILED for o in outcomes.values())
+        outcomes = _Outcomes(self._nodes)
+        counts: dict[str, int] = {}
+        for node in self._nodes.values():
+            key = node.state.value
+            counts[key] = counts.get(key, 0) + 1
+        failed = StageState.FAILED.value in counts
         if failed or self._errors:
             status = RunStatus.FAILED
         elif self._cancelling:
@@ -465,8 +501,7 @@ class Runner:
                 self._errors.append(f"cannot write run state: {exc}")
         if self._tmp_scratch is not None:
             shutil.rmtree(self._tmp_scratch, ignore_errors=True)
-        self._emit(EventKind.RUN_FINISHED, None, status.value,
-                   {"counts": _counts(outcomes.values())})
+        self._emit(EventKind.RUN_FINISHED, None, status.value, {"counts": counts})
         for sub in self._subs:
             close = getattr(sub, "close", None)
             if close is not None:
@@ -487,7 +522,7 @@ class Runner:
         node.task = asyncio.get_running_loop().create_task(self._stage_main(node))
 
     def _line(self, node: _Node, encoded: str | None = None) -> str:
-        head = (f'{{"type":"stage","name":{node.jname},"state":"{node.state.value}",'
+        head = (f'{{"type":"stage","name":{json.dumps(node.name)},"state":"{node.state.value}",'
                 f'"attempts":{node.attempts},"started":{_jfloat(node.started)},'
                 f'"ended":{_jfloat(node.ended)}')
         if encoded is not None:
@@ -566,6 +601,32 @@ class Runner:
         stage = node.stage
         ctx = StageContext(self, node)
         attempts = 0
+        if node.simple:
+            # The hot path, inlined: no resources, timeout or retries.
+            running = self._running
+            try:
+                if running is not None and not running.acquire_nowait(node):
+                    await running.acquire(node)
+                try:
+                    node.attempts = ctx.attempt = attempts = 1
+                    node.state = _RUNNING
+                    node.started = _now()
+                    if self._subs:
+                        self._emit(EventKind.STAGE_STARTED, node.name)
+                    result = await stage.fn(ctx)
+                finally:
+                    if running is not None:
+                        running.release(node)
+            except asyncio.CancelledError:
+                self._cancelled(node)
+                return
+            except BaseException as exc:
+                self._fail(node, exc, attempts)
+                if not isinstance(exc, Exception):
+                    self.cancel(f"stage {node.name!r} raised {type(exc).__name__}")
+                return
+            self._finished(node, result, attempts)
+            return
         try:
             if node.shared:
                 for rname in node.shared:
@@ -588,17 +649,24 @@ class Runner:
                     if stage.retry_delay:
                         await asyncio.sleep(stage.retry_delay)
         except asyncio.CancelledError:
-            node.state = _CANCELLED
-            node.error = self._cancel_reason or "cancelled"
-            node.ended = _now()
-            self._emit(EventKind.STAGE_CANCELLED, node.name, node.error)
-            self._commit(node, self._line(node))
+            self._cancelled(node)
             return
         except BaseException as exc:
             self._fail(node, exc, attempts)
             if not isinstance(exc, Exception):
                 self.cancel(f"stage {node.name!r} raised {type(exc).__name__}")
             return
+        self._finished(node, result, attempts)
+
+    def _cancelled(self, node: _Node) -> None:
+        node.state = _CANCELLED
+        node.error = self._cancel_reason or "cancelled"
+        node.ended = _now()
+        self._emit(EventKind.STAGE_CANCELLED, node.name, node.error)
+        self._commit(node, self._line(node))
+
+    def _finished(self, node: _Node, result: Any, attempts: int) -> None:
+        stage = node.stage
         codec = stage.codec
         encoded: str | None = None
         if result is None and codec.serializable and codec.encode is None:
@@ -833,13 +901,6 @@ def _jfloat(value: float | None) -> str:
 def _consume(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # mark retrieved: stages that still wait will re-raise it
-
-
-def _counts(outcomes: Iterable[StageOutcome]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.state.value] = counts.get(o.state.value, 0) + 1
-    return counts
 
 
 # --- resume and the sync entry point ------------------------------------------------
