@@ -99,6 +99,16 @@ class BuildHost:
         """Where the mount server shows this build's inputs (see MountServer.add)."""
         return Path(self.mounts.mountpoint) / key
 
+    def input_link(self, key: str) -> Path:
+        """The bind sources of the build's inputs: ``<bundle>/inputs/<name>``.
+
+        A symlink to :meth:`input_root`, (re)made by the ``inputs`` resource.
+        The mount server's path belongs to one service instance, while the
+        spec (config.json) outlives it in a stopped run; through this link a
+        run resumed by another instance binds the inputs of its own mount.
+        """
+        return self.bundle_dir(key) / "inputs"
+
 
 def _request_digest(request: BuildRequest) -> str:
     import hashlib

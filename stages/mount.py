@@ -6,12 +6,17 @@ and the spec bind-mounts each of them, read-only, at
 ``/<inputs_dir>/<name>`` in the container. A build sees only its own key.
 
 The ``inputs`` resource adds the key when acquired and removes it when
-released (after ``run``, or on failure or cancellation).
+released (after ``run``, or on failure or cancellation). While held, the
+symlink ``<bundle>/inputs`` (:meth:`~stages.build.BuildHost.input_link`)
+points at the key's subtree; config.json binds inputs through it, so a
+stopped run resumed by another service instance (another mountpoint) binds
+the inputs of the current mount.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -25,10 +30,20 @@ __all__ = ["inputs_mounted", "stage"]
 async def inputs_mounted(build: BuildSpec, host: BuildHost, _ctx: Any) -> AsyncIterator[Path]:
     """Resource factory: the build's inputs in the mount server, for as long as held."""
     path = await host.mounts.add(build.key, list(build.request.inputs))
+    link = host.input_link(build.key)
     try:
+        tmp = link.with_name(f".{link.name}.new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(path, tmp)
+        os.replace(tmp, link)
         yield path
     finally:
-        await host.mounts.remove(build.key)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+        finally:
+            await host.mounts.remove(build.key)
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:

@@ -251,7 +251,7 @@ def build_spec_options(build, host) -> SpecOptions:  # noqa: ANN001
 
     req = build.request
     layout = BundleLayout(host.bundle_dir(build.key))
-    inputs = host.input_root(build.key)
+    inputs = host.input_link(build.key)  # stable across service instances (resume)
     return SpecOptions(idmap=host.idmap, rootfs=layout.rootfs,
                        scratch_dirs=layout.scratch_dirs(req),
                        input_paths={n.name: inputs / os.fsdecode(n.name) for n in req.inputs
