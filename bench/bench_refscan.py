@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--kinds", default="random,many,base32,base32-mixed")
     parser.add_argument("--work", type=Path, default=None, help="scratch dir (default: temp)")
-    parser.add_argument("--tree", type=Path,
+    parser.add_argument("--tree", type=lambda s: Path(s) if s else None,
                         default=next((t for t in DEFAULT_TREES if t.is_dir()), None),
                         help="a tree of small files to scan in place ('' to skip)")
     parser.add_argument("--no-grep", action="store_true", help="skip the grep -F reference")

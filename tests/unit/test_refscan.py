@@ -76,7 +76,7 @@ chunk_sizes = st.integers(1, 16)
 # --- scan_bytes and streams --------------------------------------------------
 
 @given(needles_and_data(), chunk_sizes)
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_scan_bytes_matches_naive(case: tuple[list[bytes], bytes], chunk: int) -> None:
     needles, data = case
     with _sizes(chunk):
@@ -84,7 +84,7 @@ def test_scan_bytes_matches_naive(case: tuple[list[bytes], bytes], chunk: int) -
 
 
 @given(needles_and_data(), st.lists(st.integers(0, 400), max_size=10))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_stream_finds_needles_across_feeds(case: tuple[list[bytes], bytes],
                                            cuts: list[int]) -> None:
     needles, data = case
