@@ -190,7 +190,7 @@ class OciBuildService(BuildService):
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
         self.blob_address = blob_address
         self.directory_address = directory_address
-        self.jobs = jobs or os.cpu_count() or 1
+        self.jobs = jobs if jobs is not None else (os.cpu_count() or 1)
         if self.jobs < 1:
             raise ServiceError(str(self.state_dir), f"jobs must be >= 1, not {self.jobs}")
         self.keep = keep

@@ -3,7 +3,8 @@
 Builds run on the OCI build service (:mod:`stages.service`) over the store
 chosen by ``--blob-service-addr``/``--directory-service-addr`` (or
 ``BLOB_SERVICE_ADDR``/``DIRECTORY_SERVICE_ADDR``, or the embedded store),
-with state (runs, bundles) in ``--state-dir`` (or ``OCIBUILD_STATE``).
+with state (runs, bundles) in ``--state-dir`` (or the path of an
+``oci:///abs/dir`` ``BUILD_SERVICE_ADDR``, or ``OCIBUILD_STATE``).
 
 The first SIGINT or SIGTERM cancels the builds cleanly: containers are
 killed and deleted, mounts removed, bundles removed unless kept. A second
@@ -37,10 +38,34 @@ def _store_options(p: argparse.ArgumentParser) -> None:
                         "$XDG_STATE_HOME/ocibuild)")
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir, else the path of an oci:// BUILD_SERVICE_ADDR, else the default.
+
+    The CLI drives the OCI service itself (runs, bundles, shells), so any
+    other BUILD_SERVICE_ADDR (dummy://) is refused here, clearly.
+    """
+    import os
+
+    from stages.service import OciBuildService, default_state_dir, open_build_service
+
+    if getattr(args, "state_dir", None) is not None:
+        return args.state_dir
+    address = os.environ.get("BUILD_SERVICE_ADDR")
+    if not address:
+        return default_state_dir()
+    svc = open_build_service(address)
+    if not isinstance(svc, OciBuildService):
+        from stages.errors import ServiceError
+
+        raise ServiceError(address, "refuses every build; the ocibuild CLI needs an "
+                                    "oci:///abs/state/dir service (BUILD_SERVICE_ADDR)")
+    return svc.state_dir
+
+
 def _service(args: argparse.Namespace, **kw: Any):  # noqa: ANN202
     from stages.service import OciBuildService
 
-    return OciBuildService(args.state_dir, blob_address=args.blob_service_addr,
+    return OciBuildService(_state_dir(args), blob_address=args.blob_service_addr,
                            directory_address=args.directory_service_addr, **kw)
 
 
@@ -143,12 +168,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _find_run(args: argparse.Namespace, run: str) -> Path:
-    from stages.service import default_state_dir
-
     path = Path(run)
     if path.is_dir():
         return path.absolute()
-    state = args.state_dir or default_state_dir()
+    state = _state_dir(args)
     candidate = state / "runs" / run
     if candidate.is_dir():
         return candidate
@@ -173,9 +196,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from stages.service import default_state_dir, list_runs
+    from stages.service import list_runs
 
-    state = args.state_dir or default_state_dir()
+    state = _state_dir(args)
     rows = list_runs(state)
     if not rows:
         print(f"no runs in {state / 'runs'}")
