@@ -480,6 +480,29 @@ async def test_cancel_while_the_builder_runs(env: Env) -> None:
     # The autouse leak check verifies mounts, containers, bundle and fds.
 
 
+@pytest.mark.parametrize("stage", stages.build.STAGE_NAMES)
+async def test_cancel_as_each_stage_starts(env: Env, stage: str) -> None:
+    """Cancel the build the moment ``stage`` starts; nothing survives (leak check)."""
+    task: asyncio.Task | None = None
+
+    def cancel_at(event) -> None:  # noqa: ANN001
+        if event.kind is EventKind.STAGE_STARTED and event.stage == stage and task is not None:
+            task.cancel()
+
+    before_ingest = stages.build.STAGE_NAMES.index(stage) < STAGE_NAMES_INGEST
+    # Up to run, the builder would sleep 5 s: a cancelled build must not wait for it.
+    req = env.request("echo ran > /nix/store/out" + ("; sleep 5" if before_ingest else ""))
+    task = asyncio.create_task(env.svc.run_builds([req], subscribers=[cancel_at]))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert loop.time() - t0 < 4.5, "the sleeping builder was not cut short"
+
+
+STAGE_NAMES_INGEST = stages.build.STAGE_NAMES.index("ingest")
+
+
 def _processes_with(text: str) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
