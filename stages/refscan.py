@@ -41,8 +41,14 @@ distinct needles per MiB, 1 MiB chunks ran at 0.85 GB/s of CPU time, 4 MiB at
 1.05, 16 MiB at 1.15 (random data: 1.7 for all three).
 Hyperscan's literal matcher (FDR/Teddy) needs no special path for
 equal-length needle sets: mixed lengths (8..60) measured the same as all-32.
-``python -m bench refscan`` measures the whole scanner on files against
-``grep -F`` and a plain read.
+``python -m bench refscan`` measures the whole scanner on a 512 MiB file
+(1,000 needles) against a plain read, ``cat`` and ``grep -F``. One run here,
+with the machine's 2 cores shared with other work (load average 4), gave per
+CPU-second (all threads): random 1.5 GB/s, many matches 1.0, base32 text 1.1,
+base32 text with mixed-length needles 1.2; wall clock 1.8, 1.2, 0.4 (starved
+by other processes during that scan), 1.1; read 6-10 GB/s; ``grep -F -c``
+0.02 (base32) to 0.17 GB/s. With two idle cores the wall rate should near
+twice the CPU rate; rerun the benchmark on a quiet machine to confirm.
 
 Caveats:
 
