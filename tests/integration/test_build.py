@@ -420,6 +420,23 @@ async def test_missing_output(env: Env) -> None:
     assert "nix/store/here'" not in str(info.value)
 
 
+@pytest.mark.parametrize("target", ["/etc", "../../../../../../etc", "/nix/store/real"],
+                         ids=["absolute", "relative-escape", "inside"])
+async def test_output_below_a_symlink_is_refused(env: Env, target: str) -> None:
+    """An output path through a builder-made symlink is never followed on the host.
+
+    Following it would read the host's files (here /etc/passwd) into the output.
+    """
+    script = (f"mkdir -p /nix/store/real; echo inside > /nix/store/real/passwd; "
+              f"ln -s {target} /nix/store/evil")
+    req = env.request(script, outputs=["nix/store/evil/passwd"])
+    with pytest.raises(BuildFailed) as info:
+        await env.svc.do_build(req)
+    assert info.value.stage == "ingest"
+    assert "nix/store/evil/passwd" in str(info.value)
+    assert "symlink" in str(info.value)
+
+
 async def test_timeout(env: Env) -> None:
     env.svc.timeout = 1.0
     try:
