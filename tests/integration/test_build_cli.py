@@ -322,3 +322,31 @@ def test_sigkill_mid_build_then_next_start_cleans_up(cli: Cli) -> None:
     while _container_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _container_pids(marker)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_build_cancels_cleanly(cli: Cli, sig: signal.Signals) -> None:
+    marker = f"sleep-{os.getpid()}-{time.monotonic_ns()}"
+    req = cli.write(cli.request(f"echo {marker}; sleep 3600; true"))
+    before = set(cli.runs())
+    proc = subprocess.Popen([*OCIBUILD, "build", str(req)], env=cli.environ, cwd=cli.base,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _container_pids(marker):
+            time.sleep(0.1)
+        assert _container_pids(marker), "the build never started its container"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert f"cancelled by {sig.name}" in err and "Traceback" not in err
+    (run_id,) = set(cli.runs()) - before
+    assert not (cli.state / "bundles" / run_id).exists()
+    assert not list(cli.state.glob("instances/*")), "the instance was not closed"
+    assert not _container_pids(marker)
+    with open("/proc/self/mountinfo") as f:
+        assert str(cli.state) not in f.read()
