@@ -81,7 +81,7 @@ import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import blake3
 
@@ -480,6 +480,27 @@ class LocalStore:
                                                   f"shorter than the index says)")
         return data
 
+    def read_blob_into(self, digest: bytes, offset: int, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` with the blob's bytes from ``offset``; how many were
+        read (short only at the blob's end). NOT verified. For callers that
+        reuse one buffer instead of allocating per read (the FUSE server)."""
+        loc = self._locate(digest)
+        if loc is None:
+            raise NotFoundError("blob", digest)
+        pack_id, start, length = loc
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        n = max(0, min(len(buffer), length - offset))
+        if n == 0:
+            return 0
+        view = memoryview(buffer)
+        got = os.preadv(self._read_fd(pack_id), [view[:n] if n < len(view) else view],
+                        start + offset)
+        if got != n:
+            raise CorruptionError("blob", digest, f"{self._pack_path(pack_id)} (pack is "
+                                                  f"shorter than the index says)")
+        return n
+
     def iter_blob(self, digest: bytes, chunk: int = STREAM_CHUNK) -> Iterator[bytes]:
         """The blob's bytes in chunks, verified: the last chunk is only yielded
         after the whole blob hashed right (else CorruptionError)."""
@@ -501,10 +522,30 @@ class LocalStore:
         if previous is not None:
             yield previous
 
-    def verify_blob(self, digest: bytes) -> None:
-        """Hash the stored bytes; CorruptionError naming the blob on mismatch."""
-        for _ in self.iter_blob(digest):
-            pass
+    def verify_blob(self, digest: bytes,
+                    on_chunk: Callable[[int, memoryview], None] | None = None) -> None:
+        """Hash the stored bytes; CorruptionError naming the blob on mismatch.
+
+        ``on_chunk(offset, data)``, when given, sees each chunk as it is hashed,
+        i.e. BEFORE the verdict; ``data`` is only valid during the call. (The
+        FUSE server uses it to fill the kernel's page cache while verifying.)
+        """
+        loc = self._locate(digest)
+        if loc is None:
+            raise NotFoundError("blob", digest)
+        length = loc[2]
+        hasher = _hasher(length)
+        buffer = memoryview(bytearray(min(STREAM_CHUNK, length)))
+        offset = 0
+        while offset < length:
+            n = self.read_blob_into(digest, offset, buffer)
+            data = buffer[:n]
+            hasher.update(data)
+            if on_chunk is not None:
+                on_chunk(offset, data)
+            offset += n
+        if hasher.digest() != digest:
+            raise CorruptionError("blob", digest, str(self._pack_path(loc[0])))
 
     def where(self, digest: bytes) -> str:
         loc = self._locate(digest)
