@@ -287,7 +287,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _store_options(p)
     p.set_defaults(handler=cmd_resume)
 
-    p = sub.add_parser("shell", help="a shell inside the sandbox of a kept run")
+    p = sub.add_parser("shell", help="a shell inside the sandbox of a kept run",
+                       usage="%(prog)s [--build KEY] RUN [-- COMMAND...]")
+    p.add_argument("--build", metavar="KEY",
+                   help="which build of a run of several requests (default: the last); "
+                        "give it before RUN")
     p.add_argument("run", metavar="RUN", help="run id (see 'ocibuild runs') or directory")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="command to run instead of an interactive shell")

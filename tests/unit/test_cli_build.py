@@ -189,3 +189,18 @@ def test_resume_of_a_directory_that_is_no_build_run(capsys: pytest.CaptureFixtur
     d.mkdir(parents=True)
     line = one_error_line(capsys, main(["resume", "plain"]))
     assert "not a build run directory" in line
+
+
+def test_shell_names_the_builds_of_a_run(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                         request_file: Path) -> None:
+    from stages.build import BuildSpec
+    from stages.request import read_request_file
+    from stages.service import _save_specs
+
+    run = tmp_path / "state" / "runs" / "r1"
+    run.mkdir(parents=True)
+    req = read_request_file(request_file)
+    _save_specs(run, [BuildSpec(request=req, key="r1.0"), BuildSpec(request=req, key="r1.1")],
+                None)
+    line = one_error_line(capsys, main(["shell", "--build", "r1.7", "r1", "--", "/bin/true"]))
+    assert "no build 'r1.7' in this run; builds: r1.0, r1.1" in line
