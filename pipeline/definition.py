@@ -187,26 +187,41 @@ class Stage:
         if self.timeout is not None and not self.timeout > 0:
             raise DefinitionError(f"timeout must be > 0 seconds, not {self.timeout!r}",
                                   stage=self.name, field="timeout")
-        if not isinstance(self.retries, int) or self.retries < 0:
+        if type(self.retries) is not int or self.retries < 0:
             raise DefinitionError(f"retries must be an int >= 0, not {self.retries!r}",
                                   stage=self.name, field="retries")
         if self.retry_delay < 0:
             raise DefinitionError(f"retry_delay must be >= 0, not {self.retry_delay!r}",
                                   stage=self.name, field="retry_delay")
-        if not isinstance(self.codec, Codec):
+        if self.codec is not JSON and not isinstance(self.codec, Codec):
             raise DefinitionError(f"codec must be a Codec, not {self.codec!r}",
                                   stage=self.name, field="codec")
-        seen: set[str] = set()
-        for dep in self.deps:
-            if not isinstance(dep, str) or not _NAME.fullmatch(dep):
-                raise DefinitionError(f"dependency names must be non-empty text, not {dep!r}",
-                                      stage=self.name, field="deps")
-            if dep == self.name:
+        deps = self.deps
+        if deps:
+            for dep in deps:
+                if not isinstance(dep, str) or not _NAME.fullmatch(dep):
+                    raise DefinitionError(f"dependency names must be non-empty text, not {dep!r}",
+                                          stage=self.name, field="deps")
+            if self.name in deps:
                 raise CycleError([self.name])
-            if dep in seen:
-                raise DefinitionError(f"dependency {dep!r} listed twice",
+            if len(set(deps)) != len(deps):
+                dup = next(d for d in deps if deps.count(d) > 1)
+                raise DefinitionError(f"dependency {dup!r} listed twice",
                                       stage=self.name, field="deps")
-            seen.add(dep)
+        if not self.resources:
+            object.__setattr__(self, "local_resources", ())
+            object.__setattr__(self, "shared_resources", ())
+        else:
+            self._check_resources()
+        if self.params is None:
+            return
+        try:
+            json.dumps(self.params, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise DefinitionError(f"params must be JSON-serializable: {exc}",
+                                  stage=self.name, field="params") from exc
+
+    def _check_resources(self) -> None:
         local: set[str] = set()
         for res in self.resources:
             if isinstance(res, Resource):
@@ -224,13 +239,6 @@ class Stage:
                            tuple(r for r in self.resources if isinstance(r, Resource)))
         object.__setattr__(self, "shared_resources",
                            tuple(r for r in self.resources if isinstance(r, str)))
-        if self.params is None:
-            return
-        try:
-            json.dumps(self.params, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise DefinitionError(f"params must be JSON-serializable: {exc}",
-                                  stage=self.name, field="params") from exc
 
     def definition(self) -> dict[str, Any]:
         """The canonical form of this stage for the graph digest."""
