@@ -11,6 +11,9 @@ symlink ``<bundle>/inputs`` (:meth:`~stages.build.BuildHost.input_link`)
 points at the key's subtree; config.json binds inputs through it, so a
 stopped run resumed by another service instance (another mountpoint) binds
 the inputs of the current mount.
+
+The stage checks that each input's root is in the store and fails naming
+the first one that is not.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from stages.castore.nodes import DirectoryNode, FileNode
+from stages.errors import RequestError
 
 if TYPE_CHECKING:
     from stages.build import BuildHost, BuildSpec
@@ -46,8 +52,32 @@ async def inputs_mounted(build: BuildSpec, host: BuildHost, _ctx: Any) -> AsyncI
             await host.mounts.remove(build.key)
 
 
+async def _check_in_store(build: BuildSpec, host: BuildHost) -> None:
+    """Fail naming the first input whose root is not in the store.
+
+    Only roots are checked (a directory's children are read lazily through
+    FUSE); without this a missing input surfaced as runc failing to open a
+    mount source with an I/O error.
+    """
+    for i, node in enumerate(build.request.inputs):
+        if isinstance(node, FileNode):
+            present = await host.castore.blobs.has(node.digest)
+            what = "blob"
+        elif isinstance(node, DirectoryNode):
+            present = await host.castore.directories.get(node.digest) is not None
+            what = "directory"
+        else:
+            continue
+        if not present:
+            raise RequestError(f"inputs[{i}]", "input-in-store",
+                               f"{what} {node.digest.hex()} of input "
+                               f"{node.name.decode('utf-8', 'replace')!r} is not in the store; "
+                               f"import it first (ocibuild castore import)")
+
+
 async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
     path = ctx.resources["inputs"]
+    await _check_in_store(build, host)
     names = [n.name.decode("utf-8", "surrogateescape") for n in build.request.inputs]
     ctx.log(f"{len(names)} input(s) at {path}")
     return {"path": str(path), "inputs": names}

@@ -437,6 +437,24 @@ async def test_output_below_a_symlink_is_refused(env: Env, target: str) -> None:
     assert "symlink" in str(info.value)
 
 
+@pytest.mark.parametrize("kind", ["directory", "file"])
+async def test_input_missing_from_the_store_is_named(env: Env, kind: str) -> None:
+    name = b"9zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-absent"
+    digest = blake3.blake3(b"never imported " + kind.encode()).digest()
+    node = (DirectoryNode(name=name, digest=digest, size=1) if kind == "directory"
+            else FileNode(name=name, digest=digest, size=3))
+    env.inputs[name.decode()] = node
+    try:
+        req = env.request("echo no > /nix/store/out", inputs=(BB_NAME, name.decode()))
+    finally:
+        del env.inputs[name.decode()]
+    with pytest.raises(BuildFailed) as info:
+        await env.svc.do_build(req)
+    assert info.value.stage == "mount"
+    assert "inputs[1]" in str(info.value) and name.decode() in str(info.value)
+    assert f"{kind if kind == 'directory' else 'blob'} {digest.hex()}" in str(info.value)
+
+
 async def test_timeout(env: Env) -> None:
     env.svc.timeout = 1.0
     try:
