@@ -24,7 +24,6 @@ from google.protobuf import json_format
 
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
-from stages.castore.nodes import node_to_proto
 from stages.proto import build_pb2
 from stages.request import (BuildConstraints, BuildRequest, EnvVar, read_request_file,
                             request_to_json, write_request_file)
@@ -108,7 +107,6 @@ def cli():
 def _cleanup_everything(base: Path) -> None:
     """Whatever a failed test left: containers, mounts, then the directory."""
     for root in base.glob("state/instances/*/runc"):
-        subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True)
         for cid in subprocess.run(["runc", "--root", str(root), "list", "-q"],
                                   capture_output=True, text=True).stdout.split():
             subprocess.run(["runc", "--root", str(root), "delete", "--force", cid],
