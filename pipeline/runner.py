@@ -359,8 +359,12 @@ class Runner:
             self._emit(EventKind.STAGE_CANCELLED, node.name, node.error)
             self._commit(node, self._line(node))
 
-    async def run(self, *, stop_after: str | None = None) -> Run:
-        """Run the graph (or, with ``stop_after``, that stage and its ancestors)."""
+    async def run(self, *, stop_after: str | Sequence[str] | None = None) -> Run:
+        """Run the graph (or, with ``stop_after``, those stages and their ancestors).
+
+        ``stop_after`` is one stage name or several (e.g. the same stage of
+        every build in a composed graph).
+        """
         if self.run_dir is None and self._run_root is not None:
             self._run_root.mkdir(parents=True, exist_ok=True)
             run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -371,14 +375,16 @@ class Runner:
 
     # -- driving ----------------------------------------------------------------------
 
-    async def _execute(self, *, stop_after: str | None, reused: Mapping[str, Any],
+    async def _execute(self, *, stop_after: str | Sequence[str] | None, reused: Mapping[str, Any],
                        attempt: int, from_stage: str | None) -> Run:
         if self._used:
             raise DefinitionError("a Runner runs once; make a new one")
         self._used = True
-        if stop_after is not None and stop_after not in self.graph:
-            raise DefinitionError(f"stop_after names unknown stage {stop_after!r}",
-                                  field="stop_after")
+        stop_after = _stop_names(stop_after)
+        for name in stop_after or ():
+            if name not in self.graph:
+                raise DefinitionError(f"stop_after names unknown stage {name!r}",
+                                      field="stop_after")
         driver = asyncio.create_task(
             self._drive(stop_after=stop_after, reused=reused, attempt=attempt,
                         from_stage=from_stage))
@@ -400,7 +406,7 @@ class Runner:
             raise asyncio.CancelledError()
         return run
 
-    async def _drive(self, *, stop_after: str | None, reused: Mapping[str, Any],
+    async def _drive(self, *, stop_after: tuple[str, ...] | None, reused: Mapping[str, Any],
                      attempt: int, from_stage: str | None) -> Run:
         loop = asyncio.get_running_loop()
         graph = self.graph
@@ -409,7 +415,9 @@ class Runner:
             nodes[stage.name] = _Node(stage)
         selected: set[str] | None = None
         if stop_after is not None:
-            selected = graph.ancestors(stop_after) | {stop_after}
+            selected = set(stop_after)
+            for name in stop_after:
+                selected |= graph.ancestors(name)
         for name, value in reused.items():
             node = nodes[name]
             node.state = _REUSED
@@ -439,7 +447,8 @@ class Runner:
                               {"digest": graph.digest, "definition": graph.definition()})
             self._journal = Journal(self.run_dir, fsync=self.durability == "fsync")
             self._journal.append({"type": "run", "digest": graph.digest, "attempt": attempt,
-                                  "time": started, "stop_after": stop_after,
+                                  "time": started,
+                                  "stop_after": list(stop_after) if stop_after else None,
                                   "from_stage": from_stage})
         try:
             self._emit(EventKind.RUN_STARTED, None, str(self.run_dir or ""),
@@ -472,7 +481,8 @@ class Runner:
             self._flush()
         return self._finish_run(started, attempt, stop_after)
 
-    def _finish_run(self, started: float, attempt: int, stop_after: str | None) -> Run:
+    def _finish_run(self, started: float, attempt: int,
+                    stop_after: tuple[str, ...] | None) -> Run:
         outcomes = _Outcomes(self._nodes)
         counts: dict[str, int] = {}
         for node in self._nodes.values():
@@ -894,6 +904,18 @@ class Runner:
         return path
 
 
+def _stop_names(stop_after: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if stop_after is None:
+        return None
+    if isinstance(stop_after, str):
+        return (stop_after,)
+    names = tuple(stop_after)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise DefinitionError(f"stop_after must be a stage name or a non-empty sequence of "
+                              f"them, not {stop_after!r}", field="stop_after")
+    return names
+
+
 def _jfloat(value: float | None) -> str:
     return "null" if value is None else repr(value)
 
@@ -954,7 +976,7 @@ async def resume(
     graph: Graph,
     *,
     from_stage: str | None = None,
-    stop_after: str | None = None,
+    stop_after: str | Sequence[str] | None = None,
     caps: Caps | None = None,
     subscribers: Iterable[Subscriber] = (),
     durability: str = "flush",
@@ -979,7 +1001,7 @@ def run_sync(
     run_root: str | Path | None = None,
     resume_dir: str | Path | None = None,
     from_stage: str | None = None,
-    stop_after: str | None = None,
+    stop_after: str | Sequence[str] | None = None,
     caps: Caps | None = None,
     subscribers: Iterable[Subscriber] = (),
     durability: str = "flush",

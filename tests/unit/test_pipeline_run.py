@@ -14,6 +14,7 @@ from pipeline import (
     NOT_SERIALIZABLE,
     PICKLE,
     Caps,
+    DefinitionError,
     Collector,
     EventKind,
     Graph,
@@ -290,6 +291,27 @@ async def test_stop_after_then_resume(tmp_path):
     assert again.states()["a"] is StageState.REUSED
     assert again.states()["b"] is StageState.FINISHED and again.states()["c"] is StageState.FINISHED
     assert again.states()["other"] is StageState.REUSED
+
+
+async def test_stop_after_several_stages(tmp_path):
+    # Two independent chains stopped at the same depth: each stops, nothing
+    # past either stop point starts, and resume finishes both.
+    t = Tracker()
+    g = Graph(stages=[stage(t, "x/a"), stage(t, "x/b", ["x/a"]), stage(t, "x/c", ["x/b"]),
+                      stage(t, "y/a"), stage(t, "y/b", ["y/a"]), stage(t, "y/c", ["y/b"])])
+    run = await Runner(g, run_root=tmp_path).run(stop_after=["x/b", "y/b"])
+    assert run.status is RunStatus.STOPPED
+    states = run.states()
+    assert {n for n, s in states.items() if s is StageState.FINISHED} == {"x/a", "x/b",
+                                                                        "y/a", "y/b"}
+    assert states["x/c"] is StageState.PENDING and states["y/c"] is StageState.PENDING
+    resumed = await resume(run.run_dir, g)
+    assert resumed.states()["x/c"] is StageState.FINISHED
+    assert resumed.states()["y/c"] is StageState.FINISHED
+    with pytest.raises(DefinitionError, match="unknown stage 'z'"):
+        await Runner(g).run(stop_after=["x/b", "z"])
+    with pytest.raises(DefinitionError, match="non-empty sequence"):
+        await Runner(g).run(stop_after=[])
 
 
 async def test_resume_reloads_results_for_rerun_stages(tmp_path):
