@@ -271,8 +271,9 @@ class OciBuildService(BuildService):
                          subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
         """Build several requests as one graph; returns the run and the builds.
 
-        ``stop_after`` names a stage (of every build) to stop after; the
-        bundles then stay for inspection and ``resume``.
+        ``stop_after`` names a stage to stop every build after (or, as
+        ``KEY/STAGE``, one build's); the bundles then stay for inspection
+        and ``resume``.
         """
         host = self._require_host()
         run_dir = self._new_run_dir()
@@ -287,7 +288,7 @@ class OciBuildService(BuildService):
             self._instance.record_key(spec.key)
         runner = Runner(graph, run_dir=run_dir, caps=Caps(kinds={"container": self.jobs}),
                         subscribers=[*self.subscribers, *subscribers])
-        run = await runner.run(stop_after=_full_stage(specs, stop_after))
+        run = await runner.run(stop_after=_stop_points(specs, stop_after))
         self._mark_paused(run, specs)
         return run, specs
 
@@ -301,7 +302,7 @@ class OciBuildService(BuildService):
             self._instance.record_key(spec.key)
         graph = graph_for_requests(specs, host)
         run = await resume(run_dir, graph, from_stage=_full_stage(specs, from_stage),
-                           stop_after=_full_stage(specs, stop_after),
+                           stop_after=_stop_points(specs, stop_after),
                            caps=Caps(kinds={"container": self.jobs}),
                            subscribers=[*self.subscribers, *subscribers])
         self._mark_paused(run, specs)
@@ -346,10 +347,20 @@ def _stage_name(specs: Sequence[BuildSpec], spec: BuildSpec, stage: str) -> str:
 
 
 def _full_stage(specs: Sequence[BuildSpec], stage: str | None) -> str | None:
-    """A bare stage name of a multi-build run means the last build's stage."""
+    """A bare stage name of a multi-build run means the last build's stage.
+
+    For ``from_stage``, which the pipeline takes as one name.
+    """
     if stage is None or len(specs) == 1 or "/" in stage:
         return stage
     return f"{specs[-1].key}/{stage}"
+
+
+def _stop_points(specs: Sequence[BuildSpec], stage: str | None) -> str | tuple[str, ...] | None:
+    """``stop_after`` of a run: a bare stage name stops every build after that stage."""
+    if stage is None or len(specs) == 1 or "/" in stage:
+        return stage
+    return tuple(f"{spec.key}/{stage}" for spec in specs)
 
 
 def build_result(run: Run, spec: BuildSpec, specs: Sequence[BuildSpec]) -> Build:

@@ -348,3 +348,19 @@ def test_signal_mid_build_cancels_cleanly(cli: Cli, sig: signal.Signals) -> None
     assert not _container_pids(marker)
     with open("/proc/self/mountinfo") as f:
         assert str(cli.state) not in f.read()
+
+
+def test_stop_after_stops_every_build_of_a_run(cli: Cli) -> None:
+    reqs = [cli.write(cli.request(f"echo {w} > /nix/store/out")) for w in ("first", "second")]
+    before = set(cli.runs())
+    cli.run("build", "--stop-after", "bundle", *map(str, reqs))
+    (run_id,) = set(cli.runs()) - before
+    keys = [f"{run_id}.0", f"{run_id}.1"]
+    for key in keys:
+        assert (cli.state / "bundles" / key / "config.json").exists(), key
+    proc = cli.run("resume", run_id, "--json")
+    outs = [_blob(cli, _parse_build(line).outputs[0].file.digest)
+            for line in proc.stdout.splitlines()]
+    assert outs == [b"first\n", b"second\n"]
+    for key in keys:
+        assert not (cli.state / "bundles" / key).exists(), key

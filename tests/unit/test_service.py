@@ -217,3 +217,15 @@ async def test_cleanup_takes_dead_instances_and_spares_live_ones(tmp_path: Path)
 
 async def test_cleanup_of_a_state_dir_without_instances(tmp_path: Path) -> None:
     assert await cleanup_dead_instances(tmp_path) == []
+
+
+def test_stop_points_of_several_builds() -> None:
+    from stages.service import _full_stage, _stop_points
+
+    one = [BuildSpec(request=_request(), key="r")]
+    two = [BuildSpec(request=_request(), key="r.0"), BuildSpec(request=_request(), key="r.1")]
+    assert _stop_points(one, "bundle") == "bundle"
+    assert _stop_points(two, "bundle") == ("r.0/bundle", "r.1/bundle")
+    assert _stop_points(two, "r.0/run") == "r.0/run"
+    assert _stop_points(two, None) is None
+    assert _full_stage(two, "run") == "r.1/run"  # from_stage: the pipeline takes one name
