@@ -246,6 +246,12 @@ class _Committer:
         self.queue.put((pack, pos, rows))
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.store._drop_thread_conn()
+
+    def _loop(self) -> None:
         done = False
         while not done:
             items = [self.queue.get()]
@@ -342,6 +348,19 @@ class LocalStore:
             with self._lock:
                 self._conns.append(conn)
         return conn
+
+    def _drop_thread_conn(self) -> None:
+        """Close this thread's connection: for threads that end (bulk-import
+        workers, the committer), whose connections would otherwise stay
+        open until the store closes."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        conn.close()
 
     @contextlib.contextmanager
     def _write_txn(self) -> Iterator[sqlite3.Connection]:
@@ -590,6 +609,9 @@ class LocalStore:
             except BaseException:
                 stop.set()
                 raise
+            finally:
+                if workers > 1:  # a pool thread of this call only
+                    self._drop_thread_conn()
 
         errors: list[BaseException | None] = []
         try:

@@ -656,10 +656,6 @@ async def test_every_config_json_matches_the_oci_schema(env: Env) -> None:
     assert any(r.status is RunStatus.FINISHED for r in map(load_run, env.svc.runs_dir.iterdir()))
 
 
-@pytest.mark.xfail(reason="stages/castore/local.py opens a SQLite connection in each short-lived "
-                          "thread (the committer of every put_files) and closes it only when "
-                          "the store closes: about 3 fds per ingest; reported to the lead",
-                   strict=False)
 async def test_store_fds_stay_bounded(env: Env) -> None:
     import collections
 
