@@ -19,8 +19,18 @@ Caveats:
 - Each blob is verified (hashed) once per server lifetime, the first time a
   file with it is opened; a corrupt or missing blob makes open() fail with
   EIO and logs a line naming the digest. Later reads are plain preads.
+- While verifying, the hashed chunks are also stored into the kernel's page
+  cache of the inode being opened (``pyfuse3.notify_store``), so the reads
+  that follow the first open are page-cache hits instead of requests. Nobody
+  can read those pages before the verdict (every open of the inode waits for
+  it, and none was open before); on a bad verdict they are invalidated
+  before open() fails. Only the opening inode is filled, once per blob.
 - Reads run on the trio thread: a cold read from disk briefly holds up other
   requests. Verification runs in a worker thread so it does not.
+- read() answers from ONE reused buffer (no allocation per request). That is
+  safe only because pyfuse3 copies the returned bytes to the kernel right
+  after read() returns, with no await in between, and read() itself never
+  awaits; keep it that way.
 - Write operations are refused with EROFS (the mount is also ``ro``).
 """
 
@@ -51,6 +61,9 @@ __all__ = ["CastoreFS"]
 log = logging.getLogger("ocibuild.castore.fuse")
 
 EMPTY_BLOB_DIGEST = blob_digest(b"")
+# The largest read the kernel sends here (FUSE max_pages 256 x 4 KiB); the
+# reused read buffer starts at this size and grows if a bigger one comes.
+READ_BUFFER = 1 << 20
 # Immutable content: let the kernel cache it for a long time.
 STABLE_TIMEOUT = 86400.0
 BLKSIZE = 1 << 17
@@ -88,6 +101,10 @@ class CastoreFS(pyfuse3.Operations):
         self._open: dict[int, tuple[bytes, int]] = {}
         # digest -> True (verified), an Event (being verified) or an error text.
         self._verified: dict[bytes, Union[bool, trio.Event, str]] = {}
+        self._read_into = getattr(reader, "read_blob_into", None)
+        self._buffer = memoryview(bytearray(READ_BUFFER if self._read_into else 0))
+        # Fill the kernel's page cache while verifying (off after one refusal).
+        self.fill_on_verify = True
 
     # --- editing the namespace (called by the server, not the kernel) -------
 
@@ -258,11 +275,11 @@ class CastoreFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if not isinstance(entry, SymlinkNode)
                                     else errno.ELOOP)
         if entry.size:
-            await self._verify(entry)
+            await self._verify(entry, inode)
         self._open[inode] = (entry.digest, entry.size)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def _verify(self, node: FileNode) -> None:
+    async def _verify(self, node: FileNode, inode: int) -> None:
         digest = node.digest
         state = self._verified.get(digest)
         while isinstance(state, trio.Event):
@@ -276,7 +293,8 @@ class CastoreFS(pyfuse3.Operations):
         done = trio.Event()
         self._verified[digest] = done
         try:
-            problem = await trio.to_thread.run_sync(self._check_blob, digest, node.size)
+            problem = await trio.to_thread.run_sync(self._check_blob, digest, node.size,
+                                                    inode)
         finally:
             done.set()
         if problem is None:
@@ -286,27 +304,69 @@ class CastoreFS(pyfuse3.Operations):
         log.error("blob %s (file %r): %s", digest.hex(), node.name, problem)
         raise pyfuse3.FUSEError(errno.EIO)
 
-    def _check_blob(self, digest: bytes, size: int) -> str | None:
-        """Why the blob cannot be served, or None when it is intact."""
+    def _check_blob(self, digest: bytes, size: int, inode: int) -> str | None:
+        """Why the blob cannot be served, or None when it is intact.
+
+        Runs in a worker thread. With ``fill_on_verify`` the hashed chunks go
+        into the kernel's page cache of ``inode`` as they are hashed; they are
+        invalidated again when the verdict is bad.
+        """
+        filled = failed = False
+
+        def fill(offset: int, chunk: memoryview) -> None:
+            nonlocal filled, failed
+            if failed:
+                return
+            try:
+                pyfuse3.notify_store(inode, offset, chunk)
+                filled = True
+            except OSError as exc:
+                # Not fatal: the rest is read through requests. ENOSYS (an old
+                # kernel) will not change, so stop trying for this server.
+                failed = True
+                if exc.errno == errno.ENOSYS:
+                    self.fill_on_verify = False
+                log.warning("cannot fill the page cache of inode %d: %s", inode, exc)
+
+        problem = None
         try:
             have = self.reader.blob_size(digest)
             if have is None:
                 return "is not in the store"
             if have != size:
                 return f"has {have} bytes in the store, the file node says {size}"
-            self.reader.verify_blob(digest)
+            if self.fill_on_verify:
+                self.reader.verify_blob(digest, on_chunk=fill)
+            else:
+                self.reader.verify_blob(digest)
         except CorruptionError as exc:
-            return f"is corrupt in the store: {exc}"
+            problem = f"is corrupt in the store: {exc}"
         except Exception as exc:  # noqa: BLE001 - reported to the log and as EIO
-            return f"cannot be read from the store: {exc}"
-        return None
+            problem = f"cannot be read from the store: {exc}"
+        if problem is not None and filled:
+            self._drop_pages(inode)
+        return problem
+
+    def _drop_pages(self, inode: int) -> None:
+        """Forget what the kernel caches of ``inode`` (unverified pages)."""
+        try:
+            pyfuse3.invalidate_inode(inode)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+                log.error("cannot drop unverified pages of inode %d: %s", inode, exc)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         digest, length = self._open[fh]
         if off >= length:
             return b""
+        size = min(size, length - off)
         try:
-            return self.reader.read_blob_at(digest, off, min(size, length - off))
+            if self._read_into is None:
+                return self.reader.read_blob_at(digest, off, size)
+            if size > len(self._buffer):
+                self._buffer = memoryview(bytearray(size))
+            view = self._buffer[:size]
+            return view[:self._read_into(digest, off, view)]
         except Exception as exc:  # noqa: BLE001
             log.error("blob %s: read at %d failed: %s", digest.hex(), off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc

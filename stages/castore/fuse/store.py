@@ -10,8 +10,9 @@ Caveats:
 - ``memory://`` stores live inside one process and cannot be shared with the
   mount server; they are refused with a clear error.
 - Remote stores (``grpc+...``) are not served yet; they are refused too.
-- ``read_blob_at`` is unverified; the FUSE layer calls ``verify_blob`` once
-  per blob per server lifetime before serving its bytes.
+- ``read_blob_at`` and ``read_blob_into`` are unverified; the FUSE layer
+  calls ``verify_blob`` once per blob per server lifetime before serving its
+  bytes (``on_chunk`` lets it see the bytes as they are hashed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 from stages.castore.addresses import default_address
 from stages.castore.errors import StoreError
@@ -36,7 +37,11 @@ class StoreReader(Protocol):
 
     def read_blob_at(self, digest: bytes, offset: int, n: int) -> bytes: ...
 
-    def verify_blob(self, digest: bytes) -> None: ...
+    def read_blob_into(self, digest: bytes, offset: int,
+                       buffer: bytearray | memoryview) -> int: ...
+
+    def verify_blob(self, digest: bytes,
+                    on_chunk: Callable[[int, memoryview], None] | None = None) -> None: ...
 
     def get_directory(self, digest: bytes) -> Directory | None: ...
 
@@ -74,6 +79,7 @@ class _SplitReader:
         self._dirs = directories
         self.blob_size = blobs.blob_size
         self.read_blob_at = blobs.read_blob_at
+        self.read_blob_into = blobs.read_blob_into
         self.verify_blob = blobs.verify_blob
         self.get_directory = directories.get_directory
 
