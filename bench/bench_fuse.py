@@ -3,13 +3,22 @@
 Measures, in one run, over a fresh local store in a temp directory:
 
 - sequential read (1 MiB buffers) of a SIZE file natively from the page cache;
-- the same bytes through the mount: first open (includes the once-per-server
-  BLAKE3 verification), cold (page cache of the FUSE file dropped with
-  fadvise DONTNEED, store pack warm), and warm (served from the page cache
-  thanks to keep_cache);
-- peak RSS of the mount server above its idle size while reading a 1 GiB file;
+- the same bytes through the mount: first open (the once-per-server BLAKE3
+  verification, which also fills the FUSE file's page cache; reported as
+  open() time, the read after it, and both together), cold (page cache of the
+  FUSE file dropped with fadvise DONTNEED, store pack warm: every byte comes
+  through a read request), and warm (served from the page cache thanks to
+  keep_cache);
+- for the cold read, CPU seconds per GiB spent by the reader thread and by
+  the mount server (utime+stime from /proc), to tell which side bounds it;
+- peak RSS of the mount server (VmHWM, so over all reads above, including
+  file pages mapped while serving) above its size before the first read;
 - start-up of a mount server (what a process per build would pay) against
   an add() round trip on a running one.
+
+The machine's load average is printed at start and end: on the shared 2-core
+machine other work moves every number, so compare ratios to native taken in
+the same run.
 
 Usage: python -m bench.bench_fuse [--size-mib 512] [--rss-mib 1024] [--dir DIR]
 """
@@ -48,12 +57,40 @@ def _write_blob(store, path: Path, size: int) -> FileNode:
 
 def _read(path: Path) -> float:
     """Seconds to read path sequentially with 1 MiB buffers."""
+    return _read_cpu(path)[0]
+
+
+def _read_cpu(path: Path) -> tuple[float, float]:
+    """Seconds to read path sequentially with 1 MiB buffers, and this thread's CPU."""
     buf = bytearray(CHUNK)
+    cpu = time.thread_time()
     start = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.thread_time() - cpu
+
+
+def _open_then_read(path: Path) -> tuple[float, float]:
+    """Seconds spent in open() and in reading after it."""
+    buf = bytearray(CHUNK)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    opened = time.perf_counter()
+    try:
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            while f.readinto(buf):
+                pass
+    finally:
+        os.close(fd)
+    return opened - start, time.perf_counter() - opened
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _drop(path: Path) -> None:
@@ -80,7 +117,7 @@ async def run(size: int, rss_size: int, work: Path) -> dict:
     huge = _write_blob(store, work / "huge", rss_size)
     store.close()
     os.unlink(work / "huge")
-    result: dict = {"size_mib": size >> 20}
+    result: dict = {"size_mib": size >> 20, "loadavg_start": os.getloadavg()[0]}
 
     _read(work / "big")
     native = min(_read(work / "big") for _ in range(3))
@@ -99,21 +136,31 @@ async def run(size: int, rss_size: int, work: Path) -> dict:
         result["add_roundtrip_ms"] = statistics.median(rounds) * 1e3
         top = await server.add("bench", [big, huge])
         path = top / "big"
-        first = await asyncio.to_thread(_read, path)
-        result["fuse_first_open_gbps"] = size / first / 1e9
-        colds = []
+        idle = _rss_kib(server.pid, "VmRSS")
+        open_s, read_s = await asyncio.to_thread(_open_then_read, path)
+        result["fuse_first_open_ms"] = open_s * 1e3
+        result["fuse_first_read_after_open_gbps"] = size / read_s / 1e9
+        result["fuse_first_open_gbps"] = size / (open_s + read_s) / 1e9
+        colds, reader_cpu, server_cpu = [], [], []
         for _ in range(3):
             _drop(path)
-            colds.append(await asyncio.to_thread(_read, path))
+            before = _cpu_s(server.pid)
+            seconds, cpu = await asyncio.to_thread(_read_cpu, path)
+            server_cpu.append(_cpu_s(server.pid) - before)
+            colds.append(seconds)
+            reader_cpu.append(cpu)
         result["fuse_cold_gbps"] = size / statistics.median(colds) / 1e9
+        gib = size / (1 << 30)
+        result["cold_reader_cpu_s_per_gib"] = statistics.median(reader_cpu) / gib
+        result["cold_server_cpu_s_per_gib"] = statistics.median(server_cpu) / gib
         warm = min([await asyncio.to_thread(_read, path) for _ in range(3)])
         result["fuse_warm_gbps"] = size / warm / 1e9
 
-        idle = _rss_kib(server.pid, "VmRSS")
         await asyncio.to_thread(_read, top / "huge")
         peak = _rss_kib(server.pid, "VmHWM")
         result["server_idle_rss_mib"] = idle / 1024
         result["server_peak_above_idle_mib"] = (peak - idle) / 1024
+    result["loadavg_end"] = os.getloadavg()[0]
     result["cold_over_native"] = result["fuse_cold_gbps"] / result["native_gbps"]
     result["warm_over_native"] = result["fuse_warm_gbps"] / result["native_gbps"]
     return result

@@ -34,7 +34,9 @@ reclaimed. Bytes of a duplicate lost in an ``INSERT OR IGNORE`` race between
 processes stay as dead bytes inside a pack (harmless; a future compaction
 could reclaim them; none exists yet).
 
-Reads. ``read_blob_at`` is positional and unverified (FUSE serves ranges);
+Reads. ``read_blob_at`` is positional and unverified (FUSE serves ranges;
+``read_blob_into`` fills a caller's buffer, ``map_blob`` hands out a
+zero-copy view of the mapped pack for the kernel to copy from);
 sequential readers (:class:`LocalBlobService` readers) hash as they go and
 raise :class:`CorruptionError` naming the blob instead of returning the last
 chunk when the bytes no longer match; ``verify_blob`` hashes a blob whole;
@@ -73,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import mmap
 import os
 import queue
 import sqlite3
@@ -283,6 +286,39 @@ class _Committer:
             raise self.error
 
 
+class BlobMap:
+    """A committed blob's bytes in a read-only shared mapping of its pack.
+
+    Zero-copy and NOT verified. Meant to be handed to the kernel (a FUSE
+    reply, a write): the kernel copies straight from the pack's page cache,
+    and a pack truncated under the mapping then makes that syscall fail with
+    EFAULT. Touching ``view``'s bytes from Python instead would raise SIGBUS
+    in that case, so don't. Pages the kernel touched through the mapping
+    count in the process's RSS (shared file pages) until :meth:`forget`.
+    """
+
+    __slots__ = ("_map", "_start", "size", "view")
+
+    def __init__(self, mapping: mmap.mmap, start: int, size: int) -> None:
+        self._map = mapping
+        self._start = start
+        self.size = size
+        self.view = memoryview(mapping)[start:start + size]
+
+    def intact(self) -> bool:
+        """Whether the pack still holds all of the blob (one fstat)."""
+        return self.size == 0 or self._map.size() >= self._start + self.size
+
+    def forget(self, lo: int, hi: int) -> None:
+        """Unmap the blob's pages in [lo, hi) from this process (MADV_DONTNEED;
+        the page cache keeps them): keeps RSS flat while serving big files."""
+        page = mmap.PAGESIZE
+        first = (self._start + max(lo, 0)) // page * page
+        last = self._start + min(hi, self.size)
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 class LocalStore:
     """The synchronous core of the local store. Thread-safe.
 
@@ -310,6 +346,7 @@ class LocalStore:
         self._lock = threading.Lock()
         self._idle_packs: list[_Pack] = []
         self._read_fds: dict[int, int] = {}
+        self._maps: dict[int, mmap.mmap] = {}
         self._locations: dict[bytes, tuple[int, int, int]] = {}
         self._closed = False
         try:
@@ -520,6 +557,40 @@ class LocalStore:
                                                   f"shorter than the index says)")
         return n
 
+    def map_blob(self, digest: bytes) -> BlobMap:
+        """The blob as a zero-copy :class:`BlobMap` of its pack; NOT verified.
+
+        One mapping per pack is shared by all blobs in it (mapped again,
+        larger, when a blob lies past its end). A pack shorter than the index
+        says is CorruptionError here, before anything is mapped.
+        """
+        loc = self._locate(digest)
+        if loc is None:
+            raise NotFoundError("blob", digest)
+        pack_id, start, length = loc
+        end = start + length
+        with self._lock:
+            mapping = self._maps.get(pack_id)
+        if mapping is None or len(mapping) < end:
+            fd = self._read_fd(pack_id)
+            have = os.fstat(fd).st_size
+            if have < end:
+                raise CorruptionError("blob", digest, f"{self._pack_path(pack_id)} (pack is "
+                                                      f"shorter than the index says)")
+            if have == 0:  # an empty blob in an empty pack: nothing to map
+                return BlobMap(mmap.mmap(-1, 1), 0, 0)
+            try:
+                mapping = mmap.mmap(fd, have, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            except OSError as exc:
+                raise StoreError(self._address, f"cannot map pack "
+                                                f"{self._pack_path(pack_id)}: {exc}") from exc
+            with self._lock:
+                # Older mappings stay alive as long as views of them do.
+                current = self._maps.get(pack_id)
+                if current is None or len(current) < len(mapping):
+                    self._maps[pack_id] = mapping
+        return BlobMap(mapping, start, length)
+
     def iter_blob(self, digest: bytes, chunk: int = STREAM_CHUNK) -> Iterator[bytes]:
         """The blob's bytes in chunks, verified: the last chunk is only yielded
         after the whole blob hashed right (else CorruptionError)."""
@@ -678,6 +749,7 @@ class LocalStore:
             self._closed = True
             packs, self._idle_packs = self._idle_packs, []
             fds, self._read_fds = self._read_fds, {}
+            maps, self._maps = self._maps, {}
             conns, self._conns = self._conns, []
         self._local = threading.local()
         for conn in conns:
@@ -688,6 +760,10 @@ class LocalStore:
         for fd in fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
+        for mapping in maps.values():
+            # A BlobMap still in use keeps its mapping; it goes with the last view.
+            with contextlib.suppress(BufferError):
+                mapping.close()
         with _STORES_LOCK:
             for key, store in list(_STORES.items()):
                 if store is self:

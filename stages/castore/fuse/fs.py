@@ -27,10 +27,17 @@ Caveats:
   before open() fails. Only the opening inode is filled, once per blob.
 - Reads run on the trio thread: a cold read from disk briefly holds up other
   requests. Verification runs in a worker thread so it does not.
-- read() answers from ONE reused buffer (no allocation per request). That is
-  safe only because pyfuse3 copies the returned bytes to the kernel right
-  after read() returns, with no await in between, and read() itself never
-  awaits; keep it that way.
+- read() answers with a slice of the blob's read-only mapping of its pack
+  (``LocalStore.map_blob``): the kernel copies the reply straight from the
+  pack's page cache, no copy in Python. pyfuse3 hands the slice to the
+  kernel right after read() returns. A pack found shorter than the blob (a
+  cheap fstat per read) is EIO; if it were truncated in the microseconds
+  between that check and the reply, the reply fails with EFAULT and that one
+  request is left unanswered, so the reader hangs until the mount goes away
+  (ocibuild never truncates committed pack bytes). Pages the kernel touched
+  through the mapping are unmapped from the server every FORGET_EVERY bytes,
+  so its RSS stays flat. Readers without ``map_blob`` are read with
+  ``read_blob_at``.
 - Write operations are refused with EROFS (the mount is also ``ro``).
 """
 
@@ -40,6 +47,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from typing import Union
 
 import pyfuse3
@@ -61,9 +69,11 @@ __all__ = ["CastoreFS"]
 log = logging.getLogger("ocibuild.castore.fuse")
 
 EMPTY_BLOB_DIGEST = blob_digest(b"")
-# The largest read the kernel sends here (FUSE max_pages 256 x 4 KiB); the
-# reused read buffer starts at this size and grows if a bigger one comes.
-READ_BUFFER = 1 << 20
+# Served pages of a blob mapping are unmapped from the server (RSS) in steps
+# of this many bytes.
+FORGET_EVERY = 16 << 20
+# Bytes per notify_store while filling the page cache at first open.
+FILL_CHUNK = 4 << 20
 # Immutable content: let the kernel cache it for a long time.
 STABLE_TIMEOUT = 86400.0
 BLKSIZE = 1 << 17
@@ -83,6 +93,45 @@ class Synthetic:
 Entry = Union[Node, Synthetic]
 
 
+class _Filler:
+    """Stores a blob's bytes into the kernel's page cache of one inode.
+
+    Stops at the first refusal (logged once); ENOSYS, an old kernel, turns
+    filling off for the whole server.
+    """
+
+    def __init__(self, fs: CastoreFS, inode: int) -> None:
+        self.fs = fs
+        self.inode = inode
+        self.filled = False
+        self.failed = False
+        self.stop = False
+
+    def store(self, offset: int, chunk: memoryview) -> None:
+        if self.failed or self.stop:
+            return
+        try:
+            pyfuse3.notify_store(self.inode, offset, chunk)
+            self.filled = True
+        except OSError as exc:
+            # Not fatal: the rest is read through requests.
+            self.failed = True
+            if exc.errno == errno.ENOSYS:
+                self.fs.fill_on_verify = False
+            log.warning("cannot fill the page cache of inode %d: %s", self.inode, exc)
+
+    def fill_from(self, mapping: object) -> None:
+        """Store the whole mapped blob; the kernel copies from the pack's pages."""
+        for offset in range(0, mapping.size, FILL_CHUNK):
+            if self.failed or self.stop:
+                return
+            end = min(offset + FILL_CHUNK, mapping.size)
+            if not mapping.intact():
+                return  # the verdict will say why
+            self.store(offset, mapping.view[offset:end])
+            mapping.forget(offset, end)
+
+
 class CastoreFS(pyfuse3.Operations):
     """pyfuse3 operations serving castore nodes read-only from a StoreReader."""
 
@@ -98,11 +147,13 @@ class CastoreFS(pyfuse3.Operations):
         self._child_ino: dict[tuple[int, bytes], int] = {}
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._dirs: dict[bytes, tuple[Directory, dict[bytes, Node]]] = {}
-        self._open: dict[int, tuple[bytes, int]] = {}
+        # inode -> (digest, size, mapping of the blob or None)
+        self._open: dict[int, tuple[bytes, int, object]] = {}
         # digest -> True (verified), an Event (being verified) or an error text.
         self._verified: dict[bytes, Union[bool, trio.Event, str]] = {}
-        self._read_into = getattr(reader, "read_blob_into", None)
-        self._buffer = memoryview(bytearray(READ_BUFFER if self._read_into else 0))
+        self._map_blob = getattr(reader, "map_blob", None)
+        # The mapping last served from and its served range not yet forgotten.
+        self._served: tuple[object, int, int] | None = None
         # Fill the kernel's page cache while verifying (off after one refusal).
         self.fill_on_verify = True
 
@@ -274,9 +325,17 @@ class CastoreFS(pyfuse3.Operations):
         if not isinstance(entry, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR if not isinstance(entry, SymlinkNode)
                                     else errno.ELOOP)
+        mapping = None
         if entry.size:
             await self._verify(entry, inode)
-        self._open[inode] = (entry.digest, entry.size)
+            if self._map_blob is not None:
+                try:
+                    mapping = self._map_blob(entry.digest)
+                except Exception as exc:  # noqa: BLE001 - the kernel only gets EIO
+                    log.error("blob %s (file %r) cannot be mapped: %s",
+                              entry.digest.hex(), entry.name, exc)
+                    raise pyfuse3.FUSEError(errno.EIO) from exc
+        self._open[inode] = (entry.digest, entry.size, mapping)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def _verify(self, node: FileNode, inode: int) -> None:
@@ -307,43 +366,42 @@ class CastoreFS(pyfuse3.Operations):
     def _check_blob(self, digest: bytes, size: int, inode: int) -> str | None:
         """Why the blob cannot be served, or None when it is intact.
 
-        Runs in a worker thread. With ``fill_on_verify`` the hashed chunks go
-        into the kernel's page cache of ``inode`` as they are hashed; they are
+        Runs in a worker thread. With ``fill_on_verify`` the blob's bytes also
+        go into the kernel's page cache of ``inode``: from the blob's mapping
+        in a second thread while this one hashes (so open() costs about the
+        longer of the two, not their sum), or, for readers without
+        ``map_blob``, chunk by chunk as they are hashed. The pages are
         invalidated again when the verdict is bad.
         """
-        filled = failed = False
-
-        def fill(offset: int, chunk: memoryview) -> None:
-            nonlocal filled, failed
-            if failed:
-                return
-            try:
-                pyfuse3.notify_store(inode, offset, chunk)
-                filled = True
-            except OSError as exc:
-                # Not fatal: the rest is read through requests. ENOSYS (an old
-                # kernel) will not change, so stop trying for this server.
-                failed = True
-                if exc.errno == errno.ENOSYS:
-                    self.fill_on_verify = False
-                log.warning("cannot fill the page cache of inode %d: %s", inode, exc)
-
+        filler = _Filler(self, inode)
         problem = None
+        thread = None
         try:
             have = self.reader.blob_size(digest)
             if have is None:
                 return "is not in the store"
             if have != size:
                 return f"has {have} bytes in the store, the file node says {size}"
-            if self.fill_on_verify:
-                self.reader.verify_blob(digest, on_chunk=fill)
-            else:
+            if not self.fill_on_verify:
                 self.reader.verify_blob(digest)
+            elif self._map_blob is not None:
+                thread = threading.Thread(target=filler.fill_from,
+                                          args=(self._map_blob(digest),),
+                                          name=f"fill-{inode}", daemon=True)
+                thread.start()
+                self.reader.verify_blob(digest)
+            else:
+                self.reader.verify_blob(digest, on_chunk=filler.store)
         except CorruptionError as exc:
             problem = f"is corrupt in the store: {exc}"
         except Exception as exc:  # noqa: BLE001 - reported to the log and as EIO
             problem = f"cannot be read from the store: {exc}"
-        if problem is not None and filled:
+        finally:
+            if thread is not None:
+                if problem is not None:
+                    filler.stop = True
+                thread.join()
+        if problem is not None and filler.filled:
             self._drop_pages(inode)
         return problem
 
@@ -355,21 +413,36 @@ class CastoreFS(pyfuse3.Operations):
             if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
                 log.error("cannot drop unverified pages of inode %d: %s", inode, exc)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        digest, length = self._open[fh]
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        digest, length, mapping = self._open[fh]
         if off >= length:
             return b""
-        size = min(size, length - off)
+        end = min(off + size, length)
         try:
-            if self._read_into is None:
-                return self.reader.read_blob_at(digest, off, size)
-            if size > len(self._buffer):
-                self._buffer = memoryview(bytearray(size))
-            view = self._buffer[:size]
-            return view[:self._read_into(digest, off, view)]
+            if mapping is None:
+                return self.reader.read_blob_at(digest, off, end - off)
+            if not mapping.intact():
+                raise CorruptionError("blob", digest, "its pack is now shorter than the blob")
+            self._note_served(mapping, off, end)
+            return mapping.view[off:end]
         except Exception as exc:  # noqa: BLE001
             log.error("blob %s: read at %d failed: %s", digest.hex(), off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    def _note_served(self, mapping: object, lo: int, hi: int) -> None:
+        """Unmap pages served earlier from this process, in FORGET_EVERY steps.
+
+        Only ranges of earlier requests are forgotten (the kernel has copied
+        them); this request's range is kept until a later one.
+        """
+        served = self._served
+        if served is not None:
+            past, a, b = served
+            if past is mapping and lo <= b and hi >= a and b - a < FORGET_EVERY:
+                self._served = (mapping, min(lo, a), max(hi, b))
+                return
+            past.forget(a, b)
+        self._served = (mapping, lo, hi)
 
     async def release(self, fh: int) -> None:
         pass

@@ -15,6 +15,7 @@ Caveats:
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import subprocess
@@ -104,6 +105,8 @@ def lazy_unmount(path: Path) -> None:
     if libc.umount2(os.fsencode(path), MNT_DETACH) == 0:
         return
     err = ctypes.get_errno()
+    if err == errno.EINVAL and find_mount(path) is None:
+        return  # already gone: fusermount3's auto_unmount raced us to it
     tool = shutil.which("fusermount3")
     if tool is not None:
         done = subprocess.run([tool, "-u", "-z", "--", str(path)], capture_output=True)

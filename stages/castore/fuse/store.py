@@ -10,7 +10,7 @@ Caveats:
 - ``memory://`` stores live inside one process and cannot be shared with the
   mount server; they are refused with a clear error.
 - Remote stores (``grpc+...``) are not served yet; they are refused too.
-- ``read_blob_at`` and ``read_blob_into`` are unverified; the FUSE layer
+- ``read_blob_at``, ``read_blob_into`` and ``map_blob`` are unverified; the FUSE layer
   calls ``verify_blob`` once per blob per server lifetime before serving its
   bytes (``on_chunk`` lets it see the bytes as they are hashed).
 """
@@ -20,11 +20,14 @@ from __future__ import annotations
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 from stages.castore.addresses import default_address
 from stages.castore.errors import StoreError
 from stages.castore.nodes import Directory
+
+if TYPE_CHECKING:
+    from stages.castore.local import BlobMap
 
 __all__ = ["StoreReader", "check_address", "open_reader", "resolve_addresses"]
 
@@ -39,6 +42,8 @@ class StoreReader(Protocol):
 
     def read_blob_into(self, digest: bytes, offset: int,
                        buffer: bytearray | memoryview) -> int: ...
+
+    def map_blob(self, digest: bytes) -> BlobMap: ...
 
     def verify_blob(self, digest: bytes,
                     on_chunk: Callable[[int, memoryview], None] | None = None) -> None: ...
@@ -80,6 +85,7 @@ class _SplitReader:
         self.blob_size = blobs.blob_size
         self.read_blob_at = blobs.read_blob_at
         self.read_blob_into = blobs.read_blob_into
+        self.map_blob = blobs.map_blob
         self.verify_blob = blobs.verify_blob
         self.get_directory = directories.get_directory
 

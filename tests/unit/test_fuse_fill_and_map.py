@@ -1,4 +1,4 @@
-"""CastoreFS's read path without a mount: the reused read buffer, and the
+"""CastoreFS's read path without a mount: replies sliced from the blob's mapping, and the
 page-cache fill done while verifying (the kernel side, pyfuse3.notify_store and
 invalidate_inode, is replaced by recorders; the store is a real LocalStore).
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from pathlib import Path
 
 import pytest
 import pyfuse3
 
 from stages.castore import local
+from stages.castore.fuse import fs as fsmod
 from stages.castore.fuse.fs import CastoreFS
 from stages.castore.local import LocalStore
 from stages.castore.nodes import FileNode
@@ -41,11 +43,13 @@ class Kernel:
         self.stored: list[tuple[int, int, bytes]] = []
         self.invalidated: list[int] = []
         self.refuse: int | None = None
+        self.first_store = threading.Event()
 
     def notify_store(self, inode: int, offset: int, data) -> None:
         if self.refuse is not None:
             raise OSError(self.refuse, "refused by the test")
         self.stored.append((inode, offset, bytes(data)))
+        self.first_store.set()
 
     def invalidate_inode(self, inode: int, attr_only: bool = False) -> None:
         self.invalidated.append(inode)
@@ -84,15 +88,58 @@ def test_verify_fills_every_byte_of_the_opening_inode(store, kernel, size) -> No
     assert kernel.invalidated == []
 
 
+class VerifyAfterFirstStore:
+    """The store, but verification waits until the filler stored something,
+    so the bad verdict deterministically comes after pages were filled."""
+
+    def __init__(self, store: LocalStore, kernel: Kernel) -> None:
+        self._store = store
+        self._kernel = kernel
+        self.blob_size = store.blob_size
+        self.map_blob = store.map_blob
+        self.get_directory = store.get_directory
+
+    def verify_blob(self, digest, on_chunk=None):
+        assert self._kernel.first_store.wait(10), "the filler stored nothing"
+        return self._store.verify_blob(digest, on_chunk=on_chunk)
+
+
 @pytest.mark.parametrize("size", [100, local.STREAM_CHUNK * 2 + 5], ids=["small", "multi-chunk"])
 def test_bad_verdict_invalidates_what_was_filled(store, kernel, size) -> None:
     digest = store.put_blob(pattern(size, seed=9))
     corrupt_tail(store, digest, size)
-    fs = CastoreFS(store)
+    fs = CastoreFS(VerifyAfterFirstStore(store, kernel))
     problem = fs._check_blob(digest, size, INODE)
     assert problem is not None and "corrupt" in problem and digest.hex() in problem
-    assert kernel.stored, "chunks were offered before the verdict"
+    assert kernel.stored, "pages were filled before the verdict"
     assert kernel.invalidated == [INODE]
+
+
+def test_bad_verdict_before_any_fill_invalidates_nothing(store, kernel) -> None:
+    digest = store.put_blob(pattern(100, seed=10))
+    corrupt_tail(store, digest, 100)
+    fs = CastoreFS(store)
+    fs._check_blob(digest, 100, INODE)
+    assert kernel.invalidated == ([INODE] if kernel.stored else [])
+
+
+def test_readers_without_map_blob_fill_chunk_by_chunk_while_hashing(store, kernel) -> None:
+    size = local.STREAM_CHUNK * 2 + 11
+    data = pattern(size, seed=12)
+    digest = store.put_blob(data)
+
+    class NoMap:
+        blob_size = store.blob_size
+        verify_blob = store.verify_blob
+        read_blob_at = store.read_blob_at
+
+    fs = CastoreFS(NoMap())
+    assert fs._check_blob(digest, size, INODE) is None
+    assert b"".join(chunk for _, _, chunk in kernel.stored) == data
+    corrupt_tail(store, digest, size)
+    other = CastoreFS(NoMap())
+    assert "corrupt" in other._check_blob(digest, size, INODE + 1)
+    assert kernel.invalidated == [INODE + 1]
 
 
 def test_missing_or_wrong_size_blob_fills_nothing(store, kernel) -> None:
@@ -132,21 +179,64 @@ def test_other_refusal_stops_filling_this_blob_only(store, kernel, caplog) -> No
 
 @pytest.mark.parametrize("off,size", [
     (0, 4096), (123, 1 << 20), ((3 << 20) - 10, 4096), (3 << 20, 4096), ((1 << 20) + 1, 2 << 20),
-], ids=["head", "unaligned-1MiB", "tail-short", "past-end", "bigger-than-buffer"])
-async def test_read_answers_from_the_reused_buffer(store, off, size) -> None:
+], ids=["head", "unaligned-1MiB", "tail-short", "past-end", "bigger-than-1MiB"])
+async def test_read_answers_from_the_mapping(store, off, size) -> None:
     data = pattern(3 << 20, seed=4)
     digest = store.put_blob(data)
     fs = CastoreFS(store)
-    fs._open[INODE] = (digest, len(data))
-    got = bytes(await fs.read(INODE, off, size))
-    assert got == data[off:off + size]
-    # A second read into the same buffer does not change what the first returned
-    # once copied (pyfuse3 copies at once), and answers its own range.
-    again = bytes(await fs.read(INODE, 7, 100))
-    assert again == data[7:107]
+    fs._open[INODE] = (digest, len(data), store.map_blob(digest))
+    assert bytes(await fs.read(INODE, off, size)) == data[off:off + size]
+    assert bytes(await fs.read(INODE, 7, 100)) == data[7:107]
 
 
-async def test_read_without_read_blob_into_falls_back_to_read_blob_at(store) -> None:
+async def test_read_of_a_truncated_pack_is_eio(store) -> None:
+    data = pattern(1 << 20, seed=8)
+    digest = store.put_blob(data)
+    fs = CastoreFS(store)
+    fs._open[INODE] = (digest, len(data), store.map_blob(digest))
+    pack_id, start, _ = store._locate(digest)
+    with open(store._pack_path(pack_id), "r+b") as f:
+        f.truncate(start + 1000)
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.read(INODE, 0, 4096)
+    assert info.value.errno == errno.EIO
+
+
+class RecordingMap:
+    """A BlobMap stand-in that records which ranges were forgotten."""
+
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(bytes(size))
+        self.forgotten: list[tuple[int, int]] = []
+
+    def intact(self) -> bool:
+        return True
+
+    def forget(self, lo: int, hi: int) -> None:
+        self.forgotten.append((lo, hi))
+
+
+async def test_served_pages_are_forgotten_in_steps_never_the_current_request() -> None:
+    fs = CastoreFS(object())  # no store access on this path
+    one, two = RecordingMap(64 << 20), RecordingMap(8 << 20)
+    fs._open[1] = (b"a" * 32, 64 << 20, one)
+    fs._open[2] = (b"b" * 32, 8 << 20, two)
+    step = 1 << 20
+    for off in range(0, 40 << 20, step):
+        await fs.read(1, off, step)
+        for lo, hi in one.forgotten:
+            assert hi <= off, "the request being answered was forgotten"
+    # 40 MiB served: the first 2 x FORGET_EVERY forgotten, contiguously, in order.
+    assert one.forgotten[0][0] == 0
+    assert all(a[1] == b[0] for a, b in zip(one.forgotten, one.forgotten[1:]))
+    assert one.forgotten[-1][1] == 2 * fsmod.FORGET_EVERY
+    # Switching to another blob forgets what was pending on the first.
+    await fs.read(2, 0, step)
+    assert one.forgotten[-1][1] == 40 << 20
+    assert two.forgotten == []
+
+
+async def test_read_without_map_blob_falls_back_to_read_blob_at(store) -> None:
     data = pattern(10000, seed=6)
     digest = store.put_blob(data)
 
@@ -157,5 +247,5 @@ async def test_read_without_read_blob_into_falls_back_to_read_blob_at(store) -> 
         get_directory = store.get_directory
 
     fs = CastoreFS(OldReader())
-    fs._open[INODE] = (digest, len(data))
+    fs._open[INODE] = (digest, len(data), None)
     assert bytes(await fs.read(INODE, 5000, 8000)) == data[5000:]
