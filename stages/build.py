@@ -33,8 +33,10 @@ Caveats:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -88,6 +90,37 @@ class BuildHost:
     runc_root: Path
     idmap: IdMap
     busybox: Path = Path("/bin/busybox")
+    #: Where discarded bundles wait to be deleted; None deletes them in place.
+    trash_dir: Path | None = None
+    _deleting: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
+
+    async def discard_bundle(self, key: str) -> None:
+        """Remove a build's bundle without making the build wait for the disk.
+
+        The bundle is renamed into the trash at once (nothing of it is left
+        under its name) and deleted by a worker thread; :meth:`drain` waits
+        for those deletions, and a starting service empties the trash a
+        crash left behind. Deleting the tree is slow here (its directories
+        were mount points of a container whose mount namespace is still being
+        torn down), and it would otherwise block the event loop.
+        """
+        from stages.bundle import remove_bundle, trash_bundle
+
+        bundle = self.bundle_dir(key)
+        if self.trash_dir is None:
+            remove_bundle(bundle)
+            return
+        moved = trash_bundle(bundle, self.trash_dir)
+        if moved is None:
+            return
+        task = asyncio.create_task(asyncio.to_thread(shutil.rmtree, moved, True))
+        self._deleting.add(task)
+        task.add_done_callback(self._deleting.discard)
+
+    async def drain(self) -> None:
+        """Wait until every discarded bundle is deleted."""
+        while self._deleting:
+            await asyncio.gather(*list(self._deleting), return_exceptions=True)
 
     def bundle_dir(self, key: str) -> Path:
         return self.bundles_dir / key
@@ -145,7 +178,11 @@ def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
               description="runc run of the bundle"),
         Stage(name="ingest", fn=bind(ingest.stage), deps=["run"],
               description="outputs into castore, reference scan"),
-        Stage(name="teardown", fn=bind(teardown.stage), deps=["ingest"], always=True,
+        # Teardown depends on every stage, not just ingest: on cancellation the
+        # unstarted ones settle at once, and it must still wait for any stage
+        # that is finishing its work (a bundle being written).
+        Stage(name="teardown", fn=bind(teardown.stage), deps=list(STAGE_NAMES[:-1]),
+              always=True,
               description="remove the bundle unless kept"),
     ]
     return Graph(stages=stages, resources=[inputs], version=GRAPH_VERSION,

@@ -34,6 +34,8 @@ Caveats:
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import shutil
@@ -50,6 +52,7 @@ from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_poin
 from stages.validate import is_under, validate_request
 
 __all__ = ["NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "check_traversable", "remove_bundle", "stage",
+           "trash_bundle",
            "write_bundle"]
 
 # Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
@@ -217,6 +220,25 @@ def _mounts_under(path: Path) -> list[str]:
     return found
 
 
+def trash_bundle(bundle_dir: Path | str, trash_dir: Path | str) -> Path | None:
+    """Move a bundle into ``trash_dir`` (same filesystem) for later deletion.
+
+    Returns where it went, or None when there was no bundle. Refuses, like
+    :func:`remove_bundle`, while anything is mounted inside it.
+    """
+    path = Path(bundle_dir).absolute()
+    if not path.exists():
+        return None
+    mounted = _mounts_under(path)
+    if mounted:
+        raise BundleError(path, f"still mounted inside: {', '.join(mounted)}; unmount first")
+    trash = Path(trash_dir)
+    trash.mkdir(parents=True, exist_ok=True)
+    target = trash / f"{path.name}.{uuid.uuid4().hex[:8]}"
+    os.rename(path, target)
+    return target
+
+
 def remove_bundle(bundle_dir: Path | str) -> None:
     """Remove a bundle; refuses while anything is still mounted inside it."""
     path = Path(bundle_dir).absolute()
@@ -234,13 +256,16 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
     A bundle left by an earlier attempt of the same build (resume) is
     replaced.
     """
+    from stages.aio import finish_then_cancel
     from stages.spec import build_spec_options
 
     bundle_dir = host.bundle_dir(build.key)
     host.bundles_dir.mkdir(parents=True, exist_ok=True)
-    remove_bundle(bundle_dir)
+    await host.discard_bundle(build.key)
     opts = build_spec_options(build, host)
-    layout = write_bundle(bundle_dir, build.request, idmap=host.idmap,
-                          input_paths=opts.input_paths, config=ctx.results["spec"],
-                          busybox=opts.busybox)
+    # Many small file-system calls: off the event loop, other builds go on.
+    # A cancelled build waits for the thread, so teardown sees the bundle.
+    layout = await finish_then_cancel(asyncio.to_thread(
+        write_bundle, bundle_dir, build.request, idmap=host.idmap,
+        input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox))
     return {"bundle": str(layout.root)}

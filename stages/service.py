@@ -23,6 +23,7 @@ The state directory::
     instances/<id>/mnt/     its FUSE mountpoint
     instances/<id>/runc/    its runc --root (its containers only)
     bundles/<key>/          bundles; kept ones hold .ocibuild-kept
+    trash/                  discarded bundles, deleted in the background
     runs/<run-id>/          pipeline run directories, with the requests
 
 Crash recovery: a starting service takes every instance whose lock is free
@@ -198,6 +199,7 @@ class OciBuildService(BuildService):
         self.subscribers = list(subscribers)
         self.runs_dir = self.state_dir / "runs"
         self.bundles_dir = self.state_dir / "bundles"
+        self.trash_dir = self.state_dir / "trash"
         self.host: BuildHost | None = None
         self._instance: _Instance | None = None
         self._castore: Castore | None = None
@@ -224,6 +226,8 @@ class OciBuildService(BuildService):
         except BuildError as exc:
             raise ServiceError(str(self.state_dir), str(exc)) from exc
         self.cleaned = await cleanup_dead_instances(self.state_dir)
+        if self.trash_dir.is_dir():  # bundles discarded by services that died
+            await asyncio.to_thread(_empty, self.trash_dir)
         self._instance = _Instance.create(self.state_dir)
         try:
             self._castore = open_castore(self.blob_address, self.directory_address)
@@ -232,7 +236,7 @@ class OciBuildService(BuildService):
                                        directory_address=self.directory_address)
             await self._mounts.__aenter__()
             self.host = BuildHost(castore=self._castore, mounts=self._mounts,
-                                  bundles_dir=self.bundles_dir,
+                                  bundles_dir=self.bundles_dir, trash_dir=self.trash_dir,
                                   runc_root=self._instance.dir / "runc", idmap=load_idmap())
         except BaseException:
             await self.aclose()
@@ -241,6 +245,8 @@ class OciBuildService(BuildService):
 
     async def aclose(self) -> None:
         try:
+            if self.host is not None:
+                await self.host.drain()
             if self._mounts is not None:
                 mounts, self._mounts = self._mounts, None
                 await mounts.__aexit__(None, None, None)
@@ -323,6 +329,11 @@ class OciBuildService(BuildService):
         async with self._slots:
             run, specs = await self.run_builds([request])
         return build_result(run, specs[0], specs)
+
+
+def _empty(directory: Path) -> None:
+    for entry in directory.iterdir():
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def _key(run_dir: Path, i: int, n: int) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stages.bundle import remove_bundle
-
 if TYPE_CHECKING:
     from stages.build import BuildHost, BuildSpec
 
@@ -24,13 +22,12 @@ KEPT_MARKER = ".ocibuild-kept"
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
     bundle = host.bundle_dir(build.key)
-    # ctx.outcomes holds only the direct dependency; a failure anywhere
-    # upstream abandons it, so its state tells whether all went well.
+    # ctx.outcomes holds every other stage of the build.
     ok = all(o.state.ok for o in ctx.outcomes.values())
     keep = build.keep == "always" or (build.keep == "failed" and not ok)
     if keep and bundle.exists():
         (bundle / KEPT_MARKER).write_text(ctx.name + "\n")
         ctx.log(f"kept bundle {bundle}")
         return {"bundle": str(bundle), "kept": True}
-    remove_bundle(bundle)
+    await host.discard_bundle(build.key)
     return {"bundle": str(bundle), "kept": False}

@@ -41,6 +41,7 @@ import signal
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
+from stages.aio import finish_then_cancel
 from stages.errors import RuncError, RuncTimeoutError
 
 __all__ = ["LineCallback", "RuncContainer", "cleanup_stale_containers", "list_containers"]
@@ -60,23 +61,6 @@ async def _runc(runc: str, root: Path, *args: str) -> tuple[int, bytes]:
         stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     return proc.returncode or 0, out
-
-
-async def _finish(coro: Awaitable[Any]) -> Any:
-    """Run teardown to its end even if cancelled meanwhile; then re-raise that."""
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError()
-    return result
 
 
 class RuncContainer:
@@ -101,7 +85,7 @@ class RuncContainer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await _finish(self.destroy())
+        await finish_then_cancel(self.destroy())
 
     @property
     def log_tail(self) -> str:
@@ -129,11 +113,11 @@ class RuncContainer:
                 async with asyncio.timeout(timeout):
                     await self._pump_and_wait(on_line, log)
             except TimeoutError:
-                await _finish(self.destroy())
+                await finish_then_cancel(self.destroy())
                 raise RuncTimeoutError(self.container_id, timeout or 0.0,
                                        log_tail=self.log_tail) from None
             except BaseException:
-                await _finish(self.destroy())
+                await finish_then_cancel(self.destroy())
                 raise
         finally:
             if log is not None:
@@ -211,7 +195,10 @@ class RuncContainer:
                 except ProcessLookupError:
                     pass
                 await proc.wait()
-        if self.state_root.exists():
+        # A foreground `runc run` that ended deletes its container itself;
+        # only a container whose state directory is left needs `runc delete`
+        # (this saves a runc start per build).
+        if (self.state_root / self.container_id).exists():
             code, out = await _runc(self.runc, self.state_root, "delete", "--force",
                                     self.container_id)
             if code != 0 and b"does not exist" not in out and b"not exist" not in out:

@@ -185,13 +185,18 @@ def _runc_ids(root: Path | None = None) -> list[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
 
 
-@pytest.fixture(autouse=True)
-def leak_check(env: Env):
-    """Every test: nothing of its builds survives (keys read from the run dirs)."""
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def leak_check(env: Env):
+    """Every test: nothing of its builds survives (keys read from the run dirs).
+
+    Discarded bundles are deleted in the background (BuildHost.discard_bundle):
+    wait for that first, so their fds are not counted as leaks.
+    """
     runs_before = set(os.listdir(env.svc.runs_dir))
     fds_before = _fds()
     fuse_before = _fuse_mounts(env)
     yield
+    await env.host.drain()
     new_runs = set(os.listdir(env.svc.runs_dir)) - runs_before
     keys = {k for r in new_runs for k in _keys_of(env.svc.runs_dir / r)}
     assert_clean(env, keys, fds_before, fuse_before)
@@ -659,8 +664,20 @@ async def test_every_config_json_matches_the_oci_schema(env: Env) -> None:
 async def test_store_fds_stay_bounded(env: Env) -> None:
     import collections
 
+    def store_fds() -> collections.Counter:
+        fds = [fd for fd in _fds() if _readlink_fd(fd).startswith(f"{env.base}/store/")]
+        return collections.Counter(_readlink_fd(fd).rsplit("/", 1)[-1] for fd in fds)
+
+    # The store caches per worker thread and per pack; after a warm-up that
+    # has touched every worker thread, more builds must not open more.
     for _ in range(10):
         await env.svc.do_build(env.request("echo x > /nix/store/out"))
-    store_fds = [fd for fd in _fds() if _readlink_fd(fd).startswith(f"{env.base}/store/")]
-    kinds = collections.Counter(_readlink_fd(fd).rsplit("/", 1)[-1] for fd in store_fds)
-    assert len(store_fds) <= 24, kinds
+    await env.host.drain()
+    warm = store_fds()
+    for _ in range(10):
+        await env.svc.do_build(env.request("echo x > /nix/store/out"))
+    await env.host.drain()
+    after = store_fds()
+    # Slack for a worker thread or pack the warm-up happened not to touch;
+    # the leak this guards against was two fds per build (twenty here).
+    assert sum(after.values()) <= sum(warm.values()) + 6, (warm, after)
