@@ -101,7 +101,7 @@ async def main() -> int:
 
             # 3. Resume the run from its directory, to the end.
             run, specs = await svc.resume_run(run.run_dir)
-        build = build_result(run, specs[0], specs)
+        build = build_result(run, specs[0])
         out = build.outputs[0]
         print(f"resumed:     {run.status.value}")
         for name, outcome in run.stages.items():

@@ -38,7 +38,7 @@ import functools
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import attrs
 
@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from stages.castore.fuse import MountServer
     from stages.oci.idmap import IdMap
 
-__all__ = ["STAGE_NAMES", "BuildHost", "BuildSpec", "build_graph", "graph_for_requests"]
+__all__ = ["STAGE_NAMES", "BuildHost", "BuildSpec", "build_graph", "graph_for_requests",
+           "request_from_result", "request_of", "request_to_result"]
 
 STAGE_NAMES = ("validate", "spec", "bundle", "mount", "run", "ingest", "teardown")
 GRAPH_VERSION = "ocibuild-build-1"
@@ -62,12 +63,25 @@ Keep = Literal["never", "failed", "always"]
 
 @attrs.frozen(kw_only=True)
 class BuildSpec:
-    """What one build is: the request, its key, and how to treat its bundle."""
+    """What one build is: the request, its key, and how to treat its bundle.
 
-    request: BuildRequest
+    The request is either given (``request``) or made by another stage of
+    the same graph (``request_from``, that stage's full name; its result is
+    :func:`request_to_result` of a BuildRequest), for builds whose inputs
+    are the outputs of earlier builds. The composer of the graph links
+    ``<key>/validate`` after that stage (:func:`graph_for_requests` does).
+    Stages read the request with :func:`request_of`.
+    """
+
+    request: BuildRequest | None = None
     key: str = attrs.field()
     keep: Keep = "never"
     timeout: float | None = None
+    request_from: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.request is None) == (self.request_from is None):
+            raise ValueError(f"build {self.key}: give exactly one of request and request_from")
 
     @key.validator
     def _check_key(self, _attr: attrs.Attribute, value: str) -> None:
@@ -143,6 +157,29 @@ class BuildHost:
         return self.bundle_dir(key) / "inputs"
 
 
+def request_to_result(request: BuildRequest) -> dict:
+    """A request as a JSON stage result (proto-JSON as a dict)."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(request_to_proto(request))
+
+
+def request_from_result(value: dict) -> BuildRequest:
+    from google.protobuf import json_format
+
+    from stages.proto import build_pb2
+    from stages.request import request_from_proto
+
+    return request_from_proto(json_format.ParseDict(value, build_pb2.BuildRequest()))
+
+
+def request_of(build: BuildSpec, ctx: Any) -> BuildRequest:
+    """The build's request, inside any of its stages after ``validate``."""
+    if build.request is not None:
+        return build.request
+    return request_from_result(ctx.results["validate"]["request"])
+
+
 def _request_digest(request: BuildRequest) -> str:
     import hashlib
 
@@ -185,17 +222,25 @@ def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
               always=True,
               description="remove the bundle unless kept"),
     ]
+    made = ({"request_sha256": _request_digest(build.request)} if build.request is not None
+            else {"request_from": build.request_from})
     return Graph(stages=stages, resources=[inputs], version=GRAPH_VERSION,
-                 params={"request_sha256": _request_digest(build.request), "key": build.key,
-                         "keep": build.keep, "timeout": build.timeout})
+                 params={**made, "key": build.key, "keep": build.keep,
+                         "timeout": build.timeout})
 
 
-def graph_for_requests(builds: list[BuildSpec], host: BuildHost | None) -> Graph:
-    """Several independent builds in one graph, each under the prefix of its key."""
-    if len(builds) == 1:
+def graph_for_requests(builds: list[BuildSpec], host: BuildHost | None, *,
+                       stages: Sequence[Stage] = ()) -> Graph:
+    """Several builds in one graph, each under the prefix of its key.
+
+    ``stages`` are extra stages of the graph, e.g. those that make the
+    requests of builds with ``request_from`` (linked before their validate).
+    """
+    if len(builds) == 1 and not stages and builds[0].request_from is None:
         return build_graph(builds[0], host)
     keys = [b.key for b in builds]
     if len(set(keys)) != len(keys):
         raise ValueError(f"build keys must be unique, got {keys}")
+    links = {f"{b.key}/validate": [b.request_from] for b in builds if b.request_from}
     return Graph.compose(*(build_graph(b, host).prefixed(b.key) for b in builds),
-                         version=GRAPH_VERSION)
+                         stages=stages, links=links, version=GRAPH_VERSION)

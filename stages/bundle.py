@@ -257,15 +257,17 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
     replaced.
     """
     from stages.aio import finish_then_cancel
+    from stages.build import request_of
     from stages.spec import build_spec_options
 
     bundle_dir = host.bundle_dir(build.key)
     host.bundles_dir.mkdir(parents=True, exist_ok=True)
     await host.discard_bundle(build.key)
-    opts = build_spec_options(build, host)
+    req = request_of(build, ctx)
+    opts = build_spec_options(build, host, req)
     # Many small file-system calls: off the event loop, other builds go on.
     # A cancelled build waits for the thread, so teardown sees the bundle.
     layout = await finish_then_cancel(asyncio.to_thread(
-        write_bundle, bundle_dir, build.request, idmap=host.idmap,
+        write_bundle, bundle_dir, req, idmap=host.idmap,
         input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox))
     return {"bundle": str(layout.root)}

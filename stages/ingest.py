@@ -80,7 +80,9 @@ async def _one(host: BuildHost, path: Path, output: str,
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
-    req = build.request
+    from stages.build import request_of
+
+    req = request_of(build, ctx)
     layout = host.layout(build.key)
     scanner = None
     if req.refscan_needles:

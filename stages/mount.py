@@ -28,14 +28,17 @@ from stages.errors import RequestError
 
 if TYPE_CHECKING:
     from stages.build import BuildHost, BuildSpec
+    from stages.request import BuildRequest
 
 __all__ = ["inputs_mounted", "stage"]
 
 
 @contextlib.asynccontextmanager
-async def inputs_mounted(build: BuildSpec, host: BuildHost, _ctx: Any) -> AsyncIterator[Path]:
+async def inputs_mounted(build: BuildSpec, host: BuildHost, ctx: Any) -> AsyncIterator[Path]:
     """Resource factory: the build's inputs in the mount server, for as long as held."""
-    path = await host.mounts.add(build.key, list(build.request.inputs))
+    from stages.build import request_of
+
+    path = await host.mounts.add(build.key, list(request_of(build, ctx).inputs))
     link = host.input_link(build.key)
     try:
         tmp = link.with_name(f".{link.name}.new")
@@ -52,14 +55,14 @@ async def inputs_mounted(build: BuildSpec, host: BuildHost, _ctx: Any) -> AsyncI
             await host.mounts.remove(build.key)
 
 
-async def _check_in_store(build: BuildSpec, host: BuildHost) -> None:
+async def _check_in_store(req: BuildRequest, host: BuildHost) -> None:
     """Fail naming the first input whose root is not in the store.
 
     Only roots are checked (a directory's children are read lazily through
     FUSE); without this a missing input surfaced as runc failing to open a
     mount source with an I/O error.
     """
-    for i, node in enumerate(build.request.inputs):
+    for i, node in enumerate(req.inputs):
         if isinstance(node, FileNode):
             present = await host.castore.blobs.has(node.digest)
             what = "blob"
@@ -76,8 +79,11 @@ async def _check_in_store(build: BuildSpec, host: BuildHost) -> None:
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
+    from stages.build import request_of
+
+    req = request_of(build, ctx)
     path = ctx.resources["inputs"]
-    await _check_in_store(build, host)
-    names = [n.name.decode("utf-8", "surrogateescape") for n in build.request.inputs]
+    await _check_in_store(req, host)
+    names = [n.name.decode("utf-8", "surrogateescape") for n in req.inputs]
     ctx.log(f"{len(names)} input(s) at {path}")
     return {"path": str(path), "inputs": names}

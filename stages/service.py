@@ -328,7 +328,7 @@ class OciBuildService(BuildService):
         """Build one request; BuildFailed (a BuildError) when it does not succeed."""
         async with self._slots:
             run, specs = await self.run_builds([request])
-        return build_result(run, specs[0], specs)
+        return build_result(run, specs[0])
 
 
 def _empty(directory: Path) -> None:
@@ -374,16 +374,29 @@ def _stop_points(specs: Sequence[BuildSpec], stage: str | None) -> str | tuple[s
     return tuple(f"{spec.key}/{stage}" for spec in specs)
 
 
-def build_result(run: Run, spec: BuildSpec, specs: Sequence[BuildSpec]) -> Build:
-    """The Build of one finished build of a run; BuildFailed naming the cause otherwise."""
+def build_result(run: Run, spec: BuildSpec) -> Build:
+    """The Build of one finished build of a run; BuildFailed naming the cause otherwise.
+
+    Works for a build alone in its graph (bare stage names) and for one of
+    several (names prefixed with its key).
+    """
+    from stages.build import request_from_result
     from stages.ingest import build_from_result
 
-    outcome = run.stages.get(_stage_name(specs, spec, "ingest"))
+    prefixed = f"{spec.key}/ingest" in run.stages
+
+    def mine(name: str) -> bool:
+        return name.startswith(spec.key + "/") if prefixed else "/" not in name
+
+    outcome = run.stages.get(f"{spec.key}/ingest" if prefixed else "ingest")
     if outcome is not None and outcome.state.ok:
-        return build_from_result(spec.request, outcome.result)
+        request = spec.request
+        if request is None:
+            validate = run.stages[f"{spec.key}/validate" if prefixed else "validate"]
+            request = request_from_result(validate.result["request"])
+        return build_from_result(request, outcome.result)
     first = next((o for n, o in run.stages.items()
-                  if o.state is StageState.FAILED
-                  and (len(specs) == 1 or n.startswith(spec.key + "/"))), None)
+                  if o.state is StageState.FAILED and mine(n)), None)
     if first is not None:
         raise BuildFailed(spec.key, first.error or "failed", stage=first.name,
                           run_dir=run.run_dir)

@@ -243,13 +243,12 @@ def spec_options(layout_root: Path | str, req: BuildRequest, idmap: IdMap,
                        input_paths=input_paths, **kw)  # type: ignore[arg-type]
 
 
-def build_spec_options(build, host) -> SpecOptions:  # noqa: ANN001
+def build_spec_options(build, host, req: BuildRequest) -> SpecOptions:  # noqa: ANN001
     """SpecOptions of one build on its host: bundle layout, FUSE paths, id map."""
     import os
 
     from stages.oci.layout import BundleLayout
 
-    req = build.request
     layout = BundleLayout(host.bundle_dir(build.key))
     inputs = host.input_link(build.key)  # stable across service instances (resume)
     return SpecOptions(idmap=host.idmap, rootfs=layout.rootfs,
@@ -261,4 +260,7 @@ def build_spec_options(build, host) -> SpecOptions:  # noqa: ANN001
 
 async def stage(build, host, ctx) -> dict:  # noqa: ANN001
     """Pipeline stage: the config.json of the build (pure; written by ``bundle``)."""
-    return make_spec(build.request, build_spec_options(build, host))
+    from stages.build import request_of
+
+    req = request_of(build, ctx)
+    return make_spec(req, build_spec_options(build, host, req))

@@ -285,7 +285,17 @@ def _check_layout(req: BuildRequest) -> None:
 
 
 async def stage(build, host, ctx) -> dict:  # noqa: ANN001
-    """Pipeline stage: refuse a bad request before anything touches the disk."""
-    req = validate_request(build.request)
+    """Pipeline stage: refuse a bad request before anything touches the disk.
+
+    A request made by another stage (``build.request_from``) is taken from
+    that stage's result and kept in this one's, for the stages after it.
+    """
+    from stages.build import request_from_result, request_to_result
+
+    if build.request is not None:
+        req = validate_request(build.request)
+        return {"inputs": len(req.inputs), "outputs": list(req.outputs),
+                "command": list(req.command_args)}
+    req = validate_request(request_from_result(ctx.results[build.request_from]))
     return {"inputs": len(req.inputs), "outputs": list(req.outputs),
-            "command": list(req.command_args)}
+            "command": list(req.command_args), "request": request_to_result(req)}

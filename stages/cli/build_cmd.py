@@ -125,7 +125,7 @@ def _report(run: Any, specs: list[Any], sources: list[str], *, as_json: bool) ->
         return 0
     for spec, source in zip(specs, sources):
         try:
-            build = build_result(run, spec, specs)
+            build = build_result(run, spec)
         except BuildError as exc:
             failed += 1
             print(f"ocibuild: error: {source}: {exc}", file=sys.stderr)

@@ -555,6 +555,39 @@ def _processes_with(text: str) -> list[int]:
     return found
 
 
+async def test_chain_of_builds_in_one_graph(env: Env) -> None:
+    """Build b's request is made by a stage from build a's output: one graph, one run."""
+    import attrs as _attrs
+
+    from pipeline import Runner, Stage
+    from stages.build import BuildSpec, graph_for_requests, request_to_result
+    from stages.service import build_result
+
+    a = BuildSpec(request=env.request("echo from-a > /nix/store/out"), key="chain-a")
+    b_template = env.request("cat /nix/store/a-out > /nix/store/out; echo +b >> /nix/store/out")
+
+    async def make_b(ctx) -> dict:  # noqa: ANN001
+        built = build_result_of_a(ctx)
+        out = built.outputs[0].renamed(b"a-out")
+        inputs = sorted([*b_template.inputs, out], key=lambda n: n.name)
+        return request_to_result(_attrs.evolve(b_template, inputs=inputs))
+
+    def build_result_of_a(ctx):  # noqa: ANN001, ANN202
+        from stages.ingest import build_from_result
+        return build_from_result(a.request, ctx.results["chain-a/ingest"])
+
+    b = BuildSpec(key="chain-b", request_from="make-b")
+    graph = graph_for_requests(
+        [a, b], env.host, stages=[Stage(name="make-b", fn=make_b, deps=["chain-a/ingest"])])
+    run = await Runner(graph).run()
+    assert run.status is RunStatus.FINISHED, run.to_json()
+    out = build_result(run, b).outputs[0]
+    assert isinstance(out, FileNode)
+    assert await env.blob(out) == b"from-a\n+b\n"
+    # b's request, as resolved, has a's output as an input.
+    assert b"a-out" in [n.name for n in build_result(run, b).build_request.inputs]
+
+
 # A teardown that fails before removing the bundle cannot remove it: only "after" there.
 INJECTIONS = [(s, w) for s in stages.build.STAGE_NAMES for w in ("before", "after")
               if (s, w) != ("teardown", "before")]
@@ -583,7 +616,7 @@ async def test_exception_injected_at_each_stage(env: Env, monkeypatch: pytest.Mo
         with pytest.raises(BuildFailed, match=f"at stage {stage}"):
             from stages.service import build_result
 
-            build_result(run, specs[0], specs)
+            build_result(run, specs[0])
 
 
 async def test_exception_in_a_stage_keeps_the_bundle_with_keep_failed(env: Env, monkeypatch):

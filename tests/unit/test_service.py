@@ -169,7 +169,7 @@ async def _ok(ctx):  # noqa: ANN001, ANN202
 def test_build_result_of_a_finished_build(tmp_path: Path) -> None:
     spec = BuildSpec(request=_request(), key="one")
     run = _run_of(tmp_path, {}, [spec])
-    build = build_result(run, spec, [spec])
+    build = build_result(run, spec)
     assert build.build_request == spec.request
     assert build.outputs[0].size == 3 and build.outputs[0].digest == bytes(32)
     assert [list(n.needles) for n in build.outputs_needles] == [[0]]
@@ -183,9 +183,9 @@ def test_build_result_names_the_failed_stage_of_each_build(tmp_path: Path) -> No
 
     specs = [BuildSpec(request=_request(), key="a"), BuildSpec(request=_request(), key="b")]
     run = _run_of(tmp_path, {"mount": boom}, specs)
-    assert build_result(run, specs[0], specs).outputs
+    assert build_result(run, specs[0]).outputs
     with pytest.raises(BuildFailed, match="at stage b/mount.*mount went wrong") as info:
-        build_result(run, specs[1], specs)
+        build_result(run, specs[1])
     assert info.value.key == "b" and info.value.stage == "b/mount"
 
 
