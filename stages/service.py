@@ -445,5 +445,10 @@ def open_build_service(address: str | None = None, **kw: object) -> BuildService
             raise ServiceError(address, "an oci:// address needs an absolute path: "
                                         "oci:///abs/state/dir")
         return OciBuildService(url.path, **kw)  # type: ignore[arg-type]
-    raise ServiceError(address, f"unknown build service scheme {url.scheme!r}; "
-                                f"known: dummy://, oci:///abs/path")
+    if url.scheme in ("grpc+unix", "grpc+http", "grpc+https"):
+        from stages.build_grpc import GrpcBuildService
+
+        return GrpcBuildService(address)
+    raise ServiceError(address, f"unknown build service scheme {url.scheme!r}; known: "
+                                f"dummy://, oci:///abs/path, grpc+unix:///abs/path, "
+                                f"grpc+http://host:port, grpc+https://host:port")
