@@ -56,7 +56,9 @@ from typing import Any
 import grpc
 
 from stages.errors import BuildError, BuildFailed, RequestError, ServiceError
-from stages.proto import build_pb2, rpc_build_pb2_grpc
+# rpc_build_pb2 registers the service's descriptor (rpc_build_pb2_grpc does not
+# import it), which server reflection looks up in the default pool.
+from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc  # noqa: F401
 from stages.request import Build, BuildRequest, build_from_proto, build_to_proto, \
     request_from_proto, request_to_proto
 from stages.service import BuildService

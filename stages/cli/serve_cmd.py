@@ -1,0 +1,58 @@
+"""``ocibuild serve``: castore and the build service over gRPC.
+
+::
+
+    ocibuild serve --listen ADDR [--listen ADDR ...] [--jobs N] [--state-dir DIR]
+                   [--blob-service-addr URL] [--directory-service-addr URL]
+
+ADDR is ``unix:///abs/path`` or ``host:port``. Clients reach it as
+``grpc+unix:///abs/path`` or ``grpc+http://host:port`` (BLOB_SERVICE_ADDR,
+DIRECTORY_SERVICE_ADDR, BUILD_SERVICE_ADDR). One line on stdout says when it
+is ready; SIGTERM or SIGINT shut it down cleanly (exit 0). See
+:mod:`stages.serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from stages.cli import UserError
+
+__all__ = ["register"]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stages.serve import parse_listen_address, serve
+
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, not {args.jobs}")
+    for text in args.listen:
+        parse_listen_address(text)  # bad addresses fail before anything starts
+    return asyncio.run(serve(args.listen, state_dir=args.state_dir,
+                             blob_address=args.blob_service_addr,
+                             directory_address=args.directory_service_addr, jobs=args.jobs))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the store and the build service over gRPC",
+        description="Serve tvix.castore.v1 BlobService and DirectoryService, and "
+                    "tvix.build.v1 BuildService, with gRPC health checking and reflection. "
+                    "Prints 'ocibuild: serving on ...' when ready; SIGTERM/SIGINT cancel "
+                    "running builds, clean up and exit 0.")
+    p.add_argument("--listen", "-l", action="append", required=True, metavar="ADDR",
+                   help="unix:///abs/path or host:port; repeat to listen on several")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="concurrent builds (default: the number of cores)")
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="where runs and bundles live (default: $OCIBUILD_STATE, else "
+                        "/var/lib/ocibuild for root)")
+    p.add_argument("--blob-service-addr", metavar="URL",
+                   help="the blob store to serve and build from (default: "
+                        "$BLOB_SERVICE_ADDR, else the embedded local store)")
+    p.add_argument("--directory-service-addr", metavar="URL",
+                   help="the directory store to serve and build from (default: "
+                        "$DIRECTORY_SERVICE_ADDR, else the embedded local store)")
+    p.set_defaults(handler=cmd_serve)
