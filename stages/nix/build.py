@@ -1,0 +1,486 @@
+"""Building Nix derivations (.drv files) on the OCI build service, as ONE pipeline graph.
+
+:func:`build_derivations` takes .drv store paths and:
+
+1. reads their closure of input derivations (recursively);
+2. keeps the derivations that must be built: a requested one, or an input of
+   one that must be built, whose outputs are not all registered in the
+   path-info database (:mod:`stages.nix.pathinfo`) with their castore node
+   present;
+3. imports the input sources of those from /nix/store into castore, with
+   their reference closure, and registers them (references and NAR hash from
+   Nix's own database, the NAR hash recomputed by us and checked against
+   Nix's);
+4. builds everything left as one graph: for each derivation, a stage
+   ``<key>/request`` (after the ``<key>/register`` stages of its input
+   derivations) makes its BuildRequest (:func:`stages.nix.to_request.
+   derivation_to_request`, inputs: the reference closure of its input
+   sources and used input outputs, as Nix mounts and scans it); the
+   build's seven stages run under the prefix ``<key>``; a stage
+   ``<key>/register`` checks a fixed output's hash, computes each output's
+   NAR hash and size, turns the build's outputs_needles into references and
+   registers every output in one transaction.
+
+Independent derivations build concurrently, up to ``jobs`` containers. A
+failing derivation fails itself and abandons its dependents; the others go on.
+
+Results (:class:`DrvResult`, per requested .drv): ``built`` with every
+output's path, NAR hash (``sha256:<nixbase32>``, as ``nix-store -q --hash``
+prints it) and references (full store paths, self-references included), or
+``failed`` with the reason.
+
+Caveats:
+
+- Keys are ``<hash prefix>-<name>-<nonce>``: a nonce per call keeps two
+  processes building the same derivation on one state directory apart; the
+  later one to register keeps the earlier one's registration (store paths are
+  immutable).
+- Input sources must be valid in the local Nix store (``nix-instantiate``
+  puts them there). Nix's database is read directly (read-only SQLite,
+  ``/nix/var/nix/db/db.sqlite``, or ``$NIX_STATE_DIR/db/db.sqlite``);
+  without it, ``nix-store -q`` is asked, one process per path.
+- Only the derivations' own outputs are registered; the .drv files are not
+  imported (the derivation is read from /nix/store by path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+import attrs
+
+from stages.nix.derivation import Derivation, read_derivation
+from stages.nix.errors import NixError
+from stages.nix.hashes import format_sha256
+from stages.nix.pathinfo import PathInfo, PathInfoDB, node_present
+from stages.nix.storepath import STORE_DIR, check_store_path, hash_part, name_part
+
+if TYPE_CHECKING:
+    from pipeline import Run, Subscriber
+    from stages.castore.addresses import Castore
+    from stages.nix.to_request import DerivationRequest
+    from stages.service import OciBuildService
+
+__all__ = ["DrvResult", "NixStoreError", "OutputResult", "build_derivations",
+           "import_from_nix_store"]
+
+
+class NixStoreError(NixError):
+    """Nix's own store cannot tell us about a path (or disagrees with what we read)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+@attrs.frozen(kw_only=True)
+class OutputResult:
+    """One output of a built derivation."""
+
+    path: str
+    nar_hash: str
+    references: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "nar_hash": self.nar_hash,
+                "references": list(self.references)}
+
+
+@attrs.frozen(kw_only=True)
+class DrvResult:
+    """What became of one derivation: built (outputs) or failed (error).
+
+    ``cached``: every output was registered before the call; nothing ran.
+    """
+
+    drv_path: str
+    status: str  # "built" | "failed"
+    outputs: Mapping[str, OutputResult] = attrs.field(factory=dict)
+    error: str | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "built"
+
+    def to_json(self) -> dict:
+        if self.ok:
+            return {"status": "built",
+                    "outputs": {n: o.to_json() for n, o in self.outputs.items()}}
+        return {"status": "failed", "error": self.error or "failed"}
+
+
+def _result_from_pathinfo(drv_path: str, drv: Derivation, pathinfo: PathInfoDB, *,
+                          cached: bool) -> DrvResult:
+    outputs = {}
+    for name, out in drv.outputs.items():
+        info = pathinfo.get(out.path)
+        outputs[name] = OutputResult(path=out.path, nar_hash=info.nar_hash,
+                                     references=info.references)
+    return DrvResult(drv_path=drv_path, status="built", outputs=outputs, cached=cached)
+
+
+# --- Nix's own store: input sources -----------------------------------------------------
+
+
+def _nix_db_path() -> Path:
+    state = os.environ.get("NIX_STATE_DIR", "/nix/var/nix")
+    return Path(state) / "db" / "db.sqlite"
+
+
+class _NixStore:
+    """References and NAR hashes of valid paths of the local Nix store."""
+
+    def __init__(self) -> None:
+        self._conn: sqlite3.Connection | None = None
+        db = _nix_db_path()
+        if db.exists():
+            try:
+                self._conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30,
+                                             check_same_thread=False)
+                self._conn.execute("SELECT 1 FROM ValidPaths LIMIT 1").fetchall()
+            except sqlite3.Error:
+                self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    def query(self, path: str) -> tuple[list[str], bytes]:
+        """(references, NAR sha256 digest) of a valid path."""
+        if self._conn is not None:
+            try:
+                row = self._conn.execute("SELECT id, hash FROM ValidPaths WHERE path = ?",
+                                         (path,)).fetchone()
+                if row is None:
+                    raise NixStoreError(path, "not a valid path of the local Nix store "
+                                              f"({_nix_db_path()})")
+                refs = [r for (r,) in self._conn.execute(
+                    "SELECT v.path FROM Refs r JOIN ValidPaths v ON r.reference = v.id "
+                    "WHERE r.referrer = ?", (row[0],))]
+                return refs, _parse_nix_db_hash(path, row[1])
+            except sqlite3.Error:
+                pass  # fall back to asking nix-store
+        return self._query_cli(path)
+
+    @staticmethod
+    def _query_cli(path: str) -> tuple[list[str], bytes]:
+        from stages.nix.hashes import parse_sha256
+
+        def ask(flag: str) -> str:
+            try:
+                proc = subprocess.run(["nix-store", "-q", flag, path], capture_output=True,
+                                      text=True, timeout=60)
+            except OSError as exc:
+                raise NixStoreError(path, f"cannot run nix-store: {exc}") from exc
+            if proc.returncode != 0:
+                raise NixStoreError(path, f"nix-store -q {flag} failed: "
+                                          f"{proc.stderr.strip() or proc.returncode}")
+            return proc.stdout
+
+        refs = ask("--references").split()
+        return refs, parse_sha256(ask("--hash").strip())
+
+
+def _parse_nix_db_hash(path: str, text: str) -> bytes:
+    """Nix's ValidPaths.hash: ``sha256:<base16>`` (older) or ``sha256:<nixbase32>``."""
+    from stages.nix.hashes import parse_sha256
+
+    if not text.startswith("sha256:"):
+        raise NixStoreError(path, f"Nix's database has a NAR hash {text!r} that is not sha256")
+    body = text[len("sha256:"):]
+    if len(body) == 64:
+        return bytes.fromhex(body)
+    return parse_sha256(text)
+
+
+async def import_from_nix_store(castore: Castore, pathinfo: PathInfoDB,
+                                paths: Iterable[str]) -> list[str]:
+    """Import ``paths`` and their reference closure from /nix/store; return what was new.
+
+    Each path not yet registered is ingested into castore, its NAR hash
+    computed and checked against Nix's, and all of them are registered in
+    one transaction. NixStoreError names a path Nix does not know, or whose
+    NAR hash differs from Nix's.
+    """
+    from stages.castore.ingest import ingest_path
+    from stages.castore.nar import nar_hash_and_size
+
+    nix = await asyncio.to_thread(_NixStore)
+    try:
+        todo = [check_store_path(p) for p in paths]
+        seen: set[str] = set()
+        wanted: dict[str, list[str]] = {}
+        expected: dict[str, bytes] = {}
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            if pathinfo.has(path):
+                info = pathinfo.get(path)
+                if await node_present(castore, info.node):
+                    continue
+                raise NixStoreError(path, "registered, but its castore node is missing from "
+                                          "the store")
+            refs, digest = await asyncio.to_thread(nix.query, path)
+            wanted[path] = refs
+            expected[path] = digest
+            todo.extend(r for r in refs if r not in seen)
+    finally:
+        nix.close()
+    infos = []
+    for path, refs in wanted.items():
+        node = await ingest_path(castore, path)
+        digest, size = await nar_hash_and_size(castore, node)
+        if digest != expected[path]:
+            raise NixStoreError(path, f"NAR hash {format_sha256(digest)} as imported, but Nix "
+                                      f"records {format_sha256(expected[path])}; the store "
+                                      f"path was modified (nix-store --verify --check-contents)")
+        infos.append(PathInfo(path=path, node=node, references=refs, nar_sha256=digest,
+                              nar_size=size, deriver=None))
+    await asyncio.to_thread(pathinfo.register, infos)
+    return sorted(wanted)
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+_KEY_JUNK = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _key(drv_path: str, drv: Derivation, nonce: str) -> str:
+    name = _KEY_JUNK.sub("_", drv.name or name_part(drv_path).removesuffix(".drv"))[:40]
+    return f"{hash_part(drv_path)[:8]}-{name}-{nonce}"
+
+
+@attrs.define
+class _Plan:
+    """Runtime state of one build_derivations call."""
+
+    castore: Castore
+    pathinfo: PathInfoDB
+    drvs: dict[str, Derivation] = attrs.field(factory=dict)
+    errors: dict[str, str] = attrs.field(factory=dict)          # drv -> why it cannot build
+    to_build: list[str] = attrs.field(factory=list)             # dependencies first
+    keys: dict[str, str] = attrs.field(factory=dict)
+    requests: dict[str, DerivationRequest] = attrs.field(factory=dict)
+
+    def load(self, drv_path: str) -> Derivation:
+        drv = self.drvs.get(drv_path)
+        if drv is None:
+            check_store_path(drv_path)
+            if not drv_path.endswith(".drv"):
+                raise NixError(f"{drv_path} is not a derivation (.drv) path")
+            try:
+                drv = read_derivation(drv_path)
+            except OSError as exc:
+                raise NixError(f"cannot read derivation {drv_path}: {exc.strerror}") from exc
+            self.drvs[drv_path] = drv
+        return drv
+
+    async def have_outputs(self, drv: Derivation) -> bool:
+        for out in drv.outputs.values():
+            info = self.pathinfo.find(out.path) if out.path else None
+            if info is None or not await node_present(self.castore, info.node):
+                return False
+        return True
+
+    async def visit(self, drv_path: str, done: set[str]) -> None:
+        """Add what must be built for drv_path, inputs first; errors go to self.errors."""
+        if drv_path in done:
+            return
+        done.add(drv_path)
+        try:
+            drv = self.load(drv_path)
+            if await self.have_outputs(drv):
+                return
+        except NixError as exc:
+            self.errors[drv_path] = str(exc)
+            return
+        for dep in drv.input_drvs:
+            await self.visit(dep, done)
+            if dep in self.errors:
+                self.errors.setdefault(drv_path, f"input derivation {dep} failed: "
+                                                 f"{self.errors[dep]}")
+        if drv_path not in self.errors:
+            self.to_build.append(drv_path)
+
+    def input_paths(self, drv: Derivation) -> list[str]:
+        paths = list(drv.input_srcs)
+        for dep, names in drv.input_drvs.items():
+            dep_drv = self.drvs[dep]
+            paths.extend(dep_drv.outputs[n].path for n in names if n in dep_drv.outputs)
+        return paths
+
+
+def _deps_failed(plan: _Plan, drv_path: str) -> str | None:
+    for dep in plan.drvs[drv_path].input_drvs:
+        if dep in plan.errors:
+            return f"input derivation {dep} failed: {plan.errors[dep]}"
+    return None
+
+
+async def _import_sources(plan: _Plan) -> None:
+    """Import every input source the builds need; a drv whose sources fail fails."""
+    ok: list[str] = []
+    for drv_path in plan.to_build:
+        why = _deps_failed(plan, drv_path)
+        if why is not None:
+            plan.errors[drv_path] = why
+            continue
+        try:
+            await import_from_nix_store(plan.castore, plan.pathinfo,
+                                        plan.drvs[drv_path].input_srcs)
+        except NixError as exc:
+            plan.errors[drv_path] = f"importing its input sources: {exc}"
+            continue
+        ok.append(drv_path)
+    plan.to_build = ok
+
+
+def _graph(plan: _Plan, host: object, cores: int):  # noqa: ANN202
+    from pipeline import Stage
+    from stages.build import BuildSpec, graph_for_requests
+
+    specs: list[BuildSpec] = []
+    extra: list[Stage] = []
+    building = set(plan.to_build)
+    for drv_path in plan.to_build:
+        key = plan.keys[drv_path]
+        drv = plan.drvs[drv_path]
+        deps = [f"{plan.keys[d]}/register" for d in drv.input_drvs if d in building]
+        extra.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
+                           deps=deps, description=f"BuildRequest of {drv_path}"))
+        specs.append(BuildSpec(key=key, request_from=f"{key}/request"))
+        extra.append(Stage(name=f"{key}/register", fn=_register_fn(plan, drv_path),
+                           deps=[f"{key}/ingest"],
+                           description=f"NAR hashes, references; register {drv_path}'s outputs"))
+    return specs, graph_for_requests(specs, host, stages=extra)  # type: ignore[arg-type]
+
+
+def _request_fn(plan: _Plan, drv_path: str, cores: int):  # noqa: ANN202
+    async def request(ctx: object) -> dict:
+        from stages.build import request_to_result
+        from stages.nix.to_request import derivation_to_request
+
+        drv = plan.drvs[drv_path]
+        closure = await asyncio.to_thread(plan.pathinfo.closure, plan.input_paths(drv))
+        inputs = {p: plan.pathinfo.get(p).node for p in closure}
+        dreq = derivation_to_request(drv, inputs, cores=cores, read_drv=plan.load)
+        plan.requests[drv_path] = dreq
+        return request_to_result(dreq.request)
+
+    return request
+
+
+def _register_fn(plan: _Plan, drv_path: str):  # noqa: ANN202
+    async def register(ctx) -> dict:  # noqa: ANN001
+        from stages.castore.nar import nar_hash_and_size
+        from stages.ingest import build_from_result
+        from stages.nix.fixed_output import check_fixed_output
+
+        drv = plan.drvs[drv_path]
+        dreq = plan.requests[drv_path]
+        built = build_from_result(dreq.request, ctx.results[f"{plan.keys[drv_path]}/ingest"])
+        by_name = dict(zip(dreq.output_names, built.outputs))
+        if drv.is_fixed_output:
+            await check_fixed_output(plan.castore, drv, by_name["out"])
+        infos = []
+        for i, (name, node) in enumerate(zip(dreq.output_names, built.outputs)):
+            digest, size = await nar_hash_and_size(plan.castore, node)
+            refs = [dreq.needle_paths[j] for j in built.outputs_needles[i].needles]
+            infos.append(PathInfo(path="/" + dreq.request.outputs[i], node=node,
+                                  references=refs, nar_sha256=digest, nar_size=size,
+                                  deriver=drv_path))
+        await asyncio.to_thread(plan.pathinfo.register, infos)
+        out = {}
+        for name, info in zip(dreq.output_names, infos):
+            ctx.log(f"{name}: {info.path} {info.nar_hash}")
+            out[name] = {"path": info.path, "nar_hash": info.nar_hash,
+                         "references": list(info.references)}
+        return out
+
+    return register
+
+
+def _failure(run: Run, plan: _Plan, drv_path: str) -> str:
+    """Why drv_path's stages did not all finish: its first failure, or a failed input."""
+    from pipeline import StageState
+
+    key = plan.keys[drv_path]
+    failed = [o for n, o in run.stages.items()
+              if n.startswith(key + "/") and o.state is StageState.FAILED]
+    if failed:
+        first = min(failed, key=lambda o: o.ended or 0)
+        stage = first.name[len(key) + 1:]
+        return f"stage {stage} failed: {first.error or 'failed'}"
+    for dep in plan.drvs[drv_path].input_drvs:
+        if dep in plan.errors:
+            return f"input derivation {dep} failed"
+    return f"did not finish (run {run.status.value})"
+
+
+async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildService,
+                            pathinfo: PathInfoDB, jobs: int = 1, cores: int = 0,
+                            subscribers: Iterable[Subscriber] = ()) -> dict[str, DrvResult]:
+    """Build ``drv_paths`` and what they need; one :class:`DrvResult` per requested path.
+
+    ``service`` must be started (``async with``); its castore is where inputs
+    and outputs go, and ``pathinfo`` must be that castore's database.
+    ``jobs`` caps concurrent containers; ``cores`` is NIX_BUILD_CORES (0:
+    every core, as Nix's default). Never raises for a derivation that
+    fails: its result says why.
+    """
+    from pipeline import Caps, Runner
+
+    host = service.host
+    if host is None:
+        raise NixError("the build service is not started; use it with 'async with'")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, not {jobs}")
+    plan = _Plan(castore=host.castore, pathinfo=pathinfo)
+    done: set[str] = set()
+    for drv_path in drv_paths:
+        await plan.visit(drv_path, done)
+    await _import_sources(plan)
+
+    run = None
+    if plan.to_build:
+        nonce = secrets.token_hex(3)
+        plan.keys = {d: _key(d, plan.drvs[d], nonce) for d in plan.to_build}
+        specs, graph = _graph(plan, host, cores)
+        run_dir = service.runs_dir / (time.strftime("%Y%m%d-%H%M%S") + f"-nix-{nonce}")
+        run_dir.mkdir(parents=True)
+        instance = getattr(service, "_instance", None)  # crash recovery removes its bundles
+        for spec in specs:
+            if instance is not None:
+                instance.record_key(spec.key)
+        runner = Runner(graph, run_dir=run_dir, caps=Caps(kinds={"container": jobs}),
+                        subscribers=[*service.subscribers, *subscribers])
+        run = await runner.run()
+        for drv_path in plan.to_build:  # dependencies first: a failed input is known
+            outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
+            if outcome is None or not outcome.state.ok:
+                plan.errors[drv_path] = _failure(run, plan, drv_path)
+
+    built = set(plan.to_build)
+    results: dict[str, DrvResult] = {}
+    for drv_path in drv_paths:
+        if drv_path in plan.errors:
+            results[drv_path] = DrvResult(drv_path=drv_path, status="failed",
+                                          error=plan.errors[drv_path])
+            continue
+        try:
+            results[drv_path] = _result_from_pathinfo(
+                drv_path, plan.drvs[drv_path], pathinfo, cached=drv_path not in built)
+        except NixError as exc:
+            results[drv_path] = DrvResult(drv_path=drv_path, status="failed", error=str(exc))
+    return results
