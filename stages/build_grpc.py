@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import urllib.parse
 from typing import Any
 
 import grpc
@@ -218,6 +220,11 @@ class GrpcBuildService(BuildService):
         assert self._channel is not None and stub is not None
         if self._channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
             return
+        if self.address.startswith("grpc+unix://"):
+            path = urllib.parse.urlsplit(self.address).path
+            if not os.path.exists(path):
+                raise ServiceError(self.address, f"no socket at {path}; is 'ocibuild serve' "
+                                                 f"running there?")
         try:
             await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
         except TimeoutError:

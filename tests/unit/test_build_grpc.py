@@ -194,13 +194,28 @@ async def test_deadline_cancels_the_build(server: Server) -> None:
     await asyncio.wait_for(server.fake.torn_down.wait(), 5)
 
 
-async def test_unreachable_server_fails_fast_and_clearly(tmp_path: Path) -> None:
+async def test_missing_socket_fails_at_once(tmp_path: Path) -> None:
     start = time.monotonic()
-    async with GrpcBuildService(f"grpc+unix://{tmp_path}/nobody.sock",
-                                connect_timeout=1.0) as svc:
-        with pytest.raises(ServiceError, match="cannot connect within 1 s"):
+    async with GrpcBuildService(f"grpc+unix://{tmp_path}/nobody.sock") as svc:
+        with pytest.raises(ServiceError, match="no socket at .*nobody.sock"):
             await svc.do_build(good_request())
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 2
+
+
+async def test_dead_socket_fails_after_the_connect_timeout(tmp_path: Path) -> None:
+    import socket
+
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))  # bound, not listening: connections are refused
+    try:
+        start = time.monotonic()
+        async with GrpcBuildService(f"grpc+unix://{tmp_path}/dead.sock",
+                                    connect_timeout=1.0) as svc:
+            with pytest.raises(ServiceError, match="cannot connect within 1 s"):
+                await svc.do_build(good_request())
+        assert 0.9 < time.monotonic() - start < 5
+    finally:
+        dead.close()
 
 
 @pytest.mark.parametrize("address", ["grpc+unix://relative/path", "grpc+http://", "grpc+ftp://x"])
