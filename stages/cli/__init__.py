@@ -16,7 +16,8 @@ from typing import Sequence
 __all__ = ["main", "UserError"]
 
 # Command-group modules, in the order --help lists them.
-COMMAND_MODULES = ["stages.cli.castore_cmd", "stages.cli.build_cmd", "stages.cli.serve_cmd"]
+COMMAND_MODULES = ["stages.cli.castore_cmd", "stages.cli.build_cmd", "stages.cli.serve_cmd",
+                   "stages.cli.nix_cmd"]
 
 
 class UserError(Exception):

@@ -1,0 +1,119 @@
+"""``ocibuild nix build`` and ``ocibuild nix export``: Nix derivations on ocibuild.
+
+``ocibuild nix build [--json] [--jobs N] DRV...`` builds .drv files (from
+``nix-instantiate``) and their input derivations as one graph
+(:mod:`stages.nix.build`), registering the outputs in the path-info database
+of the store (:mod:`stages.nix.pathinfo`). With ``--json`` it prints one JSON
+object, keyed by each DRV as given::
+
+    {"/nix/store/...-x.drv": {"status": "built",
+                              "outputs": {"out": {"path": "/nix/store/...-x",
+                                                  "nar_hash": "sha256:...",
+                                                  "references": ["/nix/store/..."]}}},
+     "/nix/store/...-y.drv": {"status": "failed", "error": "..."}}
+
+The exit status is 0 only if every DRV was built (or already was).
+
+``ocibuild nix export STORE_PATH DIR`` writes a registered path's tree to
+``DIR/<basename of STORE_PATH>``; it never overwrites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stages.cli import UserError
+from stages.cli.build_cmd import _run_cancellable, _service, _store_options, _subscribers
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("nix", help="build Nix derivations (.drv) with ocibuild",
+                                  description="Build Nix derivations in OCI containers, with "
+                                              "the same outputs as Nix.")
+    sub = group.add_subparsers(dest="nix_command", metavar="SUBCOMMAND", required=True)
+
+    build = sub.add_parser("build", help="build .drv files and their input derivations",
+                           description="Build .drv files (and what they need) as one graph; "
+                                       "report each output's NAR hash and references.")
+    build.add_argument("drvs", nargs="+", metavar="DRV", help="a .drv store path")
+    build.add_argument("--json", action="store_true",
+                       help="print one JSON object with each DRV's status and outputs")
+    build.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                       help="containers running at once (default 1)")
+    _store_options(build)
+    build.set_defaults(handler=_run_build)
+
+    export = sub.add_parser("export", help="write a registered store path out as files",
+                            description="Write the tree of a built (registered) store path "
+                                        "to DIR/<basename>; never overwrites.")
+    export.add_argument("store_path", metavar="STORE_PATH")
+    export.add_argument("dir", type=Path, metavar="DIR", help="an existing directory")
+    _store_options(export)
+    export.set_defaults(handler=_run_export)
+
+
+def _pathinfo(args: argparse.Namespace):  # noqa: ANN202
+    from stages.nix.pathinfo import open_pathinfo
+
+    return open_pathinfo(args.blob_service_addr)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from stages.nix.errors import NixError
+
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, not {args.jobs}")
+    try:
+        return _run_cancellable(lambda: _build(args))
+    except NixError as exc:
+        raise UserError(str(exc)) from exc
+
+
+async def _build(args: argparse.Namespace) -> int:
+    from stages.nix.build import build_derivations
+
+    with _pathinfo(args) as pathinfo:
+        async with _service(args, jobs=args.jobs) as svc:
+            results = await build_derivations(args.drvs, service=svc, pathinfo=pathinfo,
+                                              jobs=args.jobs, subscribers=_subscribers(args))
+    if args.json:
+        print(json.dumps({d: r.to_json() for d, r in results.items()}, indent=2))
+    else:
+        for drv, r in results.items():
+            if r.ok:
+                print(f"{'cached' if r.cached else 'built'} {drv}")
+                for name, out in r.outputs.items():
+                    print(f"  {name}: {out.path}")
+                    print(f"    nar hash:   {out.nar_hash}")
+                    refs = ", ".join(out.references) or "(none)"
+                    print(f"    references: {refs}")
+            else:
+                print(f"failed {drv}: {r.error}", file=sys.stderr)
+    return 0 if all(r.ok for r in results.values()) else 1
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from stages.castore.addresses import open_castore
+    from stages.nix.errors import NixError
+    from stages.nix.export import export_path
+
+    async def main() -> Path:
+        castore = open_castore(args.blob_service_addr, args.directory_service_addr)
+        try:
+            with _pathinfo(args) as pathinfo:
+                return await export_path(castore, pathinfo, args.store_path, args.dir)
+        finally:
+            await castore.aclose()
+
+    try:
+        print(asyncio.run(main()))
+    except NixError as exc:
+        raise UserError(str(exc)) from exc
+    return 0
