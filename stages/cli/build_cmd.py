@@ -156,6 +156,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs must be at least 1, not {args.jobs}")
     requests = [read_request_file(p) for p in args.requests]
     sources = [str(p) for p in args.requests]
+    from stages.cli.remote_build import remote_address, run_remote
+
+    if (address := remote_address(args)) is not None:
+        return run_remote(args, address, requests, sources)
     keep = "always" if args.keep else ("failed" if args.keep_failed else "never")
 
     async def main() -> int:
@@ -263,6 +267,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="store_true", help="keep every bundle")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="kill a builder that runs longer than this")
+    p.add_argument("--build-service-addr", metavar="ADDR",
+                   help="build remotely on grpc+unix:///abs/path or grpc+http(s)://host:port "
+                        "(default: $BUILD_SERVICE_ADDR when it is a grpc+ address)")
+    p.add_argument("--no-fetch-outputs", action="store_true",
+                   help="remote builds: leave the outputs in the server's store")
     _store_options(p)
     p.set_defaults(handler=cmd_build)
 
