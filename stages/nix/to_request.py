@@ -197,7 +197,8 @@ def derivation_to_request(drv: Derivation, inputs: Mapping[str, Node], *, cores:
                 raise UnsupportedDerivation(what, "floating-ca",
                                             f"output {out_name!r} of input derivation "
                                             f"{drv_path} has no store path; not supported")
-            required.append((out.path, f"output {out_name!r} of input derivation {drv_path}"))
+            required.append((out.path, f"{out.path}, output {out_name!r} of input "
+                                       f"derivation {drv_path}"))
     for path, description in required:
         if path not in inputs:
             raise MissingInputError(path, f"{what}: no castore node given for {description}")
