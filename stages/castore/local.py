@@ -35,8 +35,8 @@ processes stay as dead bytes inside a pack (harmless; a future compaction
 could reclaim them; none exists yet).
 
 Reads. ``read_blob_at`` is positional and unverified (FUSE serves ranges;
-``read_blob_into`` fills a caller's buffer, ``map_blob`` hands out a
-zero-copy view of the mapped pack for the kernel to copy from);
+``map_blob`` hands out a zero-copy view of the mapped pack for the kernel to
+copy from);
 sequential readers (:class:`LocalBlobService` readers) hash as they go and
 raise :class:`CorruptionError` naming the blob instead of returning the last
 chunk when the bytes no longer match; ``verify_blob`` hashes a blob whole;
@@ -536,27 +536,6 @@ class LocalStore:
                                                   f"shorter than the index says)")
         return data
 
-    def read_blob_into(self, digest: bytes, offset: int, buffer: bytearray | memoryview) -> int:
-        """Fill ``buffer`` with the blob's bytes from ``offset``; how many were
-        read (short only at the blob's end). NOT verified. For callers that
-        reuse one buffer instead of allocating per read (the FUSE server)."""
-        loc = self._locate(digest)
-        if loc is None:
-            raise NotFoundError("blob", digest)
-        pack_id, start, length = loc
-        if offset < 0:
-            raise ValueError(f"negative offset {offset}")
-        n = max(0, min(len(buffer), length - offset))
-        if n == 0:
-            return 0
-        view = memoryview(buffer)
-        got = os.preadv(self._read_fd(pack_id), [view[:n] if n < len(view) else view],
-                        start + offset)
-        if got != n:
-            raise CorruptionError("blob", digest, f"{self._pack_path(pack_id)} (pack is "
-                                                  f"shorter than the index says)")
-        return n
-
     def map_blob(self, digest: bytes) -> BlobMap:
         """The blob as a zero-copy :class:`BlobMap` of its pack; NOT verified.
 
@@ -616,26 +595,15 @@ class LocalStore:
                     on_chunk: Callable[[int, memoryview], None] | None = None) -> None:
         """Hash the stored bytes; CorruptionError naming the blob on mismatch.
 
-        ``on_chunk(offset, data)``, when given, sees each chunk as it is hashed,
-        i.e. BEFORE the verdict; ``data`` is only valid during the call. (The
-        FUSE server uses it to fill the kernel's page cache while verifying.)
+        ``on_chunk(offset, data)``, when given, sees the chunks as they are
+        hashed, all but the last BEFORE the verdict (the last only when the
+        blob is intact).
         """
-        loc = self._locate(digest)
-        if loc is None:
-            raise NotFoundError("blob", digest)
-        length = loc[2]
-        hasher = _hasher(length)
-        buffer = memoryview(bytearray(min(STREAM_CHUNK, length)))
         offset = 0
-        while offset < length:
-            n = self.read_blob_into(digest, offset, buffer)
-            data = buffer[:n]
-            hasher.update(data)
+        for chunk in self.iter_blob(digest):
             if on_chunk is not None:
-                on_chunk(offset, data)
-            offset += n
-        if hasher.digest() != digest:
-            raise CorruptionError("blob", digest, str(self._pack_path(loc[0])))
+                on_chunk(offset, memoryview(chunk))
+            offset += len(chunk)
 
     def where(self, digest: bytes) -> str:
         loc = self._locate(digest)

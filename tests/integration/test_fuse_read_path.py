@@ -1,6 +1,7 @@
-"""The FUSE read path against the kernel: the first open fills the page cache,
-bad blobs stay refused, and cold reads of several files at once (the reused
-read buffer) each get their own bytes.
+"""The FUSE read path against the kernel: the first open fills the page cache
+when asked to (OCIBUILD_FUSE_FILL_MAX) and not otherwise, bad blobs stay
+refused although their pages were filled, and cold reads of several files at
+once (replies sliced from one pack mapping) each get their own bytes.
 
 Every test mounts under its own tmp_path; the fixtures detach anything left.
 """
@@ -84,35 +85,42 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-async def test_first_open_fills_the_page_cache_before_any_read(
-        tmp_path, mountpoint, store_address):
+@pytest.mark.parametrize("fill", [True, False], ids=["fill-on", "fill-off"])
+async def test_first_open_fills_the_page_cache_only_when_asked(
+        tmp_path, mountpoint, store_address, monkeypatch, fill):
     size = 2 * STREAM_CHUNK + 3 * PAGE + 17  # several verify chunks, a partial last page
     data = os.urandom(size)
     (tmp_path / "big").write_bytes(data)
     node = await ingest(store_address, tmp_path / "big")
+    monkeypatch.setenv("OCIBUILD_FUSE_FILL_MAX", str(size if fill else 0))
     async with MountServer(mountpoint, blob_address=store_address,
                            directory_address=store_address) as server:
         path = (await server.add("k", [node])) / "big"
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             resident, total = await asyncio.to_thread(resident_pages, fd, size)
-            assert resident == total, f"only {resident} of {total} pages were filled at open"
+            if fill:
+                assert resident == total, f"only {resident} of {total} pages filled at open"
+            else:
+                assert resident == 0, f"{resident} pages cached before any read"
             assert await asyncio.to_thread(os.pread, fd, size + 10, 0) == data
         finally:
             os.close(fd)
-        # Dropped pages come back through ordinary read requests.
+        # Dropped pages come back through ordinary read requests; a second
+        # open fills nothing (the blob is verified once per server).
         await asyncio.to_thread(drop_cache, path)
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             resident, total = await asyncio.to_thread(resident_pages, fd, size)
-            assert resident < total  # the second open fills nothing: verified once
+            assert resident < total
             assert await asyncio.to_thread(os.pread, fd, size, 0) == data
         finally:
             os.close(fd)
 
 
 async def test_corrupt_big_blob_stays_refused_after_its_chunks_were_offered(
-        tmp_path, mountpoint, store_address):
+        tmp_path, mountpoint, store_address, monkeypatch):
+    monkeypatch.setenv("OCIBUILD_FUSE_FILL_MAX", str(1 << 40))  # fill before the verdict
     size = 2 * STREAM_CHUNK + 1000
     (tmp_path / "victim").write_bytes(os.urandom(size))
     node = await ingest(store_address, tmp_path / "victim")

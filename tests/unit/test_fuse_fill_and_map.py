@@ -60,6 +60,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
     k = Kernel()
     monkeypatch.setattr(pyfuse3, "notify_store", k.notify_store)
     monkeypatch.setattr(pyfuse3, "invalidate_inode", k.invalidate_inode)
+    monkeypatch.setattr(fsmod, "FILL_MAX", 1 << 62)  # fill every size unless a test says
     return k
 
 
@@ -142,6 +143,17 @@ def test_readers_without_map_blob_fill_chunk_by_chunk_while_hashing(store, kerne
     assert kernel.invalidated == [INODE + 1]
 
 
+@pytest.mark.parametrize("fill_max", [0, 4096], ids=["off", "4KiB"])
+def test_blobs_over_fill_max_are_only_verified(store, kernel, fill_max) -> None:
+    big = pattern(4097, seed=11)
+    small = pattern(4096, seed=12)
+    fs = CastoreFS(store)
+    fs.fill_max = fill_max
+    assert fs._check_blob(store.put_blob(big), len(big), INODE) is None
+    assert fs._check_blob(store.put_blob(small), len(small), INODE + 1) is None
+    assert [inode for inode, _, _ in kernel.stored] == ([INODE + 1] if fill_max else [])
+
+
 def test_missing_or_wrong_size_blob_fills_nothing(store, kernel) -> None:
     digest = store.put_blob(b"twelve bytes")
     fs = CastoreFS(store)
@@ -222,17 +234,18 @@ async def test_served_pages_are_forgotten_in_steps_never_the_current_request() -
     fs._open[1] = (b"a" * 32, 64 << 20, one)
     fs._open[2] = (b"b" * 32, 8 << 20, two)
     step = 1 << 20
-    for off in range(0, 40 << 20, step):
+    served = 5 * fsmod.FORGET_EVERY // 2
+    for off in range(0, served, step):
         await fs.read(1, off, step)
         for lo, hi in one.forgotten:
             assert hi <= off, "the request being answered was forgotten"
-    # 40 MiB served: the first 2 x FORGET_EVERY forgotten, contiguously, in order.
+    # 2.5 x FORGET_EVERY served: the first 2 x forgotten, contiguously, in order.
     assert one.forgotten[0][0] == 0
     assert all(a[1] == b[0] for a, b in zip(one.forgotten, one.forgotten[1:]))
     assert one.forgotten[-1][1] == 2 * fsmod.FORGET_EVERY
     # Switching to another blob forgets what was pending on the first.
     await fs.read(2, 0, step)
-    assert one.forgotten[-1][1] == 40 << 20
+    assert one.forgotten[-1][1] == served
     assert two.forgotten == []
 
 

@@ -18,13 +18,16 @@ Caveats:
   timeout so an added or removed key is seen at once.
 - Each blob is verified (hashed) once per server lifetime, the first time a
   file with it is opened; a corrupt or missing blob makes open() fail with
-  EIO and logs a line naming the digest. Later reads are plain preads.
-- While verifying, the hashed chunks are also stored into the kernel's page
-  cache of the inode being opened (``pyfuse3.notify_store``), so the reads
-  that follow the first open are page-cache hits instead of requests. Nobody
-  can read those pages before the verdict (every open of the inode waits for
-  it, and none was open before); on a bad verdict they are invalidated
-  before open() fails. Only the opening inode is filled, once per blob.
+  EIO and logs a line naming the digest. Later reads are unverified.
+- Opt-in (``OCIBUILD_FUSE_FILL_MAX``, bytes, default 0 = off): blobs up to
+  that size are also stored into the kernel's page cache of the inode being
+  opened while they are verified (``pyfuse3.notify_store``, from a second
+  thread), so the reads after the first open are page-cache hits. Nobody can
+  read those pages before the verdict (every open of the inode waits for it,
+  and none was open before, so no read request can hold a page lock the
+  filler waits for); on a bad verdict they are invalidated before open()
+  fails. Off by default because it measured no faster end to end (see the
+  package docstring) while doubling open()'s latency and CPU for big files.
 - Reads run on the trio thread: a cold read from disk briefly holds up other
   requests. Verification runs in a worker thread so it does not.
 - read() answers with a slice of the blob's read-only mapping of its pack
@@ -71,9 +74,13 @@ log = logging.getLogger("ocibuild.castore.fuse")
 EMPTY_BLOB_DIGEST = blob_digest(b"")
 # Served pages of a blob mapping are unmapped from the server (RSS) in steps
 # of this many bytes.
-FORGET_EVERY = 16 << 20
+FORGET_EVERY = 4 << 20
 # Bytes per notify_store while filling the page cache at first open.
 FILL_CHUNK = 4 << 20
+# Blobs up to this size are put into the page cache while being verified
+# (OCIBUILD_FUSE_FILL_MAX, bytes; 0 turns it off). See the package docstring
+# for why bigger ones are left to read requests.
+FILL_MAX = int(os.environ.get("OCIBUILD_FUSE_FILL_MAX", "0"))
 # Immutable content: let the kernel cache it for a long time.
 STABLE_TIMEOUT = 86400.0
 BLKSIZE = 1 << 17
@@ -156,6 +163,7 @@ class CastoreFS(pyfuse3.Operations):
         self._served: tuple[object, int, int] | None = None
         # Fill the kernel's page cache while verifying (off after one refusal).
         self.fill_on_verify = True
+        self.fill_max = FILL_MAX
 
     # --- editing the namespace (called by the server, not the kernel) -------
 
@@ -382,7 +390,7 @@ class CastoreFS(pyfuse3.Operations):
                 return "is not in the store"
             if have != size:
                 return f"has {have} bytes in the store, the file node says {size}"
-            if not self.fill_on_verify:
+            if not self.fill_on_verify or size > self.fill_max:
                 self.reader.verify_blob(digest)
             elif self._map_blob is not None:
                 thread = threading.Thread(target=filler.fill_from,
