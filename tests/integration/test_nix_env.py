@@ -174,6 +174,27 @@ class World:
         self.created[:0] = outs
         return outs
 
+    def cleanup(self) -> None:
+        """Delete this module's derivations and outputs (the busybox, shared, stays).
+
+        Everything named ``*-probe-*`` in the closures of what was instantiated,
+        their outputs, and the ``.lock`` files Nix leaves for failed builds.
+        """
+        if not self.created:
+            return
+        closure = nix("nix-store", "-qR", *self.created, cwd=self.base, check=False).stdout.split()
+        ours = {p for p in closure + self.created if "-probe-" in p}
+        outputs = set()
+        for drv in (p for p in ours if p.endswith(".drv")):
+            outputs.update(nix("nix-store", "-q", "--outputs", drv, cwd=self.base,
+                               check=False).stdout.split())
+        for out in outputs:
+            if os.path.exists(out + ".lock"):
+                os.unlink(out + ".lock")
+        existing = [p for p in outputs if os.path.lexists(p)]
+        nix("nix-store", "--delete", *existing, *sorted(ours - outputs), cwd=self.base,
+            check=False)
+
     async def build_ours(self, drv_path: str):  # noqa: ANN201
         """Our Build of ``drv_path``, its DerivationRequest, the castore."""
         drv = read_derivation(drv_path)
@@ -207,8 +228,8 @@ async def world():
             yield w
             await svc.host.drain()
     finally:
-        if w is not None and w.created:
-            nix("nix-store", "--delete", *w.created, cwd=base, check=False)
+        if w is not None:
+            w.cleanup()
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
 
 
