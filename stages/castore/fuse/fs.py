@@ -374,12 +374,11 @@ class CastoreFS(pyfuse3.Operations):
     def _check_blob(self, digest: bytes, size: int, inode: int) -> str | None:
         """Why the blob cannot be served, or None when it is intact.
 
-        Runs in a worker thread. With ``fill_on_verify`` the blob's bytes also
-        go into the kernel's page cache of ``inode``: from the blob's mapping
-        in a second thread while this one hashes (so open() costs about the
-        longer of the two, not their sum), or, for readers without
-        ``map_blob``, chunk by chunk as they are hashed. The pages are
-        invalidated again when the verdict is bad.
+        Runs in a worker thread. With ``fill_on_verify`` (and a reader with
+        ``map_blob``) the blob's bytes also go into the kernel's page cache of
+        ``inode``, from the blob's mapping in a second thread while this one
+        hashes (so open() costs about the longer of the two, not their sum).
+        The pages are invalidated again when the verdict is bad.
         """
         filler = _Filler(self, inode)
         problem = None
@@ -390,16 +389,12 @@ class CastoreFS(pyfuse3.Operations):
                 return "is not in the store"
             if have != size:
                 return f"has {have} bytes in the store, the file node says {size}"
-            if not self.fill_on_verify or size > self.fill_max:
-                self.reader.verify_blob(digest)
-            elif self._map_blob is not None:
+            if self.fill_on_verify and size <= self.fill_max and self._map_blob is not None:
                 thread = threading.Thread(target=filler.fill_from,
                                           args=(self._map_blob(digest),),
                                           name=f"fill-{inode}", daemon=True)
                 thread.start()
-                self.reader.verify_blob(digest)
-            else:
-                self.reader.verify_blob(digest, on_chunk=filler.store)
+            self.reader.verify_blob(digest)
         except CorruptionError as exc:
             problem = f"is corrupt in the store: {exc}"
         except Exception as exc:  # noqa: BLE001 - reported to the log and as EIO
