@@ -57,8 +57,10 @@ def _state_dir(args: argparse.Namespace) -> Path:
     if not isinstance(svc, OciBuildService):
         from stages.errors import ServiceError
 
-        raise ServiceError(address, "refuses every build; the ocibuild CLI needs an "
-                                    "oci:///abs/state/dir service (BUILD_SERVICE_ADDR)")
+        what = ("is remote: only 'ocibuild build' uses it; runs, resume and shell need "
+                if address.startswith("grpc+") else "refuses every build; the ocibuild CLI needs ")
+        raise ServiceError(address, what + "an oci:///abs/state/dir service "
+                                           "(BUILD_SERVICE_ADDR) or --state-dir")
     return svc.state_dir
 
 
