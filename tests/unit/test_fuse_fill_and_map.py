@@ -260,3 +260,28 @@ async def test_read_without_map_blob_falls_back_to_read_blob_at(store) -> None:
     fs = CastoreFS(OldReader())
     fs._open[INODE] = (digest, len(data), None)
     assert bytes(await fs.read(INODE, 5000, 8000)) == data[5000:]
+
+
+def test_open_entries_and_mappings_go_with_the_last_release(store) -> None:
+    import os
+
+    import trio
+
+    data = pattern(10_000, seed=13)
+    node = FileNode(name=b"f", digest=store.put_blob(data), size=len(data))
+    fs = CastoreFS(store)
+    fs.add_root_nodes([node])
+
+    async def scenario() -> None:
+        inode = fs._child(pyfuse3.ROOT_INODE, b"f")
+        for _ in range(2):
+            info = await fs.open(inode, os.O_RDONLY, None)
+            assert info.fh == inode
+        await fs.release(inode)
+        assert bytes(await fs.read(inode, 0, 100)) == data[:100]  # one open left
+        await fs.release(inode)
+        assert inode not in fs._open and inode not in fs._open_count
+        await fs.open(inode, os.O_RDONLY, None)  # opens again (verified already)
+        assert bytes(await fs.read(inode, 9_990, 100)) == data[9_990:]
+
+    trio.run(scenario)

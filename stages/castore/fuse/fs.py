@@ -39,8 +39,9 @@ Caveats:
   request is left unanswered, so the reader hangs until the mount goes away
   (ocibuild never truncates committed pack bytes). Pages the kernel touched
   through the mapping are unmapped from the server every FORGET_EVERY bytes,
-  so its RSS stays flat. Readers without ``map_blob`` are read with
-  ``read_blob_at``.
+  so its RSS stays flat. An open file's entry (with its mapping) is dropped
+  at its last release, so mappings of a pack that has since grown do not
+  pile up. Readers without ``map_blob`` are read with ``read_blob_at``.
 - Write operations are refused with EROFS (the mount is also ``ro``).
 """
 
@@ -156,6 +157,9 @@ class CastoreFS(pyfuse3.Operations):
         self._dirs: dict[bytes, tuple[Directory, dict[bytes, Node]]] = {}
         # inode -> (digest, size, mapping of the blob or None)
         self._open: dict[int, tuple[bytes, int, object]] = {}
+        # inode -> how many opens of it are not released yet; at zero the
+        # entry (and its mapping of an older, shorter pack) is dropped.
+        self._open_count: dict[int, int] = {}
         # digest -> True (verified), an Event (being verified) or an error text.
         self._verified: dict[bytes, Union[bool, trio.Event, str]] = {}
         self._map_blob = getattr(reader, "map_blob", None)
@@ -344,6 +348,7 @@ class CastoreFS(pyfuse3.Operations):
                               entry.digest.hex(), entry.name, exc)
                     raise pyfuse3.FUSEError(errno.EIO) from exc
         self._open[inode] = (entry.digest, entry.size, mapping)
+        self._open_count[inode] = self._open_count.get(inode, 0) + 1
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def _verify(self, node: FileNode, inode: int) -> None:
@@ -448,7 +453,12 @@ class CastoreFS(pyfuse3.Operations):
         self._served = (mapping, lo, hi)
 
     async def release(self, fh: int) -> None:
-        pass
+        left = self._open_count.get(fh, 1) - 1
+        if left > 0:
+            self._open_count[fh] = left
+            return
+        self._open_count.pop(fh, None)
+        self._open.pop(fh, None)
 
     async def flush(self, fh: int) -> None:
         pass
