@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from stages.castore.errors import CastoreError
 from stages.castore.fuse.errors import MountError
 from stages.castore.fuse.mounts import find_mount, lazy_unmount
-from stages.castore.fuse.store import check_address, resolve_addresses
+from stages.castore.fuse.store import check_servable, resolve_addresses
 from stages.castore.nodes import Node, node_to_proto, validate_name
 
 __all__ = ["MountServer", "serve_until_signal"]
@@ -50,8 +50,8 @@ def _check_addresses(blob_address: str | None, directory_address: str | None,
                      mountpoint: Path) -> tuple[str, str]:
     blob, directory = resolve_addresses(blob_address, directory_address)
     try:
-        check_address(blob)
-        check_address(directory)
+        check_servable(blob)
+        check_servable(directory)
     except CastoreError as exc:
         raise MountError(mountpoint, str(exc)) from exc
     return blob, directory
