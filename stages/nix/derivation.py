@@ -140,11 +140,15 @@ class Derivation:
 
 # --- serializing ----------------------------------------------------------------
 
-_ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
-
-
 def _q(s: str) -> str:
-    return '"' + s.translate(_ESCAPES) + '"'
+    """Nix's ``printString``: escape backslash first, then the others."""
+    if "\\" in s:
+        s = s.replace("\\", "\\\\")
+    if '"' in s:
+        s = s.replace('"', '\\"')
+    if "\n" in s or "\r" in s or "\t" in s:
+        s = s.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return '"' + s + '"'
 
 
 def _list(items: Iterable[str]) -> str:
@@ -164,8 +168,28 @@ def serialize_derivation(drv: Derivation) -> str:
 
 # --- parsing --------------------------------------------------------------------
 
-_STRING_RUN = re.compile(r'[^"\\]*')
+# A whole string: runs of plain characters, each escape a backslash and any character.
+_STRING = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
+_OTHER_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _UNESCAPE = {"n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescape(raw: str) -> str:
+    """Nix's ``parseString`` escapes: \\n \\r \\t, and \\c is c for any other c.
+
+    Escaped backslashes go first (scanning left to right, the first of two
+    backslashes always starts an escape), parked as NUL, which a Nix string
+    cannot hold; then every backslash left starts an escape of another
+    character. All in C-speed string operations; text holding NUL (not
+    from Nix) takes the slow path.
+    """
+    if "\0" in raw:
+        return _OTHER_ESCAPE.sub(lambda m: _UNESCAPE.get(m.group(1), m.group(1)), raw)
+    s = raw.replace("\\\\", "\0")
+    s = s.replace("\\n", "\n").replace("\\r", "\r").replace("\\t", "\t").replace('\\"', '"')
+    if "\\" in s:
+        s = _OTHER_ESCAPE.sub(r"\1", s)
+    return s.replace("\0", "\\")
 
 
 class _Parser:
@@ -198,24 +222,12 @@ class _Parser:
     def string(self, what: str) -> str:
         if not self.peek('"'):
             raise self.error(f"expected a string ({what}), found {self._found()}")
-        start = self.pos
-        self.pos += 1
-        parts = []
-        while True:
-            m = _STRING_RUN.match(self.text, self.pos)
-            parts.append(m.group())
-            self.pos = m.end()
-            if self.pos >= len(self.text):
-                raise self.error(f"unterminated string ({what}) starting here", start)
-            if self.text[self.pos] == '"':
-                self.pos += 1
-                return "".join(parts)
-            # a backslash
-            if self.pos + 1 >= len(self.text):
-                raise self.error(f"unterminated string ({what}) starting here", start)
-            c = self.text[self.pos + 1]
-            parts.append(_UNESCAPE.get(c, c))
-            self.pos += 2
+        m = _STRING.match(self.text, self.pos)
+        if m is None:
+            raise self.error(f"unterminated string ({what}) starting here")
+        self.pos = m.end()
+        raw = m.group(1)
+        return _unescape(raw) if "\\" in raw else raw
 
     def store_path(self, what: str) -> str:
         start = self.pos

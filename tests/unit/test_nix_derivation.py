@@ -282,3 +282,24 @@ def test_bad_store_paths_say_why(path: str, reason: str) -> None:
 def test_longest_name_is_accepted() -> None:
     p = f"/nix/store/{H1}-" + "x" * 211
     assert basename(p).endswith("x" * 211)
+
+
+def _reference_unescape(raw: str) -> str:
+    """Nix's parseString, character by character."""
+    out, i = [], 0
+    while i < len(raw):
+        c = raw[i]
+        if c == "\\":
+            c = {"n": "\n", "r": "\r", "t": "\t"}.get(raw[i + 1], raw[i + 1])
+            i += 1
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+@given(st.lists(st.one_of(st.text(alphabet="ab\0\n\t$", max_size=3),
+                          st.sampled_from(["\\n", "\\r", "\\t", '\\"', "\\\\", "\\a", "\\\0",
+                                           "\\\\n", "\\$", "\\\n"])), max_size=12).map("".join))
+def test_string_escapes_read_as_nix_reads_them(raw: str) -> None:
+    text = f'Derive([("out","","sha256","")],[],[],"s","{raw}",[],[])'
+    assert parse_derivation(text).builder == _reference_unescape(raw)
