@@ -400,6 +400,7 @@ def _register_fn(plan: _Plan, drv_path: str):  # noqa: ANN202
             infos.append(PathInfo(path="/" + dreq.request.outputs[i], node=node,
                                   references=refs, nar_sha256=digest, nar_size=size,
                                   deriver=drv_path))
+        _check_output_cycles(drv_path, dreq.output_names, infos)
         await asyncio.to_thread(plan.pathinfo.register, infos)
         out = {}
         for name, info in zip(dreq.output_names, infos):
@@ -411,6 +412,28 @@ def _register_fn(plan: _Plan, drv_path: str):  # noqa: ANN202
     return register
 
 
+def _check_output_cycles(drv_path: str, names: Sequence[str], infos: list[PathInfo]) -> None:
+    """Refuse outputs of one derivation that refer to each other in a cycle, as Nix does."""
+    name_of = {i.path: n for n, i in zip(names, infos)}
+    edges = {i.path: [r for r in i.references if r in name_of and r != i.path] for i in infos}
+    state: dict[str, int] = {}  # 1: on the current walk, 2: done
+
+    def walk(path: str, trail: list[str]) -> None:
+        state[path] = 1
+        for ref in edges[path]:
+            if state.get(ref) == 1:
+                cycle = " -> ".join(name_of[p] for p in [*trail[trail.index(ref):], ref])
+                raise NixError(f"{drv_path}: its outputs refer to each other in a cycle "
+                               f"({cycle}); Nix refuses such outputs too")
+            if ref not in state:
+                walk(ref, [*trail, ref])
+        state[path] = 2
+
+    for path in edges:
+        if path not in state:
+            walk(path, [path])
+
+
 def _failure(run: Run, plan: _Plan, drv_path: str) -> str:
     """Why drv_path's stages did not all finish: its first failure, or a failed input."""
     from pipeline import StageState
@@ -420,8 +443,7 @@ def _failure(run: Run, plan: _Plan, drv_path: str) -> str:
               if n.startswith(key + "/") and o.state is StageState.FAILED]
     if failed:
         first = min(failed, key=lambda o: o.ended or 0)
-        stage = first.name[len(key) + 1:]
-        return f"stage {stage} failed: {first.error or 'failed'}"
+        return first.error or f"stage {first.name} failed"
     for dep in plan.drvs[drv_path].input_drvs:
         if dep in plan.errors:
             return f"input derivation {dep} failed"

@@ -1,0 +1,215 @@
+"""A corpus of derivations built by real Nix and by ocibuild: the same NAR hashes and references.
+
+The corpus (tests/nix_corpus/*.nix) is instantiated once per module with a
+fresh nonce (so every store path is new and nix-build really builds), each
+case file giving an attribute set of derivations. Every derivation is built:
+
+- by ``nix-build --keep-going`` (NIX_CONF_DIR=.nix, NIX_REMOTE=local, the
+  sandbox on), the oracle: ``nix-store -q --hash`` and ``--references`` of
+  each output;
+- by ``ocibuild nix build --json --jobs 2`` (the CLI, one call for the whole
+  corpus) over a fresh local store and state directory.
+
+Attributes named ``fail_*`` must fail under both (and a derivation that
+depends on one as well); every other one must build under both with equal
+NAR hashes and equal references, output by output. The fixed-output
+derivation with a wrong hash must fail naming both hashes, as Nix does.
+
+Afterwards the module deletes the outputs and .drv files it made from the
+Nix store (best effort: nothing else refers to them) and removes its
+temporary directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.nix, pytest.mark.runc, pytest.mark.fuse, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = REPO / "tests" / "nix_corpus"
+CASES = ("outputs", "chain", "sources", "passasfile", "symlinks", "big", "fixed", "failing")
+OCIBUILD = [sys.executable, "-m", "stages.cli"]
+
+
+def sh(*args: str, check: bool = True, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), check=check, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+class Corpus:
+    def __init__(self, base: Path, nonce: str) -> None:
+        self.base = base
+        self.nonce = nonce
+        self.dir = base / "corpus"
+        self.drvs: dict[str, str] = {}            # "case.attr" -> .drv path
+        self.nix_ok: set[str] = set()             # .drv paths nix-build built
+        self.nix_outputs: dict[str, dict[str, str]] = {}   # .drv -> {output: path}
+        self.nix_stderr = ""
+        self.ours: dict = {}
+        self.store = f"local://{base}/store"
+
+    def store_args(self) -> list[str]:
+        return ["--state-dir", str(self.base / "state"), "--blob-service-addr", self.store,
+                "--directory-service-addr", self.store]
+
+    @property
+    def failing(self) -> set[str]:
+        return {d for k, d in self.drvs.items() if k.split(".", 1)[1].startswith("fail_")}
+
+
+def _recursive_hash(base: Path, nonce: str) -> str:
+    """The NAR hash of fixed.nix's recursive output, by nix-hash over the expected tree."""
+    tree = base / "expected-recursive"
+    tree.mkdir()
+    (tree / "file").write_text(f"fixed content {nonce}\n")
+    (tree / "exe").write_text("#!/bin/sh\n")
+    (tree / "exe").chmod(0o755)
+    return sh("nix-hash", "--type", "sha256", str(tree)).stdout.strip()
+
+
+def _instantiate(c: Corpus, case: str, args: dict[str, str]) -> None:
+    """Every attribute of the case file, as a .drv, into c.drvs["case.attr"]."""
+    argstrs = [a for k, v in args.items() for a in ("--argstr", k, v)]
+    call = " ".join(f'{k} = "{v}";' for k, v in args.items())
+    names = sh("nix-instantiate", "--eval", "--json", "-E",
+               f"builtins.attrNames (import {c.dir / case}.nix {{ {call} }})").stdout
+    for attr in json.loads(names):
+        out = sh("nix-instantiate", *argstrs, "-A", attr, str(c.dir / f"{case}.nix")).stdout
+        c.drvs[f"{case}.{attr}"] = out.split()[0]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    base = Path(tempfile.mkdtemp(prefix="ocibuild-nix-corpus-"))
+    base.chmod(0o711)
+    c = Corpus(base, uuid.uuid4().hex[:10])
+    try:
+        shutil.copytree(CORPUS, c.dir, symlinks=True)
+        (c.dir / "bbdir").mkdir()
+        shutil.copy2("/bin/busybox", c.dir / "bbdir" / "busybox")
+        rhash = _recursive_hash(base, c.nonce)
+        for case in CASES:
+            _instantiate(c, case, {"nonce": c.nonce, **({"rhash": rhash} if case == "fixed"
+                                                         else {})})
+
+        # Nix, the oracle: everything that must build in one nix-build, and each
+        # failing one on its own (Nix 2.8 stops a whole --keep-going build at an
+        # output cycle).
+        drvs = sorted(set(c.drvs.values()))
+        good = sorted(set(drvs) - c.failing)
+        nix = sh("nix-build", "--no-out-link", "--keep-going", "--max-jobs", "2", *good,
+                 check=False)
+        c.nix_stderr = nix.stderr
+        for drv in sorted(c.failing):
+            c.nix_stderr += sh("nix-build", "--no-out-link", drv, check=False).stderr
+        for drv in drvs:
+            outs = json.loads(sh("nix", "show-derivation", drv).stdout)[drv]["outputs"]
+            paths = {name: o["path"] for name, o in outs.items()}
+            if all(os.path.exists(p) for p in paths.values()):
+                c.nix_ok.add(drv)
+            c.nix_outputs[drv] = paths
+
+        # ocibuild: the CLI, one call for the whole corpus.
+        ours = sh(*OCIBUILD, "nix", "build", "--json", "--jobs", "2", *c.store_args(), *drvs,
+                  check=False, cwd=REPO)
+        assert ours.stdout, ours.stderr
+        c.ours = json.loads(ours.stdout)
+        c.ours_rc = ours.returncode  # type: ignore[attr-defined]
+        yield c
+    finally:
+        made = [p for outs in c.nix_outputs.values() for p in outs.values()
+                if os.path.exists(p)]
+        if made:
+            sh("nix-store", "--delete", *made, check=False)
+        if c.drvs:
+            sh("nix-store", "--delete", *sorted(set(c.drvs.values())), check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _cases(corpus_failing: bool) -> list[str]:
+    """Test ids: case.attr, known statically from the corpus files."""
+    ids = []
+    for case in CASES:
+        text = (CORPUS / f"{case}.nix").read_text()
+        body = text[text.rindex("\n{"):] if "\n{" in text else text
+        for attr in re.findall(r"^  ([a-z_]+) = ", body, re.M) + \
+                re.findall(r"inherit ([a-z_ ]+);", body):
+            for a in attr.split():
+                if a.startswith("fail_") == corpus_failing:
+                    ids.append(f"{case}.{a}")
+    return sorted(set(ids))
+
+
+@pytest.mark.parametrize("name", _cases(False))
+def test_same_nar_hash_and_references_as_nix(corpus: Corpus, name: str) -> None:
+    drv = corpus.drvs[name]
+    assert drv in corpus.nix_ok, f"nix-build did not build {drv}:\n{corpus.nix_stderr[-3000:]}"
+    ours = corpus.ours[drv]
+    assert ours["status"] == "built", ours
+    assert set(ours["outputs"]) == set(corpus.nix_outputs[drv])
+    for output, path in corpus.nix_outputs[drv].items():
+        got = ours["outputs"][output]
+        assert got["path"] == path
+        assert got["nar_hash"] == sh("nix-store", "-q", "--hash", path).stdout.strip(), output
+        assert got["references"] == sorted(sh("nix-store", "-q", "--references",
+                                              path).stdout.split()), output
+
+
+@pytest.mark.parametrize("name", _cases(True))
+def test_failures_fail_under_both(corpus: Corpus, name: str) -> None:
+    drv = corpus.drvs[name]
+    assert drv not in corpus.nix_ok
+    ours = corpus.ours[drv]
+    assert ours["status"] == "failed" and ours["error"], ours
+    assert "outputs" not in ours
+    assert corpus.ours_rc != 0  # type: ignore[attr-defined]
+
+
+def test_failure_reasons_are_named(corpus: Corpus) -> None:
+    err = {k: corpus.ours[d].get("error", "") for k, d in corpus.drvs.items()}
+    assert "exit" in err["failing.fail_exit"] and "3" in err["failing.fail_exit"]
+    assert "did not create" in err["failing.fail_no_output"]
+    assert corpus.drvs["failing.fail_exit"] in err["failing.fail_dependent"]
+    assert "cycle" in err["failing.fail_output_cycle"]
+    # The wrong fixed hash: both hashes, as Nix names them in its own error (in SRI
+    # form there; nix converts them to the nixbase32 form ocibuild prints).
+    specified, got = re.search(r"specified: (sha256-\S+)\s+got:\s+(sha256-\S+)",
+                               corpus.nix_stderr).groups()
+    for sri in (specified, got):
+        b32 = sh("nix", "hash", "to-base32", sri).stdout.strip()
+        assert f"sha256:{b32}" in err["fixed.fail_wrong_hash"], (sri, err)
+    assert "specified" in err["fixed.fail_wrong_hash"]
+
+
+def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus) -> None:
+    """A second call builds nothing; exported trees have Nix's NAR hash."""
+    good = [d for k, d in sorted(corpus.drvs.items()) if d in corpus.nix_ok]
+    again = sh(*OCIBUILD, "nix", "build", *corpus.store_args(), *good, cwd=REPO)
+    assert again.stdout.count("cached ") == len(good), again.stdout
+    dest = corpus.base / "export"
+    dest.mkdir()
+    for name in ("symlinks.links", "symlinks.linkout", "symlinks.exeout", "sources.copy",
+                 "outputs.multi"):
+        for path in corpus.nix_outputs[corpus.drvs[name]].values():
+            store = ["--blob-service-addr", corpus.store, "--directory-service-addr",
+                     corpus.store]
+            out = sh(*OCIBUILD, "nix", "export", *store, path, str(dest), cwd=REPO)
+            exported = Path(out.stdout.strip())
+            assert exported == dest / Path(path).name
+            assert "sha256:" + sh("nix-hash", "--type", "sha256", "--base32",
+                                  str(exported)).stdout.strip() == \
+                sh("nix-store", "-q", "--hash", path).stdout.strip(), path
+            again = sh(*OCIBUILD, "nix", "export", *store, path, str(dest), cwd=REPO,
+                       check=False)
+            assert again.returncode == 1 and "already exists" in again.stderr
