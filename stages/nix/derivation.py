@@ -19,10 +19,10 @@ in Nix), so serializing a parsed Nix-written file gives back the same bytes.
 Caveats:
 
 - Strings are bytes to Nix. They are decoded as UTF-8 with
-  ``surrogateescape``: any byte sequence survives a round trip, and
-  :func:`serialize_derivation`'s text encodes back to the original bytes with
-  ``.encode("utf-8", "surrogateescape")`` (which :func:`read_derivation`'s
-  counterpart, the caller writing a file, must use).
+  ``surrogateescape``: any byte sequence survives a round trip.
+  :func:`serialize_derivation`'s text gives the file's bytes with
+  ``.encode("utf-8", "surrogateescape")``, which :func:`derivation_bytes`
+  does.
 - Parsing is stricter than Nix on two points: a duplicate output name, input
   derivation, input source or environment key is refused (Nix keeps one of
   them silently), and store paths are checked (as Nix does for paths, plus
@@ -49,6 +49,7 @@ from stages.nix.storepath import check_store_path
 __all__ = [
     "Derivation",
     "DerivationOutput",
+    "derivation_bytes",
     "parse_derivation",
     "read_derivation",
     "serialize_derivation",
