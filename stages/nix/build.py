@@ -329,9 +329,28 @@ def _deps_failed(plan: _Plan, drv_path: str) -> str | None:
 
 
 async def _import_sources(plan: _Plan) -> None:
-    """Import every input source the builds need; a drv whose sources fail fails."""
-    ok: list[str] = []
+    """Import every input source the builds need; a drv whose sources fail fails.
+
+    All sources go in one call (one look at Nix's database, one transaction);
+    only if that fails is each derivation's set tried alone, to tell which
+    derivations cannot build.
+    """
+    ready: list[str] = []
     for drv_path in plan.to_build:
+        why = _deps_failed(plan, drv_path)
+        if why is not None:
+            plan.errors[drv_path] = why
+        else:
+            ready.append(drv_path)
+    sources = sorted({s for d in ready for s in plan.drvs[d].input_srcs})
+    try:
+        await import_from_nix_store(plan.castore, plan.pathinfo, sources)
+        plan.to_build = ready
+        return
+    except NixError:
+        pass
+    ok: list[str] = []
+    for drv_path in ready:
         why = _deps_failed(plan, drv_path)
         if why is not None:
             plan.errors[drv_path] = why
@@ -346,36 +365,62 @@ async def _import_sources(plan: _Plan) -> None:
     plan.to_build = ok
 
 
+def _make_request(plan: _Plan, drv_path: str, cores: int) -> DerivationRequest:
+    """The request of drv_path, from what pathinfo holds for its inputs' closure."""
+    from stages.nix.to_request import derivation_to_request
+
+    drv = plan.drvs[drv_path]
+    closure = plan.pathinfo.closure(plan.input_paths(drv))
+    inputs = {p: plan.pathinfo.get(p).node for p in closure}
+    dreq = derivation_to_request(drv, inputs, cores=cores, read_drv=plan.load)
+    plan.requests[drv_path] = dreq
+    return dreq
+
+
 def _graph(plan: _Plan, host: object, cores: int):  # noqa: ANN202
+    """The builds and the graph; a derivation whose inputs are all there already gets its
+    request now (no request stage: one less JSON round trip per stage of its build)."""
     from pipeline import Stage
     from stages.build import BuildSpec, graph_for_requests
 
     specs: list[BuildSpec] = []
     extra: list[Stage] = []
     building = set(plan.to_build)
-    for drv_path in plan.to_build:
+    for drv_path in list(plan.to_build):
         key = plan.keys[drv_path]
         drv = plan.drvs[drv_path]
+        why = _deps_failed(plan, drv_path)
+        if why is not None:
+            plan.errors[drv_path] = why
+            building.discard(drv_path)
+            continue
         deps = [f"{plan.keys[d]}/register" for d in drv.input_drvs if d in building]
-        extra.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
-                           deps=deps, description=f"BuildRequest of {drv_path}"))
-        specs.append(BuildSpec(key=key, request_from=f"{key}/request"))
+        if deps:
+            extra.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
+                               deps=deps, description=f"BuildRequest of {drv_path}"))
+            specs.append(BuildSpec(key=key, request_from=f"{key}/request"))
+        else:
+            try:
+                request = _make_request(plan, drv_path, cores).request
+            except NixError as exc:
+                plan.errors[drv_path] = str(exc)
+                building.discard(drv_path)
+                continue
+            specs.append(BuildSpec(key=key, request=request))
         extra.append(Stage(name=f"{key}/register", fn=_register_fn(plan, drv_path),
                            deps=[f"{key}/ingest"],
                            description=f"NAR hashes, references; register {drv_path}'s outputs"))
+    plan.to_build = [d for d in plan.to_build if d in building]
+    if not specs:
+        return specs, None
     return specs, graph_for_requests(specs, host, stages=extra)  # type: ignore[arg-type]
 
 
 def _request_fn(plan: _Plan, drv_path: str, cores: int):  # noqa: ANN202
     async def request(ctx: object) -> dict:
         from stages.build import request_to_result
-        from stages.nix.to_request import derivation_to_request
 
-        drv = plan.drvs[drv_path]
-        closure = await asyncio.to_thread(plan.pathinfo.closure, plan.input_paths(drv))
-        inputs = {p: plan.pathinfo.get(p).node for p in closure}
-        dreq = derivation_to_request(drv, inputs, cores=cores, read_drv=plan.load)
-        plan.requests[drv_path] = dreq
+        dreq = await asyncio.to_thread(_make_request, plan, drv_path, cores)
         return request_to_result(dreq.request)
 
     return request
@@ -450,6 +495,23 @@ def _failure(run: Run, plan: _Plan, drv_path: str) -> str:
     return f"did not finish (run {run.status.value})"
 
 
+async def _run(service: OciBuildService, graph: object, specs: list, nonce: str, jobs: int,
+               subscribers: Iterable[Subscriber]) -> Run:
+    from pipeline import Caps, Runner
+
+    run_dir = service.runs_dir / (time.strftime("%Y%m%d-%H%M%S") + f"-nix-{nonce}")
+    run_dir.mkdir(parents=True)
+    # Crash recovery (a later service) removes the bundles of the keys its dead
+    # owner recorded; the service has no public way to record them.
+    instance = getattr(service, "_instance", None)
+    for spec in specs:
+        if instance is not None:
+            instance.record_key(spec.key)
+    runner = Runner(graph, run_dir=run_dir, caps=Caps(kinds={"container": jobs}),  # type: ignore[arg-type]
+                    subscribers=[*service.subscribers, *subscribers])
+    return await runner.run()
+
+
 async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildService,
                             pathinfo: PathInfoDB, jobs: int = 1, cores: int = 0,
                             subscribers: Iterable[Subscriber] = ()) -> dict[str, DrvResult]:
@@ -461,8 +523,6 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
     every core, as Nix's default). Never raises for a derivation that
     fails: its result says why.
     """
-    from pipeline import Caps, Runner
-
     host = service.host
     if host is None:
         raise NixError("the build service is not started; use it with 'async with'")
@@ -474,24 +534,16 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
         await plan.visit(drv_path, done)
     await _import_sources(plan)
 
-    run = None
     if plan.to_build:
         nonce = secrets.token_hex(3)
         plan.keys = {d: _key(d, plan.drvs[d], nonce) for d in plan.to_build}
         specs, graph = _graph(plan, host, cores)
-        run_dir = service.runs_dir / (time.strftime("%Y%m%d-%H%M%S") + f"-nix-{nonce}")
-        run_dir.mkdir(parents=True)
-        instance = getattr(service, "_instance", None)  # crash recovery removes its bundles
-        for spec in specs:
-            if instance is not None:
-                instance.record_key(spec.key)
-        runner = Runner(graph, run_dir=run_dir, caps=Caps(kinds={"container": jobs}),
-                        subscribers=[*service.subscribers, *subscribers])
-        run = await runner.run()
-        for drv_path in plan.to_build:  # dependencies first: a failed input is known
-            outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
-            if outcome is None or not outcome.state.ok:
-                plan.errors[drv_path] = _failure(run, plan, drv_path)
+        if graph is not None:
+            run = await _run(service, graph, specs, nonce, jobs, subscribers)
+            for drv_path in plan.to_build:  # dependencies first: a failed input is known
+                outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
+                if outcome is None or not outcome.state.ok:
+                    plan.errors[drv_path] = _failure(run, plan, drv_path)
 
     built = set(plan.to_build)
     results: dict[str, DrvResult] = {}

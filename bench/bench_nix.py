@@ -1,0 +1,195 @@
+"""50 independent trivial derivations: ``ocibuild nix build --jobs 2`` beside ``nix-build --max-jobs 2``.
+
+Each run instantiates ``--drvs`` new derivations (a fresh nonce, so both
+tools really build) whose builder is a static busybox from the store running
+``echo $i > $out``; instantiation is not timed. Then, timed as whole
+commands (process start included, as a user meets them):
+
+- ``nix-build --no-out-link --max-jobs 2 DRV...`` (NIX_CONF_DIR=.nix,
+  NIX_REMOTE=local, sandbox on);
+- ``ocibuild nix build --jobs 2 DRV...`` over a local store and state
+  directory kept for the whole benchmark (the busybox input is imported by a
+  warm-up run, as it would be after a first build).
+
+The two alternate (nix first on even runs); medians of ``--runs``. Target:
+ocibuild <= 2.0x nix-build (runc's own cost puts the best near 1.45x).
+
+``--profile`` adds one in-process run of
+:func:`stages.nix.build.build_derivations` under cProfile, and prints the
+busiest functions and the wall time per stage kind (summed over builds).
+
+Rerun: ``.venv/bin/python -m bench nix`` or
+``.venv/bin/python -m bench.bench_nix --runs 5 --drvs 50 [--profile]``.
+Results go to bench/results/nix.json.
+
+Caveats: 2 shared cores; rerun on a quiet machine. Outputs and .drv files
+made by a run are deleted from the Nix store afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import os
+import pstats
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NIX_ENV = dict(os.environ, NIX_CONF_DIR=str(REPO / ".nix"), NIX_REMOTE="local")
+
+EXPR = """
+{ nonce, n }:
+let bbd = builtins.path { path = ./bbdir; name = "busybox"; };
+in builtins.genList (i: derivation {
+  name = "bench-${toString i}-${nonce}";
+  system = builtins.currentSystem;
+  builder = "${bbd}/busybox";
+  args = [ "sh" "-c" "echo ${toString i} > $out" ];
+}) (builtins.fromJSON n)
+"""
+
+
+def _sh(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True, env=NIX_ENV,
+                          **kw)
+
+
+def _instantiate(work: Path, n: int) -> list[str]:
+    out = _sh("nix-instantiate", "--argstr", "nonce", secrets.token_hex(5), "--argstr", "n",
+              str(n), str(work / "drvs.nix")).stdout
+    return out.split()
+
+
+def _outputs(drvs: list[str]) -> list[str]:
+    return _sh("nix-store", "-q", "--outputs", *drvs).stdout.split()
+
+
+def _delete(drvs: list[str]) -> None:
+    paths = [p for p in _outputs(drvs) if os.path.exists(p)]
+    subprocess.run(["nix-store", "--delete", *paths, *drvs], capture_output=True, env=NIX_ENV)
+
+
+def _ocibuild(work: Path, drvs: list[str]) -> list[str]:
+    store = f"local://{work}/store"
+    return [sys.executable, "-m", "stages.cli", "nix", "build", "--jobs", "2",
+            "--state-dir", str(work / "state"), "--blob-service-addr", store,
+            "--directory-service-addr", store, *drvs]
+
+
+def _time(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=NIX_ENV, cwd=REPO)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return took
+
+
+def _profile(work: Path, drvs: list[str]) -> dict:
+    sys.path.insert(0, str(REPO))
+    from stages.nix.build import build_derivations
+    from stages.nix.pathinfo import open_pathinfo
+    from stages.service import OciBuildService
+
+    store = f"local://{work}/store"
+    stage_time: dict[str, float] = {}
+
+    async def go() -> float:
+        async with OciBuildService(work / "state", blob_address=store,
+                                   directory_address=store, jobs=2) as svc:
+            with open_pathinfo(store) as pi:
+                start = time.perf_counter()
+                res = await build_derivations(drvs, service=svc, pathinfo=pi, jobs=2)
+                took = time.perf_counter() - start
+        assert all(r.ok for r in res.values()), [r.error for r in res.values() if not r.ok]
+        from pipeline import load_run
+
+        run_dir = max((work / "state" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+        for name, o in load_run(run_dir).stages.items():
+            if o.started is not None and o.ended is not None:
+                kind = name.rsplit("/", 1)[-1]
+                stage_time[kind] = stage_time.get(kind, 0.0) + o.ended - o.started
+        return took
+
+    prof = cProfile.Profile()
+    prof.enable()
+    took = asyncio.run(go())
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+    return {"wall_s": took, "stage_wall_sum_s": stage_time, "top": out.getvalue()}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench_nix")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--drvs", type=int, default=50)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    if shutil.which("nix-build") is None or not (REPO / ".nix" / "nix.conf").exists():
+        print("skipped: nix-build or .nix/nix.conf missing (make nix-setup)")
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="ocibuild-bench-nix-"))
+    work.chmod(0o711)
+    made: list[str] = []
+    try:
+        (work / "bbdir").mkdir()
+        shutil.copy2("/bin/busybox", work / "bbdir" / "busybox")
+        (work / "drvs.nix").write_text(EXPR)
+        warm = _instantiate(work, 2)
+        made += warm
+        _time(_ocibuild(work, warm))  # imports busybox into the store, starts everything once
+        _time(["nix-build", "--no-out-link", *warm])
+        nix_t: list[float] = []
+        oci_t: list[float] = []
+        for run in range(args.runs):
+            a, b = _instantiate(work, args.drvs), _instantiate(work, args.drvs)
+            made += a + b
+            order = [("nix", a), ("oci", b)] if run % 2 == 0 else [("oci", b), ("nix", a)]
+            for who, drvs in order:
+                if who == "nix":
+                    nix_t.append(_time(["nix-build", "--no-out-link", "--max-jobs", "2",
+                                        *drvs]))
+                else:
+                    oci_t.append(_time(_ocibuild(work, drvs)))
+            print(f"run {run}: nix-build {nix_t[-1]:.2f} s, ocibuild {oci_t[-1]:.2f} s",
+                  flush=True)
+        nix_m, oci_m = statistics.median(nix_t), statistics.median(oci_t)
+        ratio = oci_m / nix_m
+        result = {"drvs": args.drvs, "runs": args.runs, "nix_build_s": nix_t,
+                  "ocibuild_s": oci_t, "nix_median_s": nix_m, "ocibuild_median_s": oci_m,
+                  "ratio": ratio, "target": 2.0}
+        print(f"{args.drvs} trivial derivations, jobs 2: nix-build {nix_m:.2f} s, "
+              f"ocibuild {oci_m:.2f} s, ratio {ratio:.2f}x (target <= 2.0x)")
+        if args.profile:
+            drvs = _instantiate(work, args.drvs)
+            made += drvs
+            prof = _profile(work, drvs)
+            result["profile"] = prof
+            print(f"profiled run: {prof['wall_s']:.2f} s; stage wall time summed over builds:")
+            for kind, t in sorted(prof["stage_wall_sum_s"].items(), key=lambda kv: -kv[1]):
+                print(f"  {kind:10s} {t:7.2f} s")
+            print(prof["top"])
+        out = REPO / "bench" / "results"
+        out.mkdir(exist_ok=True)
+        (out / "nix.json").write_text(json.dumps(result, indent=2) + "\n")
+        return 0 if ratio <= 2.0 else 1
+    finally:
+        if made:
+            _delete(made)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
