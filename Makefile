@@ -42,11 +42,14 @@ $(NIX_CONF_DIR)/nix.conf:
 	  'experimental-features = nix-command' 'max-jobs = 2' > $@.tmp
 	mv $@.tmp $@
 
-# The castore demo, then a real build on the embedded store (default state dir).
+# The castore demo, then a real build on the embedded store (default state dir),
+# then a chain of Nix derivations built by ocibuild and by Nix, NAR hashes compared.
 demo: install
 	$(PY) dag_examples/demo.py
 	@echo
 	$(PY) dag_examples/build_hello.py
+	@echo
+	$(PY) dag_examples/nix_chain.py
 
 test: install
 	$(PY) -m pytest -q tests dag_examples
