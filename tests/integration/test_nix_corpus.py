@@ -239,3 +239,79 @@ def test_nix_chain_example_runs_and_agrees_with_nix() -> None:
             assert str(base) not in f.read()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+SLEEPERS = r"""
+{ nonce }:
+let
+  bbd = builtins.path { path = ./bbdir; name = "busybox"; };
+  mk = name: script: derivation {
+    name = "${name}-${nonce}"; system = builtins.currentSystem; builder = "${bbd}/busybox";
+    args = [ "sh" "-c" "B=${bbd}/busybox; ${script}" ];
+  };
+  base = mk "base" "echo base > $out";
+in {
+  inherit base;
+  top = mk "top" "$B cat ${base}; echo ${base} > $out";
+} // builtins.listToAttrs (map (i: { name = "sleep${toString i}";
+       value = mk "sleep${toString i}" "$B sleep 0.5; echo ${toString i} > $out"; })
+     [ 1 2 3 4 ])
+"""
+
+
+def test_independent_derivations_overlap_up_to_jobs_and_built_inputs_are_skipped() -> None:
+    """Four independent sleepers with jobs=2: two containers at a time, never three;
+    a derivation whose input was built by an earlier call builds alone."""
+    import asyncio
+
+    from pipeline import Collector, EventKind
+    from stages.nix.build import build_derivations
+    from stages.nix.pathinfo import PathInfoDB
+    from stages.service import OciBuildService
+
+    base = Path(tempfile.mkdtemp(prefix="ocibuild-nix-jobs-"))
+    base.chmod(0o711)
+    drvs: dict[str, str] = {}
+    try:
+        (base / "bbdir").mkdir()
+        shutil.copy2("/bin/busybox", base / "bbdir" / "busybox")
+        (base / "s.nix").write_text(SLEEPERS)
+        nonce = uuid.uuid4().hex[:10]
+        for attr in ("base", "top", "sleep1", "sleep2", "sleep3", "sleep4"):
+            drvs[attr] = sh("nix-instantiate", "--argstr", "nonce", nonce, "-A", attr,
+                            str(base / "s.nix")).stdout.split()[0]
+        store = f"local://{base}/store"
+        events = Collector()
+
+        async def go() -> tuple[dict, dict]:
+            async with OciBuildService(base / "state", blob_address=store,
+                                       directory_address=store) as svc:
+                with PathInfoDB(base / "store" / "nix-pathinfo.sqlite") as pi:
+                    first = await build_derivations([drvs["base"]], service=svc, pathinfo=pi,
+                                                    jobs=2)
+                    second = await build_derivations(
+                        [drvs[a] for a in ("top", "sleep1", "sleep2", "sleep3", "sleep4")],
+                        service=svc, pathinfo=pi, jobs=2, subscribers=[events])
+                    return first, second
+
+        first, second = asyncio.run(go())
+        assert first[drvs["base"]].ok and not first[drvs["base"]].cached
+        assert all(r.ok and not r.cached for r in second.values()), second
+        assert second[drvs["top"]].outputs["out"].references == \
+            (first[drvs["base"]].outputs["out"].path,)
+        started = events.stages(EventKind.STAGE_STARTED)
+        assert not [s for s in started if "-base-" in s], "base was built again"
+        # Containers alive at once, from the run stages' start/end events.
+        running, most = 0, 0
+        for e in events:
+            if e.stage and e.stage.endswith("/run"):
+                if e.kind is EventKind.STAGE_STARTED:
+                    running += 1
+                    most = max(most, running)
+                elif e.kind in (EventKind.STAGE_FINISHED, EventKind.STAGE_FAILED):
+                    running -= 1
+        assert most == 2
+    finally:
+        if drvs:
+            sh("nix-store", "--delete", *drvs.values(), check=False)
+        shutil.rmtree(base, ignore_errors=True)
