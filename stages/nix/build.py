@@ -61,7 +61,7 @@ from stages.nix.derivation import Derivation, read_derivation
 from stages.nix.errors import NixError
 from stages.nix.hashes import format_sha256
 from stages.nix.pathinfo import PathInfo, PathInfoDB, node_present
-from stages.nix.storepath import STORE_DIR, check_store_path, hash_part, name_part
+from stages.nix.storepath import check_store_path, hash_part, name_part
 
 if TYPE_CHECKING:
     from pipeline import Run, Subscriber
