@@ -6,8 +6,7 @@
 - ``rootfs/``: the read-only root, with /etc/passwd, /etc/group and
   /etc/hosts byte-identical to Nix 2.8's sandbox, and a mount point for
   everything the spec mounts;
-- ``scratch/<i>/``: the host side of each scratch path, owned by the host id
-  that the container's uid 1000 / gid 100 map to, so the builder can write;
+- ``scratch/<i>/``: the host side of each scratch path;
 - the request's additional_files, and its symlink inputs (which are not
   mounted: a bind mount cannot carry a symlink).
 
@@ -16,6 +15,15 @@ scratch-path prefix when it lies in a scratch path (so an additional file
 in ``build/`` is writable and visible at /build), otherwise in the rootfs
 (read-only in the container). Validation has already kept every path inside
 the build root and off the read-only mounts.
+
+Modes and owners follow Nix 2.8's sandbox (which maps the host's root, the
+owner of everything there, to the build user): everything the bundle creates,
+rootfs and scratch directories alike, belongs to the host ids that the
+container's uid 1000 / gid 100 map to; the root is 0750 (ROOT_MODE), the
+working directory 0700 (WORKDIR_MODE), the inputs_dir 1775 (INPUTS_DIR_MODE)
+when it is a scratch path (when it is also the working directory, 0700 wins),
+/tmp's mount point 1777, everything else 0755 (directories) or 0644 (files).
+The rootfs is mounted read-only, so owning it lets the builder write nothing.
 
 Caveats:
 
@@ -27,9 +35,10 @@ Caveats:
   others (mode o+x): runc's init resolves the bind sources from inside the
   user namespace. The bundle itself is made 0711; the caller picks a parent
   that is traversable (:func:`check_traversable`).
-- Directories created inside a scratch directory for mount points and
-  additional files belong to the builder too; those in the rootfs stay
-  root's (they show as ``nobody`` inside).
+- What the container mounts itself shows other owners: /proc, the device
+  nodes bound into /dev and the FUSE inputs (unless the mount server is told
+  the build user's ids) belong to ids outside the mapping, ``nobody``
+  inside; the tmpfs mounts (/dev, /tmp, /dev/shm) to the container's root.
 """
 
 from __future__ import annotations
@@ -51,9 +60,8 @@ from stages.request import BuildRequest
 from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_points
 from stages.validate import is_under, validate_request
 
-__all__ = ["NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "check_traversable", "remove_bundle", "stage",
-           "trash_bundle",
-           "write_bundle"]
+__all__ = ["INPUTS_DIR_MODE", "NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "ROOT_MODE", "WORKDIR_MODE",
+           "check_traversable", "remove_bundle", "stage", "trash_bundle", "write_bundle"]
 
 # Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
 # sandboxUid 1000, sandboxGid 100, build dir /build. The integration test
@@ -63,6 +71,11 @@ NIX_PASSWD = (b"root:x:0:0:Nix build user:/build:/noshell\n"
               b"nobody:x:65534:65534:Nobody:/:/noshell\n")
 NIX_GROUP = b"root:x:0:\nnixbld:!:100:\nnogroup:x:65534:\n"
 NIX_HOSTS = b"127.0.0.1 localhost\n::1 localhost\n"
+
+#: Nix 2.8's modes for the sandbox's root, /build and /nix/store.
+ROOT_MODE = 0o750
+WORKDIR_MODE = 0o700
+INPUTS_DIR_MODE = 0o1775
 
 
 def check_traversable(path: Path | str) -> None:
@@ -105,7 +118,7 @@ class _Writer:
         return (base / tail if tail else base), base
 
     def mkdirs(self, path: Path, base: Path | None) -> None:
-        """mkdir -p; inside a scratch dir the new directories go to the builder."""
+        """mkdir -p, 0755, the new directories owned by the builder."""
         missing = []
         p = path
         while not p.exists():
@@ -113,32 +126,41 @@ class _Writer:
             p = p.parent
         for d in reversed(missing):
             d.mkdir(mode=0o755)
-            if base is not None and is_under(str(d), str(base)):
-                os.chown(d, self.uid, self.gid)
+            os.chmod(d, 0o755)  # whatever the umask
+            os.chown(d, self.uid, self.gid)
 
     def touch(self, path: Path, base: Path | None) -> None:
         self.mkdirs(path.parent, base)
         if not path.exists():
             path.touch(mode=0o644)
+            os.chmod(path, 0o644)
+            os.chown(path, self.uid, self.gid)
+
+    def set_dir(self, path: Path, mode: int) -> None:
+        os.chmod(path, mode)
+        os.chown(path, self.uid, self.gid)
 
     def write(self, spec: SpecOptions, config: dict | None = None) -> None:
         root = self.tmp.root
         root.mkdir(mode=0o711)
         os.chmod(root, 0o711)
         rootfs = self.tmp.rootfs
-        rootfs.mkdir(mode=0o755)
+        rootfs.mkdir(mode=0o700)
+        self.set_dir(rootfs, ROOT_MODE)
         etc = rootfs / "etc"
-        etc.mkdir(mode=0o755)
+        self.mkdirs(etc, None)
         for name, data in (("passwd", NIX_PASSWD), ("group", NIX_GROUP), ("hosts", NIX_HOSTS)):
             (etc / name).write_bytes(data)
             os.chmod(etc / name, 0o644)
+            os.chown(etc / name, self.uid, self.gid)
 
         if self.req.scratch_paths:
             (root / "scratch").mkdir(mode=0o711)
+            os.chmod(root / "scratch", 0o711)
         for s in self.req.scratch_paths:
             d = self.tmp.scratch_dir(self.req, s)
-            d.mkdir(mode=0o755)
-            os.chown(d, self.uid, self.gid)
+            d.mkdir(mode=0o700)
+            self.set_dir(d, INPUTS_DIR_MODE if s == self.req.inputs_dir else 0o755)
 
         for rel, kind in mount_points(self.req):
             is_scratch = rel in self.req.scratch_paths
@@ -155,6 +177,9 @@ class _Writer:
 
         # runc gives a tmpfs the mode of its mount point: /tmp must be 1777.
         os.chmod(rootfs / "tmp", 0o1777)
+        # The working directory exists now (it is a mount point), wherever it lies.
+        workdir, _ = self.backing(self.req.working_dir, strict=False)
+        self.set_dir(workdir, WORKDIR_MODE)
 
         for node in self.req.inputs:
             if isinstance(node, SymlinkNode):
@@ -162,14 +187,14 @@ class _Writer:
                                           strict=False)
                 self.mkdirs(host.parent, base)
                 os.symlink(node.target, os.fsencode(host))
+                os.lchown(host, self.uid, self.gid)
 
         for f in self.req.additional_files:
             host, base = self.backing(f.path, strict=False)
             self.mkdirs(host.parent, base)
             host.write_bytes(f.contents)
             os.chmod(host, 0o644)
-            if base is not None:
-                os.chown(host, self.uid, self.gid)
+            os.chown(host, self.uid, self.gid)
 
         if config is None:
             config = make_spec(self.req, spec)

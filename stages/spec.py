@@ -13,11 +13,12 @@ for fixed-output derivations, with the host's resolv.conf, services and hosts).
 
 Mounts, in this order (a mount's parent is always mounted before it):
 
-1. /proc, /dev (tmpfs), /dev/pts, /dev/shm, /dev/mqueue, /sys: runc's
-   defaults for a user namespace (``runc spec --rootless``). /sys is a fresh
-   read-only sysfs with a private network namespace, and a read-only rbind of
-   the host's /sys with network access (sysfs cannot be mounted in a user
-   namespace that does not own the network namespace).
+1. /proc, /dev (tmpfs), /dev/pts, /dev/shm, /dev/mqueue: runc's defaults
+   for a user namespace (``runc spec --rootless``). /sys only with network
+   access, as a read-only rbind of the host's /sys (sysfs cannot be mounted
+   in a user namespace that does not own the network namespace). Without
+   network access there is no /sys at all, as in Nix 2.8's sandbox, and no
+   maskedPaths entry under it.
 2. /tmp: a tmpfs (runc gives a tmpfs its mount point's mode, so the bundle
    makes rootfs/tmp 1777).
 3. The scratch paths, read-write binds, shallowest first.
@@ -60,7 +61,7 @@ from stages.oci.idmap import IdMap
 from stages.request import BuildRequest
 
 __all__ = ["BUILD_GID", "BUILD_UID", "MASKED_PATHS", "READONLY_PATHS", "SpecOptions",
-           "make_spec", "mount_points", "stage"]
+           "make_spec", "masked_paths", "mount_points", "stage"]
 
 BUILD_UID = 1000
 BUILD_GID = 100
@@ -73,6 +74,8 @@ MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 _NETWORK_FILES = ("/etc/resolv.conf", "/etc/services", "/etc/hosts")
+# tmpfs options: the build user owns the tmpfs's root, as in Nix's sandbox.
+_BUILDER_OWNS = (f"uid={BUILD_UID}", f"gid={BUILD_GID}")
 
 
 def _str_path(value: object) -> str:
@@ -114,10 +117,13 @@ def mount_points(req: BuildRequest) -> list[tuple[str, str]]:
 
     ``path`` is relative to the build root; ``kind`` is ``"dir"`` or
     ``"file"`` (what the mount point must be). The sandbox's own /proc, /dev,
-    /sys and /tmp are included; the working directory too (as ``"dir"``).
+    /tmp (and /sys with network access) are included; the working directory
+    too (as ``"dir"``).
     """
-    points: list[tuple[str, str]] = [("proc", "dir"), ("dev", "dir"), ("sys", "dir"),
-                                     ("tmp", "dir")]
+    points: list[tuple[str, str]] = [("proc", "dir"), ("dev", "dir")]
+    if req.network_access:
+        points.append(("sys", "dir"))
+    points.append(("tmp", "dir"))
     points += [(s, "dir") for s in _sorted_by_depth(list(req.scratch_paths))]
     for node in req.inputs:
         if isinstance(node, SymlinkNode):
@@ -132,6 +138,13 @@ def mount_points(req: BuildRequest) -> list[tuple[str, str]]:
         points += [(p[1:], "file") for p in _NETWORK_FILES]
     points.append((req.working_dir, "dir"))
     return points
+
+
+def masked_paths(req: BuildRequest) -> list[str]:
+    """MASKED_PATHS, less those under /sys when the sandbox has no /sys."""
+    if req.network_access:
+        return list(MASKED_PATHS)
+    return [p for p in MASKED_PATHS if not p.startswith("/sys/")]
 
 
 def _env(req: BuildRequest) -> list[str]:
@@ -157,22 +170,19 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
     mounts: list[dict] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k", *_BUILDER_OWNS]},
         {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k", *_BUILDER_OWNS]},
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
          "options": ["nosuid", "noexec", "nodev"]},
     ]
     if req.network_access:
         mounts.append({"destination": "/sys", "type": "none", "source": "/sys",
                        "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
-    else:
-        mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                       "options": ["nosuid", "noexec", "nodev", "ro"]})
     mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                   "options": ["nosuid", "nodev", "mode=1777"]})
+                   "options": ["nosuid", "nodev", "mode=1777", *_BUILDER_OWNS]})
 
     for s in _sorted_by_depth(list(req.scratch_paths)):
         try:
@@ -228,7 +238,7 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
             "uidMappings": [m.as_oci() for m in opts.idmap.uid],
             "gidMappings": [m.as_oci() for m in opts.idmap.gid],
             "namespaces": namespaces,
-            "maskedPaths": list(MASKED_PATHS),
+            "maskedPaths": masked_paths(req),
             "readonlyPaths": list(READONLY_PATHS),
         },
     }

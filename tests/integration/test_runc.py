@@ -30,7 +30,7 @@ from stages.validate import validate_request
 pytestmark = [pytest.mark.runc, pytest.mark.timeout(60)]
 
 APPLETS = ("sh", "env", "id", "hostname", "cat", "ls", "echo", "sleep", "ip", "wget", "touch",
-           "pwd", "printf")
+           "pwd", "printf", "stat")
 BB = "/nix/store/bb"
 
 
@@ -168,6 +168,31 @@ async def test_identity_hostname_cwd(sb) -> None:
     assert code == 0
     # Nix 2.8's sandbox: uid 1000 (nixbld), gid 100, hostname localhost, cwd /build
     assert out(lines) == b"uid=1000(nixbld) gid=100(nixbld)\nlocalhost\n/build\n"
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["sandboxed", "network"])
+async def test_modes_owners_and_sys_as_nix_28_has_them(sb, network: bool) -> None:
+    # Nix 2.8 (build-users-group empty): / 0750, /build 0700, /nix/store
+    # 1775, /tmp and /dev/shm 1777, /dev 0755, all 1000:100; no /sys. With
+    # network access the host's /sys is bound read-only, /sys/firmware masked
+    # (an empty tmpfs).
+    code, lines, _ = await sb.run(sb.request(
+        "stat -c '%a %u %g %n' / /build /nix/store /tmp /etc /etc/passwd /dev /dev/shm; ls -a /; "
+        "if [ -d /sys ]; then ls /sys/firmware | wc -l; "
+        "touch /sys/x 2>/dev/null || echo sys-ro; fi", network=network))
+    assert code == 0, lines
+    text = out(lines).decode()
+    assert text.startswith("750 1000 100 /\n700 1000 100 /build\n1775 1000 100 /nix/store\n"
+                           "1777 1000 100 /tmp\n755 1000 100 /etc\n644 1000 100 /etc/passwd\n"
+                           "755 1000 100 /dev\n1777 1000 100 /dev/shm\n")
+    root = text.split("\n")[8:]
+    if network:
+        assert "sys" in root
+        assert text.endswith("\n0\nsys-ro\n")
+    else:
+        assert ".." in root and "proc" in root and "build" in root
+        assert "sys" not in root
+        assert text.endswith("tmp\n")
 
 
 async def test_etc_files_are_the_bundles(sb) -> None:

@@ -92,19 +92,87 @@ def test_layout(base_dir: Path) -> None:
     # symlink inputs are created, not mounted
     assert os.readlink(store / "ccc-link") == "aaa-dep/bin"
     assert (rootfs / "bin/sh").is_file() and (rootfs / "usr/share").is_dir()
-    for rel in ("proc", "dev", "sys", "tmp", "build", "nix/store"):
+    for rel in ("proc", "dev", "tmp", "build", "nix/store"):
         assert (rootfs / rel).is_dir(), rel
+    assert not (rootfs / "sys").exists()  # no /sys without network access, as in Nix
     assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777  # runc copies it to the tmpfs
-    # additional files: into the scratch dir (builder's) or the rootfs (root's)
+    # additional files: into the scratch dir or the (read-only) rootfs, the builder's
     attrs_json = lay.scratch_dir(req, "build") / ".attrs.json"
     assert attrs_json.read_bytes() == b'{"a":1}'
     assert attrs_json.stat().st_uid == 501000
     assert (rootfs / "opt/conf/x.cfg").read_bytes() == b"cfg\n"
-    assert (rootfs / "opt/conf/x.cfg").stat().st_uid == 0
+    assert (rootfs / "opt/conf/x.cfg").stat().st_uid == 501000
     # host_path: where an output is read back
     assert lay.host_path(req, "nix/store/zzz-out") == store / "zzz-out"
     assert lay.host_path(req, "opt/conf") == rootfs / "opt/conf"
     assert not [p for p in base_dir.iterdir() if p.name != "b"]
+
+
+BUILDER = (500000 + 1000, 600000 + 100)  # IDMAP's host ids of container 1000:100
+
+
+def _tree(top: Path) -> list[Path]:
+    found = [top]
+    for dirpath, dirnames, filenames in os.walk(top):
+        found += [Path(dirpath, n) for n in dirnames + filenames]
+    return found
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000], ids=["022", "077", "000"])
+def test_modes_and_owners_are_nix_28s(base_dir: Path, umask: int) -> None:
+    # Nix 2.8 (build-users-group empty) shows, from inside its sandbox:
+    # / 0750, /build 0700, /nix/store 1775, /tmp 1777, everything owned by
+    # nixbld:nixbld (1000:100), since it maps the host's root to the builder.
+    req = request()
+    old = os.umask(umask)
+    try:
+        lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req))
+    finally:
+        os.umask(old)
+    rootfs = lay.rootfs
+    assert _mode(rootfs) == 0o750
+    assert _mode(lay.scratch_dir(req, "build")) == 0o700
+    assert _mode(lay.scratch_dir(req, "nix/store")) == 0o1775
+    assert _mode(rootfs / "tmp") == 0o1777
+    for rel in ("etc", "proc", "dev", "nix", "opt/conf", "bin"):
+        assert _mode(rootfs / rel) == 0o755, rel
+    for rel in ("etc/passwd", "etc/group", "etc/hosts", "opt/conf/x.cfg", "bin/sh"):
+        assert _mode(rootfs / rel) == 0o644, rel
+    everything = _tree(rootfs) + [p for s in req.scratch_paths
+                                  for p in _tree(lay.scratch_dir(req, s))]
+    assert len(everything) > 15
+    for p in everything:
+        st_ = p.lstat()
+        assert (st_.st_uid, st_.st_gid) == BUILDER, p
+
+
+def test_working_dir_outside_scratch_paths_is_the_builders(base_dir: Path) -> None:
+    # A working directory in the read-only root: 0700 and the builder's, so
+    # the builder can still enter it.
+    req = request(working_dir="work/here", additional_files=[])
+    lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req))
+    work = lay.rootfs / "work/here"
+    assert _mode(work) == 0o700 and (work.stat().st_uid, work.stat().st_gid) == BUILDER
+    assert _mode(lay.rootfs / "work") == 0o755
+    assert _mode(lay.scratch_dir(req, "build")) == 0o755  # a scratch path like any other
+
+
+def test_inputs_dir_1775_only_as_a_scratch_path(base_dir: Path) -> None:
+    # inputs_dir inside a scratch path, not one itself: an ordinary directory.
+    req = request(scratch_paths=["build", "nix"], outputs=["nix/out"])
+    lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req))
+    store = lay.scratch_dir(req, "nix") / "store"
+    assert _mode(store) == 0o755 and (store.stat().st_uid, store.stat().st_gid) == BUILDER
+    assert _mode(lay.scratch_dir(req, "nix")) == 0o755
+    # inputs_dir that is also the working directory: the working directory's 0700.
+    req = request(working_dir="nix/store", additional_files=[])
+    lay = write_bundle(base_dir / "c", req, idmap=IDMAP, input_paths=inputs_for(req))
+    assert _mode(lay.scratch_dir(req, "nix/store")) == 0o700
+    assert _mode(lay.scratch_dir(req, "build")) == 0o755
 
 
 def test_bundle_dir_mode_lets_mapped_root_through(base_dir: Path) -> None:

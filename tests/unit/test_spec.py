@@ -136,7 +136,7 @@ def test_mount_order_and_options() -> None:
     spec = spec_of(nix_like())
     dests = destinations(spec)
     assert dests == [
-        "/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys", "/tmp",
+        "/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/tmp",
         "/build", "/nix/store",
         "/nix/store/aaa-dep", "/nix/store/bbb-src.sh",
         "/opt/x",
@@ -150,7 +150,28 @@ def test_mount_order_and_options() -> None:
         assert {"ro", "nosuid", "nodev"} <= set(by[d]["options"])
     assert {"ro", "rbind"} <= set(by["/opt/x"]["options"]) and by["/opt/x"]["source"] == "/opt/x"
     assert by["/bin/sh"]["source"] == "/bin/busybox" and "ro" in by["/bin/sh"]["options"]
-    assert by["/sys"]["type"] == "sysfs"
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["sandboxed", "network"])
+def test_sys_only_with_network_access(network: bool) -> None:
+    # Nix 2.8's sandbox has no /sys; with network access the host's is bound
+    # read-only (sysfs needs a network namespace of our own).
+    req = nix_like(constraints=BuildConstraints(system="x", network_access=network))
+    spec = spec_of(req)
+    validate_config(spec)
+    by = {m["destination"]: m for m in spec["mounts"]}
+    points = [p for p, _ in mount_points(req)]
+    masked = spec["linux"]["maskedPaths"]
+    assert "/proc/kcore" in masked and "/proc/acpi" in masked
+    if network:
+        assert by["/sys"]["source"] == "/sys" and by["/sys"]["type"] == "none"
+        assert {"rbind", "ro"} <= set(by["/sys"]["options"])
+        assert "sys" in points
+        assert "/sys/firmware" in masked
+    else:
+        assert not [d for d in by if d == "/sys" or d.startswith("/sys/")]
+        assert "sys" not in points
+        assert not [p for p in masked if p.startswith("/sys")]
 
 
 def test_network_mounts_only_with_network() -> None:
