@@ -212,6 +212,7 @@ class OciBuildService(BuildService):
     async def __aenter__(self) -> OciBuildService:
         from stages.castore.fuse import MountServer
         from stages.oci.idmap import load_idmap
+        from stages.spec import BUILD_GID, BUILD_UID
 
         from stages.bundle import check_traversable
 
@@ -231,13 +232,17 @@ class OciBuildService(BuildService):
         self._instance = _Instance.create(self.state_dir)
         try:
             self._castore = open_castore(self.blob_address, self.directory_address)
+            idmap = load_idmap()
+            # Inputs belong to the build user, as in Nix's sandbox.
             self._mounts = MountServer(self._instance.dir / "mnt",
                                        blob_address=self.blob_address,
-                                       directory_address=self.directory_address)
+                                       directory_address=self.directory_address,
+                                       uid=idmap.host_uid(BUILD_UID),
+                                       gid=idmap.host_gid(BUILD_GID))
             await self._mounts.__aenter__()
             self.host = BuildHost(castore=self._castore, mounts=self._mounts,
                                   bundles_dir=self.bundles_dir, trash_dir=self.trash_dir,
-                                  runc_root=self._instance.dir / "runc", idmap=load_idmap())
+                                  runc_root=self._instance.dir / "runc", idmap=idmap)
         except BaseException:
             await self.aclose()
             raise

@@ -8,6 +8,7 @@ directories, also when a test fails.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import json
 import os
@@ -114,6 +115,42 @@ def describe(top: Path) -> dict[bytes, tuple]:
     return out
 
 
+class _Dirent(ctypes.Structure):
+    # glibc's struct dirent on 64-bit Linux (what readdir(3) returns).
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.opendir.restype = ctypes.c_void_p
+_libc.opendir.argtypes = [ctypes.c_char_p]
+_libc.readdir.restype = ctypes.POINTER(_Dirent)
+_libc.readdir.argtypes = [ctypes.c_void_p]
+_libc.closedir.argtypes = [ctypes.c_void_p]
+DT_DIR = 4
+
+
+def raw_readdir(path: Path) -> list[tuple[bytes, int, int]]:
+    """(name, d_ino, d_type) in readdir order, "." and ".." included (os.listdir drops them)."""
+    handle = _libc.opendir(os.fsencode(path))
+    if not handle:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    try:
+        entries = []
+        while True:
+            ctypes.set_errno(0)
+            ent = _libc.readdir(handle)
+            if not ent:
+                if ctypes.get_errno():
+                    raise OSError(ctypes.get_errno(), "readdir failed", str(path))
+                return entries
+            entries.append((ent.contents.d_name, ent.contents.d_ino, ent.contents.d_type))
+    finally:
+        _libc.closedir(handle)
+
+
 # --- content ----------------------------------------------------------------
 
 async def test_mounted_tree_walks_identical_to_source(tmp_path, mountpoint, store_address):
@@ -183,6 +220,58 @@ async def test_mounted_tree_walks_identical_to_source(tmp_path, mountpoint, stor
         with open(mounted / "large", "rb") as f:
             f.seek(5 << 20)
             assert f.read(1 << 20) == (src / "large").read_bytes()[5 << 20:6 << 20]
+
+
+async def test_readdir_lists_dot_entries_and_owner_is_configurable(
+        tmp_path, mountpoint, store_address):
+    # As a disk filesystem (and Nix's sandbox) shows them: "." and ".." first,
+    # with the inode numbers of the directory and of its parent; every entry
+    # owned by the ids the server was given.
+    src = tmp_path / "d"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "leaf").write_bytes(b"leaf")
+    (src / "f").write_bytes(b"f")
+    os.symlink("f", src / "l")
+    (src / "many").mkdir()
+    for i in range(600):  # more than one readdir reply
+        (src / "many" / f"e{i:04d}-{'y' * 60}").write_bytes(b"")
+    node = await ingest(store_address, src)
+    single = await ingest(store_address, src / "f")
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address, uid=4242, gid=4343) as server:
+        top = await server.add("k", [node, single])
+        for path, parent in ((top, mountpoint), (top / "d", top), (top / "d" / "sub", top / "d"),
+                             (top / "d" / "many", top / "d")):
+            entries = await asyncio.to_thread(raw_readdir, path)
+            names = [e[0] for e in entries]
+            assert names[:2] == [b".", b".."], path
+            assert sorted(names[2:]) == sorted(os.fsencode(n) for n in os.listdir(path))
+            assert len(set(names)) == len(names)
+            assert entries[0][1:] == (os.stat(path).st_ino, DT_DIR), path
+            assert entries[1][1:] == (os.stat(parent).st_ino, DT_DIR), path
+        assert len(await asyncio.to_thread(raw_readdir, top / "d" / "many")) == 602
+        for rel in ("", "d", "d/sub", "d/sub/leaf", "d/f", "d/l", "f"):
+            st = os.lstat(top / rel)
+            assert (st.st_uid, st.st_gid) == (4242, 4343), rel
+        # the owner changes nothing about who may read: the modes decide
+        assert (top / "d" / "sub" / "leaf").read_bytes() == b"leaf"
+
+
+async def test_owner_defaults_to_root_and_bad_ids_are_refused(
+        tmp_path, mountpoint, store_address):
+    (tmp_path / "f").write_bytes(b"x")
+    node = await ingest(store_address, tmp_path / "f")
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address) as server:
+        top = await server.add("k", [node])
+        for p in (top, top / "f"):
+            assert (os.lstat(p).st_uid, os.lstat(p).st_gid) == (0, 0)
+    for bad in ({"uid": -1}, {"gid": 2**32 - 1}, {"uid": "1000"}, {"gid": True}):
+        what = next(iter(bad))
+        with pytest.raises(MountError, match=f"{what} must be an id"):
+            MountServer(mountpoint, blob_address=store_address,
+                        directory_address=store_address, **bad)
+    assert find_mount(mountpoint) is None
 
 
 async def test_keys_added_concurrently_see_only_their_own_nodes(
@@ -410,6 +499,7 @@ async def test_serve_until_signal_serves_at_the_top_and_unmounts(
             await asyncio.sleep(0.05)
         assert sorted(os.listdir(mountpoint)) == ["d", "top.txt"]
         assert (mountpoint / "d" / "x").read_bytes() == b"in d"
+        assert os.lstat(mountpoint / "d" / "x").st_uid == 0  # root's unless told otherwise
         proc.send_signal(sig)
         proc.wait(timeout=20)
         out, err = proc.stdout.read(), proc.stderr.read()

@@ -2,10 +2,10 @@
 
 Public face::
 
-    MountServer(mountpoint, *, blob_address=None, directory_address=None)
+    MountServer(mountpoint, *, blob_address=None, directory_address=None, uid=0, gid=0)
         async context manager (asyncio): one mount-server subprocess, one
         mountpoint; ``await add(key, nodes) -> mountpoint/key``,
-        ``await remove(key)``.
+        ``await remove(key)``; every entry owned by uid/gid.
     serve_until_signal(mountpoint, nodes, blob_address, directory_address)
         blocking, in-process: serve nodes at the mountpoint's top until
         SIGINT/SIGTERM (``ocibuild castore mount``).

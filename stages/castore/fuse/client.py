@@ -63,11 +63,19 @@ class MountServer:
     ``async with MountServer(mp) as server:`` starts the server and returns
     once the mount is live; ``await server.add(key, nodes)`` makes
     ``mp/<key>/<name>`` visible and returns ``mp/<key>``; leaving the block
-    stops the server and unmounts, also on error and cancellation.
+    stops the server and unmounts, also on error and cancellation. Every
+    entry is owned by ``uid``/``gid`` (host ids; root by default).
     """
 
     def __init__(self, mountpoint: Path, *, blob_address: str | None = None,
-                 directory_address: str | None = None) -> None:
+                 directory_address: str | None = None, uid: int = 0, gid: int = 0) -> None:
+        for what, value in (("uid", uid), ("gid", gid)):
+            if not isinstance(value, int) or isinstance(value, bool) or not (
+                    0 <= value < 2**32 - 1):
+                raise MountError(mountpoint, f"the files' {what} must be an id in "
+                                             f"0..{2**32 - 2}, not {value!r}")
+        self.uid = uid
+        self.gid = gid
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self._blob_address = blob_address
         self._directory_address = directory_address
@@ -92,6 +100,7 @@ class MountServer:
             sys.executable, "-m", "stages.castore.fuse.server",
             "--mountpoint", str(mountpoint), "--owner-pid", str(os.getpid()),
             "--blob-address", blob, "--directory-address", directory,
+            "--uid", str(self.uid), "--gid", str(self.gid),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
         self._stderr_task = asyncio.create_task(self._drain_stderr())

@@ -43,6 +43,12 @@ Caveats:
   at its last release, so mappings of a pack that has since grown do not
   pile up. Readers without ``map_blob`` are read with ``read_blob_at``.
 - Write operations are refused with EROFS (the mount is also ``ro``).
+- Every entry belongs to one uid/gid, root's unless the filesystem is given
+  others (the build service gives the host ids of the sandbox's build user,
+  so inputs show as nixbld's, as in Nix 2.8's sandbox).
+- readdir lists ``.`` and ``..`` first, as a disk filesystem does (``ls -a``
+  shows them). Their inode numbers are the directory's and its parent's,
+  the parent being where the directory was first looked up from.
 """
 
 from __future__ import annotations
@@ -147,11 +153,20 @@ class CastoreFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, reader: StoreReader) -> None:
+    def __init__(self, reader: StoreReader, *, uid: int = 0, gid: int = 0) -> None:
         super().__init__()
+        for what, value in (("uid", uid), ("gid", gid)):
+            if not isinstance(value, int) or isinstance(value, bool) or not (
+                    0 <= value < 2**32 - 1):
+                raise ValueError(f"the files' {what} must be an id in 0..{2**32 - 2}, "
+                                 f"not {value!r}")
         self.reader = reader
+        self.uid = uid
+        self.gid = gid
         self.root = Synthetic()
         self._entries: dict[int, Entry] = {pyfuse3.ROOT_INODE: self.root}
+        # directory inode -> the inode it was first looked up from ("..")
+        self._parent: dict[int, int] = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
         self._child_ino: dict[tuple[int, bytes], int] = {}
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._dirs: dict[bytes, tuple[Directory, dict[bytes, Node]]] = {}
@@ -186,6 +201,7 @@ class CastoreFS(pyfuse3.Operations):
         for node in nodes:
             sub.entries[node.name] = node
         ino = self._alloc(sub)
+        self._parent[ino] = pyfuse3.ROOT_INODE
         self.root.entries[key] = ino
 
     def remove_key(self, key: bytes) -> None:
@@ -252,14 +268,16 @@ class CastoreFS(pyfuse3.Operations):
         if ino is None or self._entries[ino] is not found:
             ino = self._alloc(found)
             self._child_ino[key] = ino
+            if isinstance(found, DirectoryNode):
+                self._parent[ino] = parent
         return ino
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         entry = self._entry(ino)
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = ino
-        attrs.st_uid = 0
-        attrs.st_gid = 0
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
         attrs.st_blksize = BLKSIZE
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = MTIME_NS
         timeout = STABLE_TIMEOUT
@@ -316,13 +334,18 @@ class CastoreFS(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # The offset handed to the kernel is the index of the next entry.
+        # The offset handed to the kernel is the index of the next entry;
+        # "." and ".." are entries 0 and 1. (The kernel neither looks them up
+        # nor counts them as lookups in a readdirplus reply.)
         children = self._children(self._entry(fh))
-        for index in range(start_id, len(children)):
-            name, _ = children[index]
-            ino = self._child(fh, name)
-            attrs = self._attrs(ino)
-            self._lookup_timeout(fh, attrs)
+        for index in range(start_id, len(children) + 2):
+            if index < 2:
+                name = b"." if index == 0 else b".."
+                attrs = self._attrs(fh if index == 0 else self._parent.get(fh, fh))
+            else:
+                name = children[index - 2][0]
+                attrs = self._attrs(self._child(fh, name))
+                self._lookup_timeout(fh, attrs)
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
 

@@ -1,7 +1,8 @@
 """The mount-server process: one pyfuse3 session under trio, edited by its owner.
 
 Run as ``python -m stages.castore.fuse.server --mountpoint DIR --owner-pid PID
-[--blob-address A] [--directory-address A]`` (MountServer does this). The
+[--blob-address A] [--directory-address A] [--uid N] [--gid N]`` (MountServer
+does this; ``--uid``/``--gid`` own every entry, default 0). The
 control channel is the process's stdin/stdout, one JSON object per line:
 
     owner -> server   {"op": "add", "key": "k", "nodes": [<proto-JSON Node>, ...]}
@@ -181,14 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner-pid", required=True, type=int)
     parser.add_argument("--blob-address")
     parser.add_argument("--directory-address")
+    parser.add_argument("--uid", type=int, default=0, help="owner of every entry (default 0)")
+    parser.add_argument("--gid", type=int, default=0, help="group of every entry (default 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="ocibuild-fuse[%(process)d] %(levelname)s %(message)s")
     _die_with_owner(args.owner_pid)
     try:
-        reader = open_reader(args.blob_address, args.directory_address)
-        trio.run(functools.partial(serve, CastoreFS(reader), args.mountpoint.absolute(),
-                                    control=True))
+        fs = CastoreFS(open_reader(args.blob_address, args.directory_address),
+                       uid=args.uid, gid=args.gid)
+    except ValueError as exc:
+        print(f"ocibuild-fuse: error: {exc}", file=sys.stderr)
+        return 2
+    except CastoreError as exc:
+        print(f"ocibuild-fuse: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(functools.partial(serve, fs, args.mountpoint.absolute(), control=True))
     except CastoreError as exc:
         print(f"ocibuild-fuse: error: {exc}", file=sys.stderr)
         return 2
