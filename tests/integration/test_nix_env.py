@@ -18,8 +18,9 @@ module deletes its outputs and .drv files from the store at the end.
 Set NIX_ENV_DUMP=DIR to keep both sides' probe outputs there for diffing.
 
 The ``fsmodes`` probe prints the modes and owners of the sandbox's
-directories, where ocibuild's sandbox still differs (FSMODES_DIFFER): it is
-a strict xfail, so the day the sandbox matches it fails until unmarked.
+directories (/ 0750, /build 0700, /nix/store 1775, all nixbld's), the root's
+listing (no /sys) and an input directory read through FUSE (``.`` and ``..``
+listed, entries owned by nixbld).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ P bin; $B ls /bin 2>&1; $B test -e /bin/sh && echo has /bin/sh || echo no /bin/s
 P umask; umask
 """
 
-# Modes and owners of the sandbox's directories, which ocibuild does not match
-# yet (see test_builder_sees_what_nix_shows[fsmodes]).
+# Modes and owners of the sandbox's directories, the root's listing, and an
+# input directory (served by FUSE in ocibuild) with its "." and "..".
 FSMODES = r"""
 P fsmodes; $B stat -c '%a %U %G %n' / /build /nix/store
 P rootdir; $B ls -a /
@@ -238,18 +239,8 @@ def sections(data: bytes) -> dict[str, bytes]:
     return {p.split(b"\n", 1)[0].decode(): p for p in parts if p}
 
 
-FSMODES_DIFFER = (
-    "ocibuild's sandbox directories differ from Nix 2.8's (owned by stages.bundle/spec/"
-    "castore.fuse): Nix has / 0750 nixbld, /build 0700, /nix/store 1775 and no /sys; "
-    "ours / 0755 root (nobody inside), /build 0755, /nix/store 0755, a /sys; an input "
-    "directory read through FUSE lists no '.' and '..', and its files belong to nobody (Nix: "
-    "nixbld, the host's root mapped to uid 1000 as build-users-group is empty). Remove this xfail when fixed.")
-
-
-@pytest.mark.parametrize("probe", [
-    "plain", "passAsFile", "overrides", "args", "inputs",
-    pytest.param("fsmodes", marks=pytest.mark.xfail(strict=True, reason=FSMODES_DIFFER)),
-])
+@pytest.mark.parametrize("probe", ["plain", "passAsFile", "overrides", "args", "inputs",
+                                   "fsmodes"])
 async def test_builder_sees_what_nix_shows(world: World, probe: str) -> None:
     drv_path = world.instantiate("probes.nix", probe, nonce=world.nonce)
     (out_path,) = world.realise(drv_path)
@@ -282,6 +273,11 @@ async def test_builder_sees_what_nix_shows(world: World, probe: str) -> None:
     if probe == "inputs":
         assert b"dep-data" in nix_text and b"a source file" in nix_text
         assert b"-r--r--r-- 9 data" in nix_text
+    if probe == "fsmodes":
+        assert b"750 nixbld nixbld /\n700 nixbld nixbld /build\n" in nix_text
+        assert b"-r--r--r-- nixbld nixbld data" in nix_text
+        assert b"\nsys\n" not in nix_sections["rootdir"]
+        assert nix_sections["inputdir"].count(b"\n") == 5  # ., .., data, link
 
 
 def _sha256_flat(data: bytes) -> str:
