@@ -24,10 +24,12 @@ import hashlib
 import json
 import pickle
 import re
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 import attrs
-import networkx as nx
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 from pipeline.errors import (
     CycleError,
@@ -325,6 +327,8 @@ class Graph:
             ready = nxt
         if len(order) != len(by_name):
             stuck = [n for n in by_name if missing_deps[n] > 0]
+            import networkx as nx
+
             g = nx.DiGraph((d, s.name) for s in self.stages if s.name in stuck for d in s.deps)
             raise CycleError([u for u, _v in nx.find_cycle(g)])
         try:
@@ -364,6 +368,8 @@ class Graph:
     def nx(self) -> nx.DiGraph:
         """The frozen networkx DiGraph (edges go from a dependency to its user); made on first use."""
         if self._nx is None:
+            import networkx as nx  # imported on first use: it costs ~0.25 s at start-up
+
             g = nx.DiGraph()
             g.add_nodes_from(self._order)
             g.add_edges_from((d, s.name) for s in self.stages for d in s.deps)
@@ -384,10 +390,14 @@ class Graph:
 
     def ancestors(self, name: str) -> set[str]:
         self[name]
+        import networkx as nx
+
         return set(nx.ancestors(self.nx, name))
 
     def descendants(self, name: str) -> set[str]:
         self[name]
+        import networkx as nx
+
         return set(nx.descendants(self.nx, name))
 
     def users(self, resource: str) -> list[str]:
