@@ -35,10 +35,11 @@ Caveats:
   others (mode o+x): runc's init resolves the bind sources from inside the
   user namespace. The bundle itself is made 0711; the caller picks a parent
   that is traversable (:func:`check_traversable`).
-- What the container mounts itself shows other owners: /proc, the device
-  nodes bound into /dev and the FUSE inputs (unless the mount server is told
-  the build user's ids) belong to ids outside the mapping, ``nobody``
-  inside; the tmpfs mounts (/dev, /tmp, /dev/shm) to the container's root.
+- What runc mounts shows other owners than Nix's sandbox: /proc and the
+  device nodes bound into /dev belong to the host's root, outside the
+  mapping (``nobody`` inside; Nix maps the host's root to the builder). The
+  tmpfs roots (/dev, /dev/shm, /tmp) are the builder's through the spec's
+  mount options, the FUSE inputs when the mount server is given its ids.
 """
 
 from __future__ import annotations

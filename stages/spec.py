@@ -20,7 +20,8 @@ Mounts, in this order (a mount's parent is always mounted before it):
    network access there is no /sys at all, as in Nix 2.8's sandbox, and no
    maskedPaths entry under it.
 2. /tmp: a tmpfs (runc gives a tmpfs its mount point's mode, so the bundle
-   makes rootfs/tmp 1777).
+   makes rootfs/tmp 1777). The tmpfs roots (/dev, /dev/shm, /tmp) belong to
+   the build user (``uid=1000,gid=100``), as in Nix's sandbox.
 3. The scratch paths, read-write binds, shallowest first.
 4. Each input read-only (``bind, ro, nosuid, nodev``) at /<inputs_dir>/<name>.
    Symlink inputs are not mounted: the bundle creates the symlink itself.
