@@ -226,9 +226,6 @@ class OciBuildService(BuildService):
             check_traversable(self.bundles_dir)
         except BuildError as exc:
             raise ServiceError(str(self.state_dir), str(exc)) from exc
-        self.cleaned = await cleanup_dead_instances(self.state_dir)
-        if self.trash_dir.is_dir():  # bundles discarded by services that died
-            await asyncio.to_thread(_empty, self.trash_dir)
         self._instance = _Instance.create(self.state_dir)
         try:
             self._castore = open_castore(self.blob_address, self.directory_address)
@@ -239,7 +236,12 @@ class OciBuildService(BuildService):
                                        directory_address=self.directory_address,
                                        uid=idmap.host_uid(BUILD_UID),
                                        gid=idmap.host_gid(BUILD_GID))
-            await self._mounts.__aenter__()
+            # The mount server boots (~0.4 s) while we clean up after dead
+            # instances and the caller plans its builds; the first mount waits.
+            await self._mounts.start()
+            self.cleaned = await cleanup_dead_instances(self.state_dir)
+            if self.trash_dir.is_dir():  # bundles discarded by services that died
+                await asyncio.to_thread(_empty, self.trash_dir)
             self.host = BuildHost(castore=self._castore, mounts=self._mounts,
                                   bundles_dir=self.bundles_dir, trash_dir=self.trash_dir,
                                   runc_root=self._instance.dir / "runc", idmap=idmap)

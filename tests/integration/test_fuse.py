@@ -369,6 +369,36 @@ async def test_server_death_is_reported_with_its_stderr(tmp_path, mountpoint, st
     assert await _wait_unmounted(mountpoint)
 
 
+async def test_start_returns_at_once_and_the_first_add_waits_for_the_mount(
+        tmp_path, mountpoint, store_address):
+    (tmp_path / "f").write_bytes(b"lazy")
+    node = await ingest(store_address, tmp_path / "f")
+    server = MountServer(mountpoint, blob_address=store_address, directory_address=store_address)
+    try:
+        await server.start()
+        # Not mounted yet: the server process is still starting.
+        assert find_mount(mountpoint) is None
+        root = await server.add("k", [node])
+        assert (root / "f").read_bytes() == b"lazy"
+    finally:
+        await server.__aexit__(None, None, None)
+    assert await _wait_unmounted(mountpoint)
+
+
+async def test_a_server_that_fails_to_start_fails_the_first_add(tmp_path, mountpoint):
+    # A store path under a regular file cannot be opened by the server.
+    (tmp_path / "file").write_bytes(b"")
+    bad = f"local://{tmp_path}/file/store"
+    server = MountServer(mountpoint, blob_address=bad, directory_address=bad)
+    try:
+        await server.start()
+        with pytest.raises(MountError, match="before mounting"):
+            await server.add("k", [])
+    finally:
+        await server.__aexit__(None, None, None)
+    assert find_mount(mountpoint) is None
+
+
 # --- lifetime ---------------------------------------------------------------
 
 OWNER = textwrap.dedent("""

@@ -84,6 +84,7 @@ class MountServer:
         self._stderr_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._keys: set[str] = set()
+        self._ready: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -93,6 +94,19 @@ class MountServer:
         return "\n".join(self._stderr)
 
     async def __aenter__(self) -> MountServer:
+        await self.start()
+        await self.wait_ready()
+        return self
+
+    async def start(self) -> None:
+        """Start the server process without waiting for the mount.
+
+        The mount comes up meanwhile (~0.4 s of Python start-up in the
+        server); :meth:`add` waits for it, and so does :meth:`wait_ready`.
+        Use ``async with`` unless there is other work to overlap with that.
+        """
+        if self._proc is not None:
+            return
         mountpoint = check_mountpoint(self.mountpoint)
         blob, directory = _check_addresses(self._blob_address, self._directory_address,
                                            mountpoint)
@@ -104,26 +118,46 @@ class MountServer:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True)
         self._stderr_task = asyncio.create_task(self._drain_stderr())
+        self._ready = asyncio.create_task(self._read_ready(mountpoint))
+
+    async def wait_ready(self) -> None:
+        """Return once the mount is live; MountError (server stopped) if it fails."""
+        if self._ready is None:
+            raise MountError(self.mountpoint, "the mount server was not started",
+                             stderr_tail=self.stderr_tail())
         try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(), START_TIMEOUT)
-            if not line:
-                await self._wait_exit(STOP_TIMEOUT)
-                await self._stderr_done()
-                raise MountError(mountpoint, f"the mount server exited with status "
-                                             f"{self._proc.returncode} before mounting",
-                                 stderr_tail=self.stderr_tail())
-            ready = json.loads(line)
-            if not ready.get("ready"):
-                raise MountError(mountpoint, f"unexpected first message {line!r}",
-                                 stderr_tail=self.stderr_tail())
-        except BaseException as exc:
+            await asyncio.shield(self._ready)
+        except asyncio.CancelledError:
+            if not self._ready.done():
+                raise  # our caller was cancelled; the server stays for __aexit__
             await self._stop()
-            if isinstance(exc, asyncio.TimeoutError):
-                raise MountError(mountpoint, f"the mount server did not mount within "
-                                             f"{START_TIMEOUT:.0f} s",
-                                 stderr_tail=self.stderr_tail()) from None
+            raise MountError(self.mountpoint, "the mount server's start was cancelled") from None
+        except BaseException:
+            await self._stop()
             raise
-        return self
+
+    async def _read_ready(self, mountpoint: Path) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        proc = self._proc
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise MountError(mountpoint, f"the mount server did not mount within "
+                                         f"{START_TIMEOUT:.0f} s",
+                             stderr_tail=self.stderr_tail()) from None
+        if not line:
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+            except asyncio.TimeoutError:
+                pass
+            await self._stderr_done()
+            raise MountError(mountpoint, f"the mount server exited with status "
+                                         f"{proc.returncode} before mounting",
+                             stderr_tail=self.stderr_tail())
+        ready = json.loads(line)
+        if not ready.get("ready"):
+            raise MountError(mountpoint, f"unexpected first message {line!r}",
+                             stderr_tail=self.stderr_tail())
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -141,6 +175,8 @@ class MountServer:
             await asyncio.wait([self._stderr_task], timeout=1.0)
 
     async def _request(self, message: dict) -> dict:
+        if self._ready is not None and not self._ready.done():
+            await self.wait_ready()
         proc = self._proc
         if proc is None or proc.returncode is not None:
             raise MountError(self.mountpoint, "the mount server is not running",
@@ -228,6 +264,12 @@ class MountServer:
                     pass
             if self._stderr_task is not None:
                 self._stderr_task.cancel()
+            ready = self._ready
+            if ready is not None:
+                if not ready.done():
+                    ready.cancel()
+                elif not ready.cancelled():
+                    ready.exception()  # retrieved: reported by wait_ready, if at all
             self._remove_leftover_mount()
         if cancelled is not None:
             raise cancelled
