@@ -78,6 +78,7 @@ from stages.castore.grpc_wire import (
     Chunk,
     decode_chunk,
     encode_chunk,
+    tune_malloc,
 )
 from stages.castore.nodes import Directory, directory_from_proto, directory_to_proto, validate_digest
 from stages.castore.services import (
@@ -221,6 +222,27 @@ def translate_error(exc: grpc.RpcError, address: str, kind: str = "blob",
     return StoreError(address, f"{code.name}: {details}")
 
 
+async def _raise_final_status(call: grpc.aio.Call, exc: grpc.aio.AioRpcError, address: str,
+                              kind: str = "blob", digest: bytes | None = None) -> None:
+    """Raise what a failed write of a client stream means.
+
+    A write racing the server's end of the call can fail in gRPC's core
+    ("Internal error from Core") before the call's status has arrived; the
+    status (the server's refusal) is the real reason, so wait a moment for
+    it and raise that; else the write's own error.
+    """
+    try:
+        code = await asyncio.wait_for(call.code(), 1.0)
+        details = await call.details()
+    except asyncio.TimeoutError:
+        code = details = None
+    if code is not None and code != grpc.StatusCode.OK:
+        final = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                     details=details)
+        raise translate_error(final, address, kind, digest) from exc
+    raise translate_error(exc, address, kind, digest) from exc
+
+
 def _backoff(options: GrpcOptions, attempt: int) -> float:
     return options.backoff * (2 ** attempt) * (0.5 + random.random())
 
@@ -241,6 +263,7 @@ class _Connection:
 
     async def ready(self) -> None:
         if self._channel is None:
+            tune_malloc()
             self._channel = _aio_channel(self.target)
             self.blobs = rpc_blobstore_pb2_grpc.BlobServiceStub(self._channel)
             # Read and Put with the fast BlobChunk codec (grpc_wire).
@@ -445,7 +468,7 @@ class _GrpcWriter(BlobWriter):
                                            f"{conn.options.idle_timeout:g} s during an upload"
                              ) from None
         except grpc.aio.AioRpcError as exc:
-            raise translate_error(exc, conn.address) from exc
+            await _raise_final_status(self._call, exc, conn.address)
         except asyncio.InvalidStateError:
             # The call already ended (the server refused it): its status says why.
             await self._raise_status()
@@ -584,7 +607,8 @@ class _GrpcPutter(DirectoryPutter):
         except asyncio.InvalidStateError:
             await self._result()  # raises the server's verdict
         except grpc.aio.AioRpcError as exc:
-            raise translate_error(exc, conn.address, "directory", directory.digest) from exc
+            await _raise_final_status(self._call, exc, conn.address, "directory",
+                                      directory.digest)
 
     async def _result(self) -> bytes:
         conn = self._conn
@@ -719,6 +743,7 @@ class GrpcSyncReader:
         self._blob_target = parse_address(blob_address) if blob_address else None
         self._dir_target = parse_address(directory_address) if directory_address else None
         self._channels: list[grpc.Channel] = []
+        tune_malloc()
         self.blobs = self.directories = None
         if self._blob_target is not None:
             ch = self._channel(self._blob_target)

@@ -66,9 +66,10 @@ from stages.castore.grpc_wire import (
     Chunk,
     decode_chunk_view,
     encode_chunk,
+    tune_malloc,
 )
 from stages.castore.nodes import directory_from_proto, directory_to_proto, validate_digest
-from stages.castore.services import BlobService, DirectoryService
+from stages.castore.services import BlobReader, BlobService, DirectoryService
 from stages.proto import (
     castore_pb2,
     rpc_blobstore_pb2,
@@ -109,6 +110,12 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, message)
 
 
+async def _next_message(reader: BlobReader) -> bytes | None:
+    """The reader's next :data:`CHUNK` as an encoded BlobChunk; None at the end."""
+    data = await reader.read(CHUNK)
+    return encode_chunk(Chunk(data)) if data else None
+
+
 class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
     """tvix.castore.v1.BlobService over any :class:`BlobService`."""
 
@@ -137,16 +144,22 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
         async with reader:
+            # One message read (and encoded) ahead: the store's read of the
+            # next chunk (a thread hop, pread and hash for the local store)
+            # overlaps gRPC's send of this one.
+            ahead = asyncio.ensure_future(_next_message(reader))
             try:
-                while True:
-                    data = await reader.read(CHUNK)
-                    if not data:
-                        break
+                while (message := await ahead) is not None:
+                    ahead = asyncio.ensure_future(_next_message(reader))
                     # Writing here instead of yielding skips the generator
                     # machinery per message; await blocks on flow control.
-                    await context.write(Chunk(data))
+                    await context.write(message)
             except Exception as exc:  # noqa: BLE001
                 await _abort(context, exc)
+            finally:
+                if not ahead.done():
+                    ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
 
     async def Put(self, request_iterator: AsyncIterator[rpc_blobstore_pb2.BlobChunk],
                   context: grpc.aio.ServicerContext) -> rpc_blobstore_pb2.PutBlobResponse:
@@ -236,6 +249,7 @@ async def start_castore_server(castore: Castore, listen: Sequence[str]
     (port 0 picks one). Returns the server and the bound port of each address
     (for unix sockets grpc reports 1). Stop it with ``await server.stop(grace)``.
     """
+    tune_malloc()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_castore_servicers(server, castore)
     ports = []

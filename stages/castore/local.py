@@ -132,6 +132,9 @@ BATCH_BYTES = 32 << 20
 BATCH_BLOBS = 4096
 # Reads up to this size run inline in the event loop; larger ones in a thread.
 INLINE_READ = 64 << 10
+# An async blob writer collects up to this many bytes while a batch is
+# being written in its thread.
+WRITE_BEHIND = 8 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -976,25 +979,88 @@ class _LocalReader(BlobReader):
 
 
 class _LocalWriter(BlobWriter):
+    """Write-behind: big writes go to a thread in batches while the caller
+    fetches the next chunks. While a batch is being written (hash + pwrite),
+    further writes are only collected, up to :data:`WRITE_BEHIND` bytes;
+    then the caller waits. So a slow disk or a busy machine means fewer,
+    larger thread hops, and memory stays bounded. A failed batch raises at
+    the next write, close or abort. The bytes of a collected write must
+    not change: bytes, and views of bytes, are kept as they are; anything
+    else (a bytearray the caller may reuse) is copied first."""
+
     def __init__(self, store: LocalStore) -> None:
         self._writer = store.open_writer()
+        # Serializes the sync writer: an abort from a cancelled caller waits
+        # for a batch still being written in its thread.
+        self._lock = threading.Lock()
+        self._pending: asyncio.Future | None = None
+        self._batch: list[bytes | memoryview] = []
+        self._batched = 0
         self.closed = False
 
+    def _write_batch(self, batch: list[bytes | memoryview], then_close: bool = False
+                     ) -> bytes | None:
+        with self._lock:
+            for data in batch:
+                self._writer.write(data)
+            return self._writer.close() if then_close else None
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight; raise its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    def _take_batch(self) -> list[bytes | memoryview]:
+        batch, self._batch, self._batched = self._batch, [], 0
+        return batch
+
     async def write(self, data: bytes) -> None:
-        if len(data) <= INLINE_READ and self._writer._pack is None \
+        if self.closed:
+            raise ValueError("write to a closed blob writer")
+        if not data:
+            return
+        if self._pending is None and not self._batch and len(data) <= INLINE_READ \
+                and self._writer._pack is None \
                 and self._writer._buffered + len(data) <= SMALL_BLOB:
             self._writer.write(data)  # only buffers and hashes: cheap
-        else:
-            await asyncio.to_thread(self._writer.write, data)
+            return
+        if not (isinstance(data, bytes)
+                or (isinstance(data, memoryview) and isinstance(data.obj, bytes))):
+            data = bytes(data)
+        self._batch.append(data)
+        self._batched += len(data)
+        if self._pending is not None and not self._pending.done() \
+                and self._batched < WRITE_BEHIND:
+            return
+        await self._settle()
+        self._pending = asyncio.ensure_future(
+            asyncio.to_thread(self._write_batch, self._take_batch()))
 
     async def close(self) -> bytes:
-        digest = await asyncio.to_thread(self._writer.close)
+        try:
+            await self._settle()
+        except BaseException:
+            await self.abort()
+            raise
+        digest = await asyncio.to_thread(self._write_batch, self._take_batch(), True)
         self.closed = True
         return digest
 
     async def abort(self) -> None:
         self.closed = True
-        await asyncio.to_thread(self._writer.abort)
+        self._take_batch()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            # Its error, if any, is superseded by the abort; the thread it
+            # runs in holds the lock, so the abort below waits for it.
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def abort() -> None:
+            with self._lock:
+                self._writer.abort()
+
+        await asyncio.to_thread(abort)
 
 
 class LocalBlobService(BlobService):
