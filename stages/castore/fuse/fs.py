@@ -10,9 +10,12 @@ Caveats:
 - Lazy: a castore Directory is fetched from the store the first time one of
   its inodes is looked up, listed or stat'ed (a stat needs the sub-directory
   count for st_nlink), and cached by digest for the server's life.
-- Inodes are allocated per (parent inode, name) on first lookup and never
-  reused or freed while the mount lives, so they are stable; memory grows
-  with the number of distinct paths looked up (about 200 bytes each).
+- Inodes are allocated on first lookup and never reused or freed while the
+  mount lives, so they are stable: directories and symlinks per (parent
+  inode, name), files per content (digest, size, exec bit), so that a file
+  that appears in many builds' inputs (a compiler, a shell) shares one
+  inode and its page cache (like a hard link; st_nlink stays 1). Memory
+  grows with the number of distinct paths looked up (about 200 bytes each).
 - Everything under a key is immutable, so the kernel may cache entries and
   attributes for a day; the root's own entries (the keys) are given a zero
   timeout so an added or removed key is seen at once.
@@ -168,6 +171,8 @@ class CastoreFS(pyfuse3.Operations):
         # directory inode -> the inode it was first looked up from ("..")
         self._parent: dict[int, int] = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
         self._child_ino: dict[tuple[int, bytes], int] = {}
+        # (digest, size, executable) -> the one inode of such file content
+        self._file_ino: dict[tuple[bytes, int, bool], int] = {}
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._dirs: dict[bytes, tuple[Directory, dict[bytes, Node]]] = {}
         # inode -> (digest, size, mapping of the blob or None)
@@ -263,6 +268,16 @@ class CastoreFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if isinstance(found, int):
             return found
+        if isinstance(found, FileNode):
+            # One inode per distinct file content (and exec bit), wherever it
+            # appears: with keep_cache its pages stay in the kernel's cache
+            # across builds and keys (a builder's binaries are read once).
+            fkey = (found.digest, found.size, found.executable)
+            ino = self._file_ino.get(fkey)
+            if ino is None:
+                ino = self._alloc(found)
+                self._file_ino[fkey] = ino
+            return ino
         key = (parent, name)
         ino = self._child_ino.get(key)
         if ino is None or self._entries[ino] is not found:
