@@ -20,6 +20,9 @@ Resources:
   cancellation.
 - ``container`` (local to ``run``, kind ``container``): one runc container;
   the service caps this kind at its number of jobs.
+- ``workspace`` (shared, kind ``workspace``): a slot held from ``bundle``
+  through ``ingest``, capped at twice the jobs (:func:`build_caps`), so a
+  long queue of builds prepares its bundles just in time.
 
 Caveats:
 
@@ -34,15 +37,16 @@ Caveats:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Sequence
 
 import attrs
 
-from pipeline import Graph, Resource, Stage
+from pipeline import Caps, Graph, Resource, Stage
 from stages.oci.layout import BundleLayout
 from stages.request import BuildRequest, request_to_proto
 
@@ -51,7 +55,8 @@ if TYPE_CHECKING:
     from stages.castore.fuse import MountServer
     from stages.oci.idmap import IdMap
 
-__all__ = ["STAGE_NAMES", "BuildHost", "BuildSpec", "build_graph", "graph_for_requests",
+__all__ = ["STAGE_NAMES", "BuildHost", "BuildSpec", "build_caps", "build_graph",
+           "graph_for_requests",
            "request_from_result", "request_of", "request_to_result"]
 
 STAGE_NAMES = ("validate", "spec", "bundle", "mount", "run", "ingest", "teardown")
@@ -180,6 +185,25 @@ def request_of(build: BuildSpec, ctx: Any) -> BuildRequest:
     return request_from_result(ctx.results["validate"]["request"])
 
 
+@contextlib.asynccontextmanager
+async def _workspace(_ctx: Any) -> AsyncIterator[None]:
+    """A slot, nothing more: its kind's cap bounds the builds between bundle
+    and ingest, so that many queued builds do not all write their bundles up
+    front (flooding the disk and the threads) while two containers run."""
+    yield
+
+
+def workspace_cap(jobs: int) -> int:
+    """How many builds may be on disk at once for ``jobs`` containers: one
+    being prepared or ingested beside each running one."""
+    return 2 * jobs
+
+
+def build_caps(jobs: int) -> Caps:
+    """The caps of a run of builds with ``jobs`` concurrent containers."""
+    return Caps(kinds={"container": jobs, "workspace": workspace_cap(jobs)})
+
+
 def _request_digest(request: BuildRequest) -> str:
     import hashlib
 
@@ -201,19 +225,22 @@ def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
                       description="the request's inputs in the FUSE mount")
     container = Resource(name="container", kind="container", factory=bind(run.container),
                          description="a runc container")
+    workspace = Resource(name="workspace", kind="workspace", factory=_workspace,
+                         description="a slot for a build on disk, bundle to ingest")
     stages = [
         Stage(name="validate", fn=bind(validate.stage),
               description="check every rule of the request"),
         Stage(name="spec", fn=bind(spec.stage), deps=["validate"],
               description="the OCI runtime spec (config.json)"),
-        Stage(name="bundle", fn=bind(bundle.stage), deps=["spec"],
+        Stage(name="bundle", fn=bind(bundle.stage), deps=["spec"], resources=["workspace"],
               description="bundle directory: config.json, rootfs, scratch"),
-        Stage(name="mount", fn=bind(mount.stage), deps=["bundle"], resources=["inputs"],
+        Stage(name="mount", fn=bind(mount.stage), deps=["bundle"],
+              resources=["workspace", "inputs"],
               description="inputs through FUSE, read-only"),
         Stage(name="run", fn=bind(run.stage), deps=["mount"],
-              resources=["inputs", container], timeout=None,
+              resources=["workspace", "inputs", container], timeout=None,
               description="runc run of the bundle"),
-        Stage(name="ingest", fn=bind(ingest.stage), deps=["run"],
+        Stage(name="ingest", fn=bind(ingest.stage), deps=["run"], resources=["workspace"],
               description="outputs into castore, reference scan"),
         # Teardown depends on every stage, not just ingest: on cancellation the
         # unstarted ones settle at once, and it must still wait for any stage
@@ -224,7 +251,7 @@ def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
     ]
     made = ({"request_sha256": _request_digest(build.request)} if build.request is not None
             else {"request_from": build.request_from})
-    return Graph(stages=stages, resources=[inputs], version=GRAPH_VERSION,
+    return Graph(stages=stages, resources=[workspace, inputs], version=GRAPH_VERSION,
                  params={**made, "key": build.key, "keep": build.keep,
                          "timeout": build.timeout})
 

@@ -48,8 +48,8 @@ from typing import Iterable, Sequence
 
 import attrs
 
-from pipeline import Caps, Run, RunStatus, Runner, StageState, Subscriber, load_run, resume
-from stages.build import BuildHost, BuildSpec, Keep, graph_for_requests
+from pipeline import Run, RunStatus, Runner, StageState, Subscriber, load_run, resume
+from stages.build import BuildHost, BuildSpec, Keep, build_caps, graph_for_requests
 from stages.castore.addresses import Castore, open_castore
 from stages.errors import BuildError, BuildFailed, ServiceError
 from stages.request import Build, BuildRequest, read_request_file, write_request_file
@@ -296,10 +296,8 @@ class OciBuildService(BuildService):
         graph = graph_for_requests(specs, host)
         run_dir.mkdir(parents=True)
         _save_specs(run_dir, specs, sources)
-        for spec in specs:
-            assert self._instance is not None
-            self._instance.record_key(spec.key)
-        runner = Runner(graph, run_dir=run_dir, caps=Caps(kinds={"container": self.jobs}),
+        self.record_keys(spec.key for spec in specs)
+        runner = Runner(graph, run_dir=run_dir, caps=build_caps(self.jobs),
                         subscribers=[*self.subscribers, *subscribers])
         run = await runner.run(stop_after=_stop_points(specs, stop_after))
         self._mark_paused(run, specs)
@@ -310,16 +308,27 @@ class OciBuildService(BuildService):
                          subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
         host = self._require_host()
         specs = load_build_specs(run_dir)
-        for spec in specs:
-            assert self._instance is not None
-            self._instance.record_key(spec.key)
+        self.record_keys(spec.key for spec in specs)
         graph = graph_for_requests(specs, host)
         run = await resume(run_dir, graph, from_stage=_full_stage(specs, from_stage),
                            stop_after=_stop_points(specs, stop_after),
-                           caps=Caps(kinds={"container": self.jobs}),
+                           caps=build_caps(self.jobs),
                            subscribers=[*self.subscribers, *subscribers])
         self._mark_paused(run, specs)
         return run, specs
+
+    def record_keys(self, keys: Iterable[str]) -> None:
+        """Record build keys as this instance's, before their bundles exist.
+
+        For callers that compose their own graphs of builds (the Nix
+        builder): a later service cleaning up after this one, if it dies,
+        removes exactly the bundles of these keys.
+        """
+        if self._instance is None:
+            raise ServiceError(str(self.state_dir), "the service is not started; "
+                                                     "use it with 'async with'")
+        for key in keys:
+            self._instance.record_key(key)
 
     def _mark_paused(self, run: Run, specs: Sequence[BuildSpec]) -> None:
         # A run that stopped before teardown keeps its bundles (for inspection,

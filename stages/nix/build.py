@@ -497,17 +497,14 @@ def _failure(run: Run, plan: _Plan, drv_path: str) -> str:
 
 async def _run(service: OciBuildService, graph: object, specs: list, nonce: str, jobs: int,
                subscribers: Iterable[Subscriber]) -> Run:
-    from pipeline import Caps, Runner
+    from pipeline import Runner
+    from stages.build import build_caps
 
     run_dir = service.runs_dir / (time.strftime("%Y%m%d-%H%M%S") + f"-nix-{nonce}")
     run_dir.mkdir(parents=True)
-    # Crash recovery (a later service) removes the bundles of the keys its dead
-    # owner recorded; the service has no public way to record them.
-    instance = getattr(service, "_instance", None)
-    for spec in specs:
-        if instance is not None:
-            instance.record_key(spec.key)
-    runner = Runner(graph, run_dir=run_dir, caps=Caps(kinds={"container": jobs}),  # type: ignore[arg-type]
+    # So that crash recovery (a later service) removes their bundles.
+    service.record_keys(spec.key for spec in specs)
+    runner = Runner(graph, run_dir=run_dir, caps=build_caps(jobs),  # type: ignore[arg-type]
                     subscribers=[*service.subscribers, *subscribers])
     return await runner.run()
 

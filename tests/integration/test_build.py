@@ -555,6 +555,31 @@ def _processes_with(text: str) -> list[int]:
     return found
 
 
+async def test_queued_builds_prepare_their_bundles_just_in_time(env: Env) -> None:
+    """With many builds queued, at most 2 x jobs are on disk (bundle..ingest) at once."""
+    held = 0
+    most = 0
+    bundles_seen = 0
+
+    def watch(event) -> None:  # noqa: ANN001
+        nonlocal held, most, bundles_seen
+        if event.message.endswith("workspace"):
+            if event.kind is EventKind.RESOURCE_ACQUIRED:
+                held += 1
+                most = max(most, held)
+            elif event.kind is EventKind.RESOURCE_RELEASED:
+                held -= 1
+        if event.kind is EventKind.STAGE_STARTED and event.stage.endswith("/run"):
+            bundles_seen = max(bundles_seen, len(os.listdir(env.host.bundles_dir)))
+
+    reqs = [env.request(f"echo {i} > /nix/store/out") for i in range(10)]
+    run, specs = await env.svc.run_builds(reqs, subscribers=[watch])
+    assert run.status is RunStatus.FINISHED
+    assert held == 0
+    assert 2 <= most <= 2 * env.svc.jobs, most
+    assert bundles_seen <= 2 * env.svc.jobs, bundles_seen
+
+
 async def test_chain_of_builds_in_one_graph(env: Env) -> None:
     """Build b's request is made by a stage from build a's output: one graph, one run."""
     import attrs as _attrs
