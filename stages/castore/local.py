@@ -79,7 +79,6 @@ import mmap
 import os
 import queue
 import sqlite3
-import stat
 import threading
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -102,10 +101,11 @@ from stages.castore.services import (
     BlobReader,
     BlobService,
     BlobWriter,
-    ClosureValidator,
     DirectoryPutter,
     DirectoryService,
     StoredFile,
+    ValidatingPutter,
+    open_regular_file,
 )
 from stages.proto import castore_pb2
 
@@ -838,14 +838,8 @@ class _BulkImporter:
         self.flush()
 
     def one(self, path: bytes) -> StoredFile:
+        fd, st = open_regular_file(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise IngestError(os.fsdecode(path), f"cannot open: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IngestError(os.fsdecode(path), "not a regular file")
             if st.st_size <= SMALL_BLOB:
                 data = _read_all(fd, st.st_size)
                 if len(data) <= SMALL_BLOB:
@@ -1087,18 +1081,13 @@ class LocalBlobService(BlobService):
         return await asyncio.to_thread(self.store.put_files, paths)
 
 
-class _LocalPutter(DirectoryPutter):
+class _LocalPutter(ValidatingPutter):
     def __init__(self, store: LocalStore) -> None:
-        self._store = store
-        self._closure = ClosureValidator()
+        super().__init__()
+        self._local = store
 
-    async def put(self, directory: Directory) -> None:
-        self._closure.add(directory)
-
-    async def close(self) -> bytes:
-        directories, root = self._closure.finalize()
-        await asyncio.to_thread(self._store.put_directories, directories)
-        return root
+    async def _store(self, directories: list[Directory]) -> None:
+        await asyncio.to_thread(self._local.put_directories, directories)
 
 
 class LocalDirectoryService(DirectoryService):

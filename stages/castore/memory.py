@@ -14,9 +14,9 @@ from stages.castore.services import (
     BlobReader,
     BlobService,
     BlobWriter,
-    ClosureValidator,
     DirectoryPutter,
     DirectoryService,
+    ValidatingPutter,
 )
 
 __all__ = ["MemoryBlobService", "MemoryDirectoryService"]
@@ -89,19 +89,14 @@ class MemoryBlobService(BlobService):
         return _MemoryWriter(self.blobs)
 
 
-class _MemoryPutter(DirectoryPutter):
+class _MemoryPutter(ValidatingPutter):
     def __init__(self, store: dict[bytes, Directory]) -> None:
-        self._store = store
-        self._closure = ClosureValidator()
+        super().__init__()
+        self._directories = store
 
-    async def put(self, directory: Directory) -> None:
-        self._closure.add(directory)
-
-    async def close(self) -> bytes:
-        directories, root = self._closure.finalize()
+    async def _store(self, directories: list[Directory]) -> None:
         for d in directories:
-            self._store[d.digest] = d
-        return root
+            self._directories[d.digest] = d
 
 
 class MemoryDirectoryService(DirectoryService):

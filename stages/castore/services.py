@@ -40,6 +40,8 @@ __all__ = [
     "DirectoryPutter",
     "DirectoryService",
     "READ_CHUNK",
+    "ValidatingPutter",
+    "open_regular_file",
     "StoredFile",
 ]
 
@@ -141,14 +143,8 @@ class BlobService(abc.ABC):
         """
         results = []
         for path in paths:
+            fd, st = open_regular_file(path)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                raise IngestError(os.fsdecode(path), f"cannot open: {exc.strerror}") from exc
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise IngestError(os.fsdecode(path), "not a regular file")
                 size = 0
                 writer = self.open_write()
                 async with writer:
@@ -175,6 +171,28 @@ class BlobService(abc.ABC):
         pass
 
 
+def open_regular_file(path: bytes) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading if it is a regular file; never follow a symlink.
+
+    O_NONBLOCK keeps a FIFO swapped in after a walk from blocking the open;
+    fstat of the opened fd decides. The caller closes the fd. Anything else
+    raises IngestError naming the path.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise IngestError(os.fsdecode(path), f"cannot open: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise IngestError(os.fsdecode(path), f"cannot stat: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise IngestError(os.fsdecode(path), "not a regular file")
+    return fd, st
+
+
 class DirectoryPutter(abc.ABC):
     """One leaves-to-root upload of a directory tree."""
 
@@ -184,6 +202,26 @@ class DirectoryPutter(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> bytes:
         """Check the upload is one connected tree; store it; return the root digest."""
+
+
+class ValidatingPutter(DirectoryPutter):
+    """A putter that checks the upload rules (ClosureValidator) before
+    storing anything; backends implement :meth:`_store`."""
+
+    def __init__(self) -> None:
+        self._closure = ClosureValidator()
+
+    async def put(self, directory: Directory) -> None:
+        self._closure.add(directory)
+
+    async def close(self) -> bytes:
+        directories, root = self._closure.finalize()
+        await self._store(directories)
+        return root
+
+    @abc.abstractmethod
+    async def _store(self, directories: list[Directory]) -> None:
+        """Store a validated upload, leaves first, all or nothing."""
 
 
 class DirectoryService(abc.ABC):
