@@ -631,9 +631,7 @@ class Runner:
                 self._cancelled(node)
                 return
             except BaseException as exc:
-                self._fail(node, exc, attempts)
-                if not isinstance(exc, Exception):
-                    self.cancel(f"stage {node.name!r} raised {type(exc).__name__}")
+                self._raised(node, exc, attempts)
                 return
             self._finished(node, result, attempts)
             return
@@ -662,11 +660,15 @@ class Runner:
             self._cancelled(node)
             return
         except BaseException as exc:
-            self._fail(node, exc, attempts)
-            if not isinstance(exc, Exception):
-                self.cancel(f"stage {node.name!r} raised {type(exc).__name__}")
+            self._raised(node, exc, attempts)
             return
         self._finished(node, result, attempts)
+
+    def _raised(self, node: _Node, exc: BaseException, attempts: int) -> None:
+        """The stage failed; KeyboardInterrupt/SystemExit also cancel the run."""
+        self._fail(node, exc, attempts)
+        if not isinstance(exc, Exception):
+            self.cancel(f"stage {node.name!r} raised {type(exc).__name__}")
 
     def _cancelled(self, node: _Node) -> None:
         node.state = _CANCELLED

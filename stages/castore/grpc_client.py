@@ -312,6 +312,30 @@ class _Connection:
                     continue
                 raise translate_error(exc, self.address, kind, digest) from exc
 
+    async def open_stream(self, start: Callable[[], grpc.aio.UnaryStreamCall], *,
+                          timeout: float, what: str, kind: str,
+                          digest: bytes) -> tuple[grpc.aio.UnaryStreamCall, object]:
+        """Start a server stream and read its first message (or EOF).
+
+        Retried with backoff on UNAVAILABLE only until that first message:
+        nothing has been handed to the caller yet, so a retry is safe.
+        """
+        attempt = 0
+        while True:
+            call = start()
+            try:
+                return call, await asyncio.wait_for(call.read(), timeout)
+            except asyncio.TimeoutError:
+                call.cancel()
+                raise StoreError(self.address, f"no answer within {timeout:g} s "
+                                               f"to {what}") from None
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _RETRYABLE and attempt < self.options.retries:
+                    await asyncio.sleep(_backoff(self.options, attempt))
+                    attempt += 1
+                    continue
+                raise translate_error(exc, self.address, kind, digest) from exc
+
     async def next_message(self, call: grpc.aio.Call, kind: str, digest: bytes) -> object:
         """The next message of a response stream (EOF at the end), with the idle timeout."""
         try:
@@ -349,23 +373,11 @@ class _GrpcReader(BlobReader):
         """Start the Read stream; retried (on UNAVAILABLE) only until its first message."""
         conn = self._conn
         await conn.ready()
-        attempt = 0
-        while True:
-            call = conn.read(rpc_blobstore_pb2.ReadBlobRequest(digest=self.digest))
-            try:
-                first = await asyncio.wait_for(call.read(), conn.options.idle_timeout)
-            except asyncio.TimeoutError:
-                call.cancel()
-                raise StoreError(conn.address, f"no answer for {conn.options.idle_timeout:g} s "
-                                               f"to a read of blob {self.digest.hex()}") from None
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _RETRYABLE and attempt < conn.options.retries:
-                    await asyncio.sleep(_backoff(conn.options, attempt))
-                    attempt += 1
-                    continue
-                raise translate_error(exc, conn.address, "blob", self.digest) from exc
-            self._first = first
-            return call
+        request = rpc_blobstore_pb2.ReadBlobRequest(digest=self.digest)
+        call, self._first = await conn.open_stream(
+            lambda: conn.read(request), timeout=conn.options.idle_timeout,
+            what=f"a read of blob {self.digest.hex()}", kind="blob", digest=self.digest)
+        return call
 
     async def _fetch(self) -> bytes | None:
         """The next chunk from the server, None at the end of the stream."""
@@ -656,22 +668,9 @@ class GrpcDirectoryService(DirectoryService):
         conn = self._conn
         await conn.ready()
         request = rpc_directory_pb2.GetDirectoryRequest(digest=digest, recursive=recursive)
-        attempt = 0
-        while True:
-            call = conn.directories.Get(request)
-            try:
-                first = await asyncio.wait_for(call.read(), conn.options.call_timeout)
-            except asyncio.TimeoutError:
-                call.cancel()
-                raise StoreError(conn.address, f"no answer within {conn.options.call_timeout:g}"
-                                               f" s to a get of directory {digest.hex()}") from None
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _RETRYABLE and attempt < conn.options.retries:
-                    await asyncio.sleep(_backoff(conn.options, attempt))
-                    attempt += 1
-                    continue
-                raise translate_error(exc, conn.address, "directory", digest) from exc
-            break
+        call, first = await conn.open_stream(
+            lambda: conn.directories.Get(request), timeout=conn.options.call_timeout,
+            what=f"a get of directory {digest.hex()}", kind="directory", digest=digest)
         try:
             message = first
             while message is not grpc.aio.EOF:

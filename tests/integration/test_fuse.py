@@ -47,22 +47,6 @@ def _no_mount_left(tmp_path_factory: pytest.TempPathFactory):
     assert not left, f"FUSE mounts were left behind (now detached): {left}"
 
 
-@pytest.fixture
-def mountpoint(tmp_path: Path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        left = cleanup_stale_mounts(path)
-        assert not left, f"a FUSE mount was left at {left}"
-
-
-@pytest.fixture
-def store_address(tmp_path: Path) -> str:
-    return "local://" + str(tmp_path / "store")
-
-
 async def ingest(address: str, path: Path) -> Node:
     castore = open_castore(address, address)
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from stages.castore.addresses import open_castore
-from stages.castore.fuse import MountServer, cleanup_stale_mounts
+from stages.castore.fuse import MountServer
 from stages.castore.ingest import ingest_path
 from stages.castore.local import STREAM_CHUNK, open_local_store
 from stages.castore.nodes import FileNode
@@ -28,22 +28,6 @@ from stages.castore.nodes import FileNode
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.fixture
-def mountpoint(tmp_path: Path):
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        left = cleanup_stale_mounts(path)
-        assert not left, f"a FUSE mount was left at {left}"
-
-
-@pytest.fixture
-def store_address(tmp_path: Path) -> str:
-    return "local://" + str(tmp_path / "store")
 
 
 async def ingest(address: str, path: Path) -> FileNode:
