@@ -55,11 +55,18 @@ class _MemoryWriter(BlobWriter):
 
     async def write(self, data: bytes) -> None:
         self._hasher.update(data)
-        self._parts.append(bytes(data))
+        # Bytes, and views of bytes, cannot change: kept as they are (a view
+        # of a received gRPC message is not copied twice); anything else (a
+        # bytearray the caller may reuse) is copied now.
+        if not (isinstance(data, bytes)
+                or (isinstance(data, memoryview) and isinstance(data.obj, bytes))):
+            data = bytes(data)
+        self._parts.append(data)
 
     async def close(self) -> bytes:
         digest = self._hasher.digest()
-        self._store.setdefault(digest, b"".join(self._parts))
+        if digest not in self._store:  # a blob it has costs no join
+            self._store[digest] = b"".join(self._parts)
         self._parts = []
         self.closed = True
         return digest

@@ -130,6 +130,32 @@ async def test_views_of_bytes_are_written_as_given(blobs) -> None:
     assert digest == b3(data) and await blobs.get(digest) == data
 
 
+async def test_memory_writer_copies_a_reused_bytearray_and_keeps_views_of_bytes() -> None:
+    service = MemoryBlobService()
+    data = pattern(3 * MIB + 5, seed=3)
+    view = memoryview(data)
+    buffer = bytearray(MIB)
+    writer = service.open_write()
+    async with writer:
+        for i in range(0, len(data), MIB):
+            part = view[i:i + MIB]
+            if i == MIB:  # one part through a buffer the caller reuses at once
+                buffer[:len(part)] = part
+                await writer.write(memoryview(buffer)[:len(part)])
+                buffer[:] = b"\0" * MIB
+            else:
+                await writer.write(part)
+        digest = await writer.close()
+    assert digest == b3(data) and service.blobs[digest] == data
+    # The same bytes again: the stored value is the first one, untouched.
+    stored = service.blobs[digest]
+    writer = service.open_write()
+    async with writer:
+        await writer.write(data)
+        assert await writer.close() == digest
+    assert service.blobs[digest] is stored
+
+
 async def test_a_failed_batch_surfaces_and_leaves_nothing(blobs, monkeypatch) -> None:
     writer = blobs.open_write()
     sync = writer._writer
