@@ -83,10 +83,17 @@ class BuildSpec:
     keep: Keep = "never"
     timeout: float | None = None
     request_from: str | None = None
+    #: Nothing of the build outlives it (keep "never", no stop_after): its
+    #: bundle may live on the host's tmpfs (BuildHost.runtime_dir), its
+    #: scratch directories on disk beside. Not part of the graph digest.
+    ephemeral: bool = False
 
     def __attrs_post_init__(self) -> None:
         if (self.request is None) == (self.request_from is None):
             raise ValueError(f"build {self.key}: give exactly one of request and request_from")
+        if self.ephemeral and self.keep != "never":
+            raise ValueError(f"build {self.key}: an ephemeral build keeps nothing, "
+                             f"not keep={self.keep!r}")
 
     @key.validator
     def _check_key(self, _attr: attrs.Attribute, value: str) -> None:
@@ -101,6 +108,15 @@ class BuildHost:
 
     Runtime state, shared by every build of one service; ``mounts`` is the
     running :class:`~stages.castore.fuse.MountServer`.
+
+    Where a build's bundle lives: in ``bundles_dir``, or, for an ephemeral
+    build (:attr:`BuildSpec.ephemeral`) when the host has a ``runtime_dir``
+    (a tmpfs), in ``runtime_dir/bundles`` with its scratch directories in
+    ``scratch_dir`` (on disk: what the builder writes can be large). A
+    bundle is a few dozen small files and directories made and removed per
+    build; on a disk file system that churn costs more CPU than the rest of
+    the build's bookkeeping (ext4 without a journal scans recently freed
+    inodes on every allocation).
     """
 
     castore: Castore
@@ -111,9 +127,16 @@ class BuildHost:
     busybox: Path = Path("/bin/busybox")
     #: Where discarded bundles wait to be deleted; None deletes them in place.
     trash_dir: Path | None = None
+    #: A directory on a tmpfs for ephemeral bundles (bundles/, trash/), or None.
+    runtime_dir: Path | None = None
+    #: On disk: the scratch roots of ephemeral bundles (with runtime_dir).
+    scratch_dir: Path | None = None
     _deleting: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
 
-    async def discard_bundle(self, key: str) -> None:
+    def _on_runtime(self, build: BuildSpec) -> bool:
+        return build.ephemeral and self.runtime_dir is not None and self.scratch_dir is not None
+
+    async def discard_bundle(self, build: BuildSpec) -> None:
         """Remove a build's bundle without making the build wait for the disk.
 
         The bundle is renamed into the trash at once (nothing of it is left
@@ -125,14 +148,21 @@ class BuildHost:
         """
         from stages.bundle import remove_bundle, trash_bundle
 
-        bundle = self.bundle_dir(key)
+        bundle = self.bundle_dir(build)
         if self.trash_dir is None:
             remove_bundle(bundle)
             return
-        moved = trash_bundle(bundle, self.trash_dir)
-        if moved is None:
+        trash = (self.runtime_dir / "trash" if self._on_runtime(build)  # type: ignore[operator]
+                 else self.trash_dir)
+        moved = trash_bundle(bundle, trash, scratch_trash_dir=self.trash_dir)
+        if not moved:
             return
-        task = asyncio.create_task(asyncio.to_thread(shutil.rmtree, moved, True))
+
+        def delete() -> None:
+            for path in moved:
+                shutil.rmtree(path, ignore_errors=True)
+
+        task = asyncio.create_task(asyncio.to_thread(delete))
         self._deleting.add(task)
         task.add_done_callback(self._deleting.discard)
 
@@ -141,17 +171,20 @@ class BuildHost:
         while self._deleting:
             await asyncio.gather(*list(self._deleting), return_exceptions=True)
 
-    def bundle_dir(self, key: str) -> Path:
-        return self.bundles_dir / key
+    def bundle_dir(self, build: BuildSpec) -> Path:
+        if self._on_runtime(build):
+            return self.runtime_dir / "bundles" / build.key  # type: ignore[operator]
+        return self.bundles_dir / build.key
 
-    def layout(self, key: str) -> BundleLayout:
-        return BundleLayout(self.bundle_dir(key))
+    def layout(self, build: BuildSpec) -> BundleLayout:
+        scratch = self.scratch_dir / build.key if self._on_runtime(build) else None  # type: ignore[operator]
+        return BundleLayout(self.bundle_dir(build), scratch)
 
     def input_root(self, key: str) -> Path:
         """Where the mount server shows this build's inputs (see MountServer.add)."""
         return Path(self.mounts.mountpoint) / key
 
-    def input_link(self, key: str) -> Path:
+    def input_link(self, build: BuildSpec) -> Path:
         """The bind sources of the build's inputs: ``<bundle>/inputs/<name>``.
 
         A symlink to :meth:`input_root`, (re)made by the ``inputs`` resource.
@@ -159,7 +192,7 @@ class BuildHost:
         spec (config.json) outlives it in a stopped run; through this link a
         run resumed by another instance binds the inputs of its own mount.
         """
-        return self.bundle_dir(key) / "inputs"
+        return self.bundle_dir(build) / "inputs"
 
 
 def request_to_result(request: BuildRequest) -> dict:

@@ -62,7 +62,8 @@ from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_poin
 from stages.validate import is_under, validate_request
 
 __all__ = ["INPUTS_DIR_MODE", "NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "ROOT_MODE", "WORKDIR_MODE",
-           "check_traversable", "remove_bundle", "stage", "trash_bundle", "write_bundle"]
+           "check_traversable", "linked_scratch", "remove_bundle", "stage", "trash_bundle",
+           "write_bundle"]
 
 # Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
 # sandboxUid 1000, sandboxGid 100, build dir /build. The integration test
@@ -94,9 +95,10 @@ def check_traversable(path: Path | str) -> None:
 
 
 class _Writer:
-    def __init__(self, tmp: Path, final: Path, req: BuildRequest, idmap: IdMap) -> None:
-        self.tmp = BundleLayout(tmp)
-        self.final = BundleLayout(final)
+    def __init__(self, tmp: Path, final: Path, req: BuildRequest, idmap: IdMap,
+                 scratch_root: Path | None = None) -> None:
+        self.tmp = BundleLayout(tmp, scratch_root)
+        self.final = BundleLayout(final, scratch_root)
         self.req = req
         self.uid = idmap.host_uid(BUILD_UID)
         self.gid = idmap.host_gid(BUILD_GID)
@@ -156,8 +158,11 @@ class _Writer:
             os.chown(etc / name, self.uid, self.gid)
 
         if self.req.scratch_paths:
-            (root / "scratch").mkdir(mode=0o711)
-            os.chmod(root / "scratch", 0o711)
+            base = self.tmp.scratch_base
+            base.mkdir(mode=0o711)
+            os.chmod(base, 0o711)
+            if self.tmp.scratch_root is not None:
+                os.symlink(base, root / "scratch")
         for s in self.req.scratch_paths:
             d = self.tmp.scratch_dir(self.req, s)
             d.mkdir(mode=0o700)
@@ -204,31 +209,40 @@ class _Writer:
 
 def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                  input_paths: Mapping[bytes, object] | None = None,
-                 config: dict | None = None, **spec_options: object) -> BundleLayout:
+                 config: dict | None = None, scratch_root: Path | str | None = None,
+                 **spec_options: object) -> BundleLayout:
     """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
 
     ``input_paths`` maps each non-symlink input's name to the host path to
     bind; ``spec_options`` go to :class:`stages.spec.SpecOptions` (busybox,
     network_files, nofile, hostname). ``config``, when given, is written as
     config.json instead of the spec made from those options (the spec stage's
-    result). Returns the bundle's layout.
+    result). ``scratch_root``, when given, is where the scratch directories
+    go instead of ``<bundle>/scratch`` (which becomes a symlink to it); it
+    must not exist, its parent must. Returns the bundle's layout.
     """
     validate_request(req)
     final = Path(bundle_dir).absolute()
-    if final.exists() or final.is_symlink():
-        raise BundleError(final, "already exists; remove it or choose another directory")
-    if not final.parent.is_dir():
-        raise BundleError(final, f"parent directory {final.parent} does not exist")
-    check_traversable(final.parent)
+    scratch = Path(scratch_root).absolute() if scratch_root is not None else None
+    for path in (final, scratch):
+        if path is None:
+            continue
+        if path.exists() or path.is_symlink():
+            raise BundleError(path, "already exists; remove it or choose another directory")
+        if not path.parent.is_dir():
+            raise BundleError(path, f"parent directory {path.parent} does not exist")
+        check_traversable(path.parent)
     tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
-    layout = BundleLayout(final)
+    layout = BundleLayout(final, scratch)
     opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
                        input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
     try:
-        _Writer(tmp, final, req, idmap).write(opts, config)
+        _Writer(tmp, final, req, idmap, scratch).write(opts, config)
         os.rename(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(exc, OSError):
             raise BundleError(final, f"cannot write the bundle: {exc}") from exc
         raise
@@ -246,34 +260,55 @@ def _mounts_under(path: Path) -> list[str]:
     return found
 
 
-def trash_bundle(bundle_dir: Path | str, trash_dir: Path | str) -> Path | None:
+def linked_scratch(bundle_dir: Path | str) -> Path | None:
+    """The scratch root of a bundle whose scratch directories live elsewhere."""
+    link = Path(bundle_dir) / "scratch"
+    if not link.is_symlink():
+        return None
+    return Path(os.readlink(link))
+
+
+def _refuse_mounted(bundle: Path, parts: list[Path]) -> None:
+    mounted = [m for p in parts for m in _mounts_under(p)]
+    if mounted:
+        raise BundleError(bundle, f"still mounted inside: {', '.join(mounted)}; unmount first")
+
+
+def trash_bundle(bundle_dir: Path | str, trash_dir: Path | str, *,
+                 scratch_trash_dir: Path | str | None = None) -> list[Path]:
     """Move a bundle into ``trash_dir`` (same filesystem) for later deletion.
 
-    Returns where it went, or None when there was no bundle. Refuses, like
-    :func:`remove_bundle`, while anything is mounted inside it.
+    A scratch root kept elsewhere (:func:`linked_scratch`) goes into
+    ``scratch_trash_dir`` (default: ``trash_dir``), on its own filesystem.
+    Returns where things went (nothing when there was no bundle). Refuses,
+    like :func:`remove_bundle`, while anything is mounted inside.
     """
     path = Path(bundle_dir).absolute()
     if not path.exists():
-        return None
-    mounted = _mounts_under(path)
-    if mounted:
-        raise BundleError(path, f"still mounted inside: {', '.join(mounted)}; unmount first")
-    trash = Path(trash_dir)
-    trash.mkdir(parents=True, exist_ok=True)
-    target = trash / f"{path.name}.{uuid.uuid4().hex[:8]}"
-    os.rename(path, target)
-    return target
+        return []
+    scratch = linked_scratch(path)
+    parts = [path] if scratch is None or not scratch.exists() else [path, scratch]
+    _refuse_mounted(path, parts)
+    dests = [Path(trash_dir), Path(scratch_trash_dir or trash_dir)]
+    moved = []
+    for part, trash in zip(parts, dests):
+        trash.mkdir(parents=True, exist_ok=True)
+        target = trash / f"{part.name}.{uuid.uuid4().hex[:8]}"
+        os.rename(part, target)
+        moved.append(target)
+    return moved
 
 
 def remove_bundle(bundle_dir: Path | str) -> None:
-    """Remove a bundle; refuses while anything is still mounted inside it."""
+    """Remove a bundle (and its linked scratch root); refuses while anything is mounted inside."""
     path = Path(bundle_dir).absolute()
     if not path.exists():
         return
-    mounted = _mounts_under(path)
-    if mounted:
-        raise BundleError(path, f"still mounted inside: {', '.join(mounted)}; unmount first")
-    shutil.rmtree(path)
+    scratch = linked_scratch(path)
+    parts = [path] if scratch is None or not scratch.exists() else [path, scratch]
+    _refuse_mounted(path, parts)
+    for part in parts:
+        shutil.rmtree(part)
 
 
 async def stage(build, host, ctx) -> dict:  # noqa: ANN001
@@ -286,14 +321,14 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
     from stages.build import request_of
     from stages.spec import build_spec_options
 
-    bundle_dir = host.bundle_dir(build.key)
-    host.bundles_dir.mkdir(parents=True, exist_ok=True)
-    await host.discard_bundle(build.key)
+    planned = host.layout(build)
+    planned.root.parent.mkdir(parents=True, exist_ok=True)
+    await host.discard_bundle(build)
     req = request_of(build, ctx)
     opts = build_spec_options(build, host, req)
     # Many small file-system calls: off the event loop, other builds go on.
     # A cancelled build waits for the thread, so teardown sees the bundle.
     layout = await finish_then_cancel(asyncio.to_thread(
-        write_bundle, bundle_dir, req, idmap=host.idmap,
+        write_bundle, planned.root, req, idmap=host.idmap, scratch_root=planned.scratch_root,
         input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox))
     return {"bundle": str(layout.root)}

@@ -83,7 +83,7 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
     from stages.build import request_of
 
     req = request_of(build, ctx)
-    layout = host.layout(build.key)
+    layout = host.layout(build)
     scanner = None
     if req.refscan_needles:
         from stages.refscan import NeedleScanner

@@ -39,7 +39,7 @@ async def inputs_mounted(build: BuildSpec, host: BuildHost, ctx: Any) -> AsyncIt
     from stages.build import request_of
 
     path = await host.mounts.add(build.key, list(request_of(build, ctx).inputs))
-    link = host.input_link(build.key)
+    link = host.input_link(build)
     try:
         tmp = link.with_name(f".{link.name}.new")
         with contextlib.suppress(FileNotFoundError):

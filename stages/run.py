@@ -27,14 +27,14 @@ __all__ = ["container", "log_path", "stage"]
 @contextlib.asynccontextmanager
 async def container(build: BuildSpec, host: BuildHost, _ctx: Any) -> AsyncIterator[RuncContainer]:
     """Resource factory: one container of the build's bundle, deleted on release."""
-    async with RuncContainer(host.bundle_dir(build.key), f"ocibuild-{build.key}",
+    async with RuncContainer(host.bundle_dir(build), f"ocibuild-{build.key}",
                              state_root=host.runc_root) as c:
         yield c
 
 
 def log_path(build: BuildSpec, host: BuildHost, run_dir: Path | None) -> Path:
     if run_dir is None:
-        return host.layout(build.key).log
+        return host.layout(build).log
     return run_dir / "logs" / f"{build.key}.log"
 
 

@@ -22,14 +22,28 @@ The state directory::
     instances/<id>/keys     the build keys it created, one a line
     instances/<id>/mnt/     its FUSE mountpoint
     instances/<id>/runc/    its runc --root (its containers only)
-    bundles/<key>/          bundles; kept ones hold .ocibuild-kept
+    instances/<id>/runtime  symlink to its runtime directory, on a tmpfs:
+                            the bundles of its ephemeral builds (see below)
+    instances/<id>/scratch/<key>/  their scratch directories
+    bundles/<key>/          bundles that may be kept; kept ones hold .ocibuild-kept
     trash/                  discarded bundles, deleted in the background
     runs/<run-id>/          pipeline run directories, with the requests
 
+Ephemeral builds (nothing kept, no ``stop_after``: the usual case) write
+their bundles into the instance's runtime directory,
+``$OCIBUILD_RUNTIME_DIR/ocibuild/<id>/`` (default ``/dev/shm``, a tmpfs on
+every Linux; set the variable empty to keep every bundle in the state
+directory), and their scratch directories into the instance's directory on
+disk: the small files of a bundle cost far less to make and delete on a
+tmpfs, while what the builder writes may be large. The runtime directory is
+used only if it is a real directory owned by us and writable by nobody
+else; otherwise bundles stay on disk.
+
 Crash recovery: a starting service takes every instance whose lock is free
 (its owner died), unmounts what it left mounted, kills and deletes its
-containers, removes its bundles unless kept, and removes its directory,
-before it builds anything. Several services may share one state directory.
+containers, removes its bundles unless kept, its runtime directory and its
+directory, before it builds anything. Several services may share one state
+directory.
 """
 
 from __future__ import annotations
@@ -141,6 +155,10 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
                 if bundle.exists() and not (bundle / KEPT_MARKER).exists():
                     remove_bundle(bundle)
                     removed.append(f"bundle {bundle}")
+            runtime = _linked_runtime(inst)
+            if runtime is not None:
+                shutil.rmtree(runtime, ignore_errors=True)
+                removed.append(f"runtime {runtime}")
             shutil.rmtree(inst)
             removed.append(f"instance {inst.name}")
         finally:
@@ -151,12 +169,51 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
 # --- the OCI service ------------------------------------------------------------
 
 
+RUNTIME_ENV = "OCIBUILD_RUNTIME_DIR"
+DEFAULT_RUNTIME_BASE = "/dev/shm"
+
+
+def _runtime_home() -> Path | None:
+    """``<base>/ocibuild``, made if missing, when it is safe to use; else None.
+
+    Safe: a directory (not a symlink) owned by us, writable by nobody else,
+    searchable by others (the container's mapped root binds from it). The
+    base is shared (``/dev/shm`` is world-writable), so anything else there
+    under that name is not ours to trust.
+    """
+    import stat
+
+    base = os.environ.get(RUNTIME_ENV, DEFAULT_RUNTIME_BASE)
+    if not base or not os.path.isdir(base):
+        return None
+    home = Path(base).absolute() / "ocibuild"
+    try:
+        home.mkdir(mode=0o711)
+        os.chmod(home, 0o711)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    st = os.lstat(home)
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
+            or st.st_mode & 0o022 or not st.st_mode & 0o001):
+        return None
+    return home
+
+
+def _linked_runtime(inst: Path) -> Path | None:
+    link = inst / "runtime"
+    return Path(os.readlink(link)) if link.is_symlink() else None
+
+
 @attrs.define
 class _Instance:
     """One live service instance's directories and lock."""
 
     dir: Path
     lock_fd: int
+    #: Its runtime directory on a tmpfs (bundles/, trash/), or None.
+    runtime: Path | None = None
 
     @classmethod
     def create(cls, state_dir: Path) -> _Instance:
@@ -166,13 +223,24 @@ class _Instance:
         assert fd is not None
         (inst / "mnt").mkdir()
         (inst / "runc").mkdir(mode=0o700)
-        return cls(inst, fd)
+        (inst / "scratch").mkdir(mode=0o711)
+        runtime = None
+        home = _runtime_home()
+        if home is not None:
+            runtime = home / inst.name
+            # The link first: a crash after it leaves nothing unaccounted for.
+            os.symlink(runtime, inst / "runtime")
+            runtime.mkdir(mode=0o711)
+            (runtime / "bundles").mkdir(mode=0o711)
+        return cls(inst, fd, runtime)
 
     def record_key(self, key: str) -> None:
         with open(self.dir / "keys", "a") as f:
             f.write(key + "\n")
 
     def close(self) -> None:
+        if self.runtime is not None:
+            shutil.rmtree(self.runtime, ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.close(self.lock_fd)
 
@@ -244,7 +312,9 @@ class OciBuildService(BuildService):
                 await asyncio.to_thread(_empty, self.trash_dir)
             self.host = BuildHost(castore=self._castore, mounts=self._mounts,
                                   bundles_dir=self.bundles_dir, trash_dir=self.trash_dir,
-                                  runc_root=self._instance.dir / "runc", idmap=idmap)
+                                  runc_root=self._instance.dir / "runc", idmap=idmap,
+                                  runtime_dir=self._instance.runtime,
+                                  scratch_dir=self._instance.dir / "scratch")
         except BaseException:
             await self.aclose()
             raise
@@ -290,8 +360,10 @@ class OciBuildService(BuildService):
         """
         host = self._require_host()
         run_dir = self._new_run_dir()
-        specs = [BuildSpec(request=req, key=_key(run_dir, i, len(requests)),
-                           keep=keep or self.keep, timeout=self.timeout)
+        keep = keep or self.keep
+        specs = [BuildSpec(request=req, key=_key(run_dir, i, len(requests)), keep=keep,
+                           timeout=self.timeout,
+                           ephemeral=keep == "never" and stop_after is None)
                  for i, req in enumerate(requests)]
         graph = graph_for_requests(specs, host)
         run_dir.mkdir(parents=True)
@@ -333,8 +405,9 @@ class OciBuildService(BuildService):
     def _mark_paused(self, run: Run, specs: Sequence[BuildSpec]) -> None:
         # A run that stopped before teardown keeps its bundles (for inspection,
         # `ocibuild shell` and resume): mark them so crash recovery spares them.
+        host = self._require_host()
         for spec in specs:
-            bundle = self.bundles_dir / spec.key
+            bundle = host.bundle_dir(spec)
             teardown = _stage_name(specs, spec, "teardown")
             outcome = run.stages.get(teardown)
             if bundle.exists() and (outcome is None or outcome.state is StageState.PENDING):

@@ -64,8 +64,8 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
     async with _service(args, jobs=1) as svc:
         host = svc.host
         assert host is not None
-        bundle = host.bundle_dir(spec.key)
-        layout = host.layout(spec.key)
+        bundle = host.bundle_dir(spec)
+        layout = host.layout(spec)
         if not layout.config.exists():
             raise ServiceError(str(bundle), f"the bundle of run {run_dir.name} was not kept; "
                                             f"build again with --keep-failed, --keep or "

@@ -258,10 +258,8 @@ def build_spec_options(build, host, req: BuildRequest) -> SpecOptions:  # noqa: 
     """SpecOptions of one build on its host: bundle layout, FUSE paths, id map."""
     import os
 
-    from stages.oci.layout import BundleLayout
-
-    layout = BundleLayout(host.bundle_dir(build.key))
-    inputs = host.input_link(build.key)  # stable across service instances (resume)
+    layout = host.layout(build)
+    inputs = host.input_link(build)  # stable across service instances (resume)
     return SpecOptions(idmap=host.idmap, rootfs=layout.rootfs,
                        scratch_dirs=layout.scratch_dirs(req),
                        input_paths={n.name: inputs / os.fsdecode(n.name) for n in req.inputs

@@ -21,7 +21,7 @@ KEPT_MARKER = ".ocibuild-kept"
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
-    bundle = host.bundle_dir(build.key)
+    bundle = host.bundle_dir(build)
     # ctx.outcomes holds every other stage of the build.
     ok = all(o.state.ok for o in ctx.outcomes.values())
     keep = build.keep == "always" or (build.keep == "failed" and not ok)
@@ -29,5 +29,5 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
         (bundle / KEPT_MARKER).write_text(ctx.name + "\n")
         ctx.log(f"kept bundle {bundle}")
         return {"bundle": str(bundle), "kept": True}
-    await host.discard_bundle(build.key)
+    await host.discard_bundle(build)
     return {"bundle": str(bundle), "kept": False}

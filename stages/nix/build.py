@@ -398,7 +398,7 @@ def _graph(plan: _Plan, host: object, cores: int):  # noqa: ANN202
         if deps:
             extra.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
                                deps=deps, description=f"BuildRequest of {drv_path}"))
-            specs.append(BuildSpec(key=key, request_from=f"{key}/request"))
+            specs.append(BuildSpec(key=key, request_from=f"{key}/request", ephemeral=True))
         else:
             try:
                 request = _make_request(plan, drv_path, cores).request
@@ -406,7 +406,7 @@ def _graph(plan: _Plan, host: object, cores: int):  # noqa: ANN202
                 plan.errors[drv_path] = str(exc)
                 building.discard(drv_path)
                 continue
-            specs.append(BuildSpec(key=key, request=request))
+            specs.append(BuildSpec(key=key, request=request, ephemeral=True))
         extra.append(Stage(name=f"{key}/register", fn=_register_fn(plan, drv_path),
                            deps=[f"{key}/ingest"],
                            description=f"NAR hashes, references; register {drv_path}'s outputs"))

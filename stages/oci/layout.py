@@ -9,6 +9,11 @@
 
 A path of the build root (relative, as in a request) lives in the scratch
 directory of its longest scratch-path prefix, or else in the rootfs.
+
+The scratch directories may live elsewhere (``scratch_root``): a bundle on
+a tmpfs keeps what the builder writes on disk. ``<bundle>/scratch`` is then
+a symlink to ``scratch_root``, for people looking at the bundle; code and
+config.json use the real path.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ class BundleLayout:
     """Path arithmetic for one bundle directory; no I/O."""
 
     root: Path = attrs.field(converter=Path)
+    #: Where the scratch directories are, when not in ``<root>/scratch``.
+    scratch_root: Path | None = attrs.field(
+        default=None, converter=attrs.converters.optional(Path))
+
+    @property
+    def scratch_base(self) -> Path:
+        """The directory holding ``<i>/`` for each scratch path."""
+        return self.scratch_root if self.scratch_root is not None else self.root / "scratch"
 
     @property
     def config(self) -> Path:
@@ -43,7 +56,7 @@ class BundleLayout:
 
     def scratch_dir(self, req: BuildRequest, scratch_path: str) -> Path:
         """The host directory bind-mounted at /<scratch_path>."""
-        return self.root / "scratch" / str(req.scratch_paths.index(scratch_path))
+        return self.scratch_base / str(req.scratch_paths.index(scratch_path))
 
     def scratch_dirs(self, req: BuildRequest) -> dict[str, Path]:
         return {s: self.scratch_dir(req, s) for s in req.scratch_paths}

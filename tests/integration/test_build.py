@@ -211,6 +211,16 @@ def _keys_of(run_dir: Path) -> list[str]:
         return []
 
 
+def _bundle_places(env: Env, key: str) -> list[Path]:
+    """Where a build's bundle may be: in the state directory (builds that may
+    be kept), or on the runtime tmpfs with its scratch on disk (ephemeral)."""
+    host = env.host
+    places = [host.bundles_dir / key]
+    if host.runtime_dir is not None:
+        places += [host.runtime_dir / "bundles" / key, host.scratch_dir / key]
+    return places
+
+
 def assert_clean(env: Env, keys: set[str], fds_before: set[str], fuse_before: list[str], *,
                  kept: set[str] = frozenset()) -> None:
     info = _mountinfo()
@@ -219,7 +229,8 @@ def assert_clean(env: Env, keys: set[str], fds_before: set[str], fuse_before: li
         assert not (env.host.input_root(key)).exists(), f"inputs of {key} still in the FUSE mount"
         assert f"ocibuild-{key}" not in _runc_ids(), f"container of {key} in the global runc list"
         if key not in kept:
-            assert not env.host.bundle_dir(key).exists(), f"bundle of {key} survived"
+            for place in _bundle_places(env, key):
+                assert not place.exists(), f"bundle of {key} survived: {place}"
     assert _runc_ids(env.host.runc_root) == []
     assert _fuse_mounts(env) == fuse_before
     leaked = {}
@@ -509,7 +520,10 @@ async def _start_and_wait_for(env: Env, req: BuildRequest, line: str, **kw):
 async def test_cancel_while_the_builder_runs(env: Env) -> None:
     task, _ = await _start_and_wait_for(env, env.request("echo started; sleep 60"), "started")
     key = next(iter(env.svc._instance.dir.joinpath("keys").read_text().split()[-1:]))
-    assert env.host.bundle_dir(key).exists()
+    # An ephemeral build: its bundle on the runtime tmpfs, its scratch on disk.
+    assert env.host.runtime_dir is not None, "no runtime tmpfs (/dev/shm) on this machine"
+    assert (env.host.runtime_dir / "bundles" / key / "config.json").exists()
+    assert (env.host.scratch_dir / key).is_dir()
     assert env.host.input_root(key).exists()
     assert _runc_ids(env.host.runc_root) == [f"ocibuild-{key}"]
     task.cancel()
@@ -655,7 +669,8 @@ async def test_exception_in_a_stage_keeps_the_bundle_with_keep_failed(env: Env, 
     run, specs = await env.svc.run_builds([env.request("echo ran > /nix/store/out")],
                                           keep="failed")
     key = specs[0].key
-    bundle = env.host.bundle_dir(key)
+    bundle = env.host.bundle_dir(specs[0])
+    assert bundle == env.svc.bundles_dir / key  # one that may be kept lives on disk
     try:
         assert run.stages["teardown"].result["kept"] is True
         assert (bundle / "config.json").exists()

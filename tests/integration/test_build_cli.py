@@ -44,13 +44,17 @@ class Cli:
         self.store = f"local://{base}/store"
         self.bb_node = bb_node
         self.n = 0
+        # The services' runtime directories (ephemeral bundles), on a tmpfs of
+        # this module's own, so that tests can see them all gone.
+        self.runtime = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="ocibuild-cli-rt-"))
+        os.chmod(self.runtime, 0o711)
 
     @property
     def environ(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if k not in ("BUILD_SERVICE_ADDR", "BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR")}
         env.update(OCIBUILD_STATE=str(self.state), BLOB_SERVICE_ADDR=self.store,
-                   DIRECTORY_SERVICE_ADDR=self.store,
+                   DIRECTORY_SERVICE_ADDR=self.store, OCIBUILD_RUNTIME_DIR=str(self.runtime),
                    PYTHONPATH=str(Path(__file__).resolve().parents[2]))
         return env
 
@@ -99,9 +103,12 @@ def cli():
         shutil.copy2("/bin/busybox", bb / "busybox")
         for a in APPLETS:
             (bb / a).symlink_to("busybox")
-        yield Cli(base, asyncio.run(_import(base, bb)))
+        c = Cli(base, asyncio.run(_import(base, bb)))
+        yield c
     finally:
         _cleanup_everything(base)
+        if "c" in locals():
+            shutil.rmtree(c.runtime, ignore_errors=True)
 
 
 def _cleanup_everything(base: Path) -> None:
@@ -148,6 +155,10 @@ def test_build_json_lines_parse_back(cli: Cli) -> None:
             json.loads(json_format.MessageToJson(msg.build_request))
         assert _blob(cli, msg.outputs[0].file.digest) == want
     assert not list((cli.state / "bundles").iterdir())
+    # The builds were ephemeral: their bundles were in the runtime directory,
+    # which went with the service instance.
+    assert list(cli.runtime.joinpath("ocibuild").iterdir()) == []
+    assert list(cli.state.joinpath("instances").iterdir()) == []
 
 
 def test_refused_request_is_one_line(cli: Cli) -> None:
@@ -299,7 +310,11 @@ def test_sigkill_mid_build_then_next_start_cleans_up(cli: Cli) -> None:
     key = cid.removeprefix("ocibuild-")
     (inst,) = cli.state.glob("instances/*")
     mnt = inst / "mnt"
-    assert (cli.state / "bundles" / key).exists()
+    # An ephemeral build: its bundle in the instance's runtime directory (a
+    # tmpfs), its scratch in the instance's directory.
+    runtime = Path(os.readlink(inst / "runtime"))
+    assert (runtime / "bundles" / key / "config.json").exists()
+    assert (inst / "scratch" / key).is_dir()
     assert _container_pids(marker), "the container should outlive its killed builder"
 
     async def restart() -> list[str]:
@@ -310,10 +325,10 @@ def test_sigkill_mid_build_then_next_start_cleans_up(cli: Cli) -> None:
 
     cleaned = asyncio.run(restart())
     assert f"container {cid}" in cleaned
-    assert f"bundle {cli.state / 'bundles' / key}" in cleaned
+    assert f"runtime {runtime}" in cleaned
     assert f"instance {inst.name}" in cleaned
     assert not inst.exists()
-    assert not (cli.state / "bundles" / key).exists()
+    assert not runtime.exists()
     with open("/proc/self/mountinfo") as f:
         assert str(mnt) not in f.read()
     deadline = time.monotonic() + 5

@@ -254,3 +254,80 @@ def test_remove_bundle_refuses_while_mounted(base_dir: Path) -> None:
         subprocess.run(["umount", str(inside)], check=True)
     remove_bundle(lay.root)
     assert not lay.root.exists()
+
+
+# --- scratch directories kept apart (bundle on a tmpfs, scratch on disk) -------------------
+
+
+def test_scratch_root_apart(base_dir: Path) -> None:
+    req = request()
+    (base_dir / "rt").mkdir(mode=0o711)
+    (base_dir / "disk").mkdir(mode=0o711)
+    lay = write_bundle(base_dir / "rt" / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
+                       scratch_root=base_dir / "disk" / "b")
+    config = json.loads(lay.config.read_text())
+    validate_config(config)
+    assert lay.scratch_root == base_dir / "disk" / "b"
+    # config.json binds the real directories, not through the symlink
+    for s in req.scratch_paths:
+        d = lay.scratch_dir(req, s)
+        assert d.parent == base_dir / "disk" / "b" and d.is_dir() and not d.is_symlink()
+        assert any(m["source"] == str(d) and m["destination"] == "/" + s
+                   for m in config["mounts"])
+        assert (d.stat().st_uid, d.stat().st_gid) == BUILDER
+    # what lands in a scratch path is on the disk side: additional files, symlink inputs
+    assert (base_dir / "disk/b/0/.attrs.json").read_bytes() == b'{"a":1}'
+    assert os.readlink(base_dir / "disk/b/1/ccc-link") == "aaa-dep/bin"
+    # people looking at the bundle find the scratch directories through a symlink
+    assert os.readlink(lay.root / "scratch") == str(base_dir / "disk" / "b")
+    assert bundle_mod.linked_scratch(lay.root) == base_dir / "disk" / "b"
+    assert sorted(p.name for p in (base_dir / "rt").iterdir()) == ["b"]
+
+    remove_bundle(lay.root)
+    assert list((base_dir / "rt").iterdir()) == [] and list((base_dir / "disk").iterdir()) == []
+
+
+def test_scratch_root_apart_failure_leaves_nothing(base_dir: Path, monkeypatch) -> None:
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bundle_mod, "make_spec", boom)
+    (base_dir / "rt").mkdir(mode=0o711)
+    (base_dir / "disk").mkdir(mode=0o711)
+    with pytest.raises(BundleError, match="No space left"):
+        write_bundle(base_dir / "rt" / "b", request(), idmap=IDMAP,
+                     input_paths=inputs_for(request()), scratch_root=base_dir / "disk" / "b")
+    assert list((base_dir / "rt").iterdir()) == [] and list((base_dir / "disk").iterdir()) == []
+
+
+def test_existing_scratch_root_is_refused(base_dir: Path) -> None:
+    (base_dir / "s").mkdir()
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(base_dir / "b", request(), idmap=IDMAP, input_paths=inputs_for(request()),
+                     scratch_root=base_dir / "s")
+    assert sorted(p.name for p in base_dir.iterdir()) == ["s"]
+
+
+def test_trash_bundle_moves_both_parts_each_to_its_trash(base_dir: Path) -> None:
+    req = request()
+    lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
+                       scratch_root=base_dir / "s")
+    moved = bundle_mod.trash_bundle(lay.root, base_dir / "trash",
+                                    scratch_trash_dir=base_dir / "strash")
+    assert [p.parent.name for p in moved] == ["trash", "strash"]
+    assert not lay.root.exists() and not (base_dir / "s").exists()
+    assert (moved[1] / "0" / ".attrs.json").exists()
+    assert bundle_mod.trash_bundle(lay.root, base_dir / "trash") == []
+
+
+def test_trash_bundle_refuses_while_its_scratch_is_mounted(base_dir: Path) -> None:
+    req = request()
+    lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
+                       scratch_root=base_dir / "s")
+    inside = lay.scratch_dir(req, "build")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inside)], check=True)
+    try:
+        with pytest.raises(BundleError, match="still mounted"):
+            bundle_mod.trash_bundle(lay.root, base_dir / "trash")
+        assert lay.root.exists() and inside.exists()
+    finally:
+        subprocess.run(["umount", str(inside)], check=True)

@@ -1,0 +1,64 @@
+"""The service's runtime directory (ephemeral bundles on a tmpfs): used only when safe.
+
+Its base (``/dev/shm`` by default) is world-writable, so whatever already
+sits there under the name ``ocibuild`` must be ours and writable by nobody
+else, or the service keeps its bundles on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from stages.service import RUNTIME_ENV, _runtime_home
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def base(tmp_path: Path, monkeypatch) -> Path:
+    os.chmod(tmp_path, 0o1777)
+    monkeypatch.setenv(RUNTIME_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_made_private_and_traversable(base: Path) -> None:
+    home = _runtime_home()
+    assert home == base / "ocibuild"
+    st = home.lstat()
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o711
+    assert st.st_uid == os.geteuid()
+    assert _runtime_home() == home  # and found again
+
+
+def test_a_symlink_is_not_trusted(base: Path, tmp_path_factory) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (base / "ocibuild").symlink_to(elsewhere)
+    assert _runtime_home() is None
+
+
+@pytest.mark.parametrize("mode", [0o771, 0o717, 0o700], ids=["group-writable", "world-writable",
+                                                              "not-traversable"])
+def test_a_loose_mode_is_not_trusted(base: Path, mode: int) -> None:
+    (base / "ocibuild").mkdir()
+    os.chmod(base / "ocibuild", mode)
+    assert _runtime_home() is None
+
+
+def test_someone_elses_is_not_trusted(base: Path) -> None:
+    (base / "ocibuild").mkdir(mode=0o711)
+    os.chown(base / "ocibuild", 12345, 12345)
+    assert _runtime_home() is None
+
+
+def test_empty_setting_keeps_bundles_on_disk(monkeypatch) -> None:
+    monkeypatch.setenv(RUNTIME_ENV, "")
+    assert _runtime_home() is None
+
+
+def test_missing_base_keeps_bundles_on_disk(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(RUNTIME_ENV, str(tmp_path / "nope"))
+    assert _runtime_home() is None
