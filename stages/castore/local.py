@@ -74,6 +74,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import mmap
 import os
@@ -135,6 +137,10 @@ INLINE_READ = 64 << 10
 # An async blob writer collects up to this many bytes while a batch is
 # being written in its thread.
 WRITE_BEHIND = 8 << 20
+# A streamed blob asks the kernel to start writing its bytes to disk every
+# this many bytes, so the disk works while the rest arrives and the fdatasync
+# at the commit has little left to do.
+WRITEBACK_STEP = 16 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -145,6 +151,35 @@ CREATE TABLE IF NOT EXISTS blobs (
 CREATE TABLE IF NOT EXISTS directories (
     digest BLOB PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 """
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range of a file to disk, without waiting for it.
+
+    A hint for speed only: durability still comes from the fdatasync before
+    the commit. Without it the kernel writes dirty pages only at that
+    fdatasync (or once gigabytes are dirty), so a big blob's upload and its
+    disk write would run one after the other. A no-op where the C library
+    has no ``sync_file_range``; its errors are ignored (fdatasync reports
+    real ones).
+    """
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _hasher(size: int) -> blake3.blake3:
@@ -162,6 +197,7 @@ class _Pack:
         self.fd = fd
         self.pos = end          # where the next append goes
         self.committed = end    # what the index knows
+        self.size = end         # the file's length: past pos, dropped bytes
         self.staged: list[tuple[bytes, int, int, int]] = []
 
     @property
@@ -183,6 +219,8 @@ class _Pack:
                     pending[0] = pending[0][written:]
         except OSError as exc:
             raise StoreError(str(self.store.root), f"cannot write {self.path}: {exc}") from exc
+        finally:
+            self.size = max(self.size, self.pos)
         return start
 
     def cut(self, pos: int) -> None:
@@ -192,6 +230,25 @@ class _Pack:
         self.pos = pos
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, pos)
+            self.size = pos
+
+    def drop(self, pos: int) -> None:
+        """Forget everything appended from ``pos`` on, as :meth:`cut`, but
+        keep the file's length: the next append overwrites the dropped bytes'
+        page cache pages instead of the kernel freeing them now and
+        allocating new ones (half the CPU of a write, measured). Nothing
+        points at them; :meth:`trim` cuts them off before a commit and when
+        the pack is closed, and after a crash the next claim truncates them."""
+        assert pos >= self.committed
+        self.staged = [s for s in self.staged if s[1] < pos]
+        self.pos = pos
+
+    def trim(self) -> None:
+        """Cut off bytes dropped past ``pos`` (see :meth:`drop`)."""
+        if self.size > self.pos:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.pos)
+                self.size = self.pos
 
     def stage(self, digest: bytes, offset: int, length: int) -> None:
         self.staged.append((digest, offset, length, self.id))
@@ -205,6 +262,7 @@ class _Pack:
         """Make the staged blobs durable and visible: fdatasync, then the index."""
         if not self.staged and self.pos == self.committed:
             return
+        self.trim()  # or the fdatasync would write dropped bytes too
         pos, rows = self.take_staged()
         _commit(self.store, {self: pos}, rows)
 
@@ -212,6 +270,7 @@ class _Pack:
         self.cut(self.committed)
 
     def close(self) -> None:
+        self.trim()
         with contextlib.suppress(OSError):
             os.close(self.fd)  # also drops the flock
 
@@ -758,6 +817,7 @@ class LocalBlobWriter:
         self._hasher = blake3.blake3()
         self._pack: _Pack | None = None
         self._start = 0
+        self._unflushed = 0  # where bytes not yet handed to writeback start
         self.digest: bytes | None = None
         self.closed = False
 
@@ -772,11 +832,15 @@ class LocalBlobWriter:
             self._buffer.append(bytes(data))
             self._buffered += len(data)
             return
-        if self._pack is None:
-            self._pack = self._store._acquire_pack()
-            self._start = self._pack.append(self._buffer)
+        pack = self._pack
+        if pack is None:
+            pack = self._pack = self._store._acquire_pack()
+            self._start = self._unflushed = pack.append(self._buffer)
             self._buffer, self._buffered = [], 0
-        self._pack.append([data])
+        pack.append([data])
+        if pack.pos - self._unflushed >= WRITEBACK_STEP:
+            _start_writeback(pack.fd, self._unflushed, pack.pos - self._unflushed)
+            self._unflushed = pack.pos
 
     def close(self) -> bytes:
         """Commit the blob (fdatasync + index) and return its digest."""
@@ -789,7 +853,7 @@ class LocalBlobWriter:
         try:
             if store.has_blob(digest):
                 if self._pack is not None:
-                    self._pack.cut(self._start)
+                    self._pack.drop(self._start)
             else:
                 if self._pack is None:
                     self._pack = store._acquire_pack()
@@ -824,6 +888,7 @@ class _BulkImporter:
         self.claimed = claimed
         self.stop = stop
         self.pack = store._acquire_pack()
+        self.pack.trim()  # its commits come from another thread: no dropped bytes
         self.packs = [self.pack]
         self.submitted = self.pack.pos
         self.batch: dict[bytes, bytes] = {}
@@ -904,6 +969,7 @@ class _BulkImporter:
         self.submitted = self.pack.pos
         if self.pack.pos >= PACK_LIMIT:
             self.pack = self.store._acquire_pack()
+            self.pack.trim()
             self.packs.append(self.pack)
             self.submitted = self.pack.pos
 

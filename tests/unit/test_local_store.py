@@ -267,6 +267,74 @@ def test_dedup_writes_bytes_once(store: LocalStore, tmp_path: Path) -> None:
     assert pack_bytes(store) == size
 
 
+def _streamed(store: LocalStore, data: bytes) -> bytes:
+    writer = store.open_writer()
+    for i in range(0, len(data), 1 << 20):
+        writer.write(data[i:i + (1 << 20)])
+    return writer.close()
+
+
+def test_a_dropped_duplicate_keeps_its_pages_for_the_next_write(tmp_path: Path) -> None:
+    # A streamed duplicate is dropped without truncating (the next append
+    # reuses its page cache pages); nothing points at those bytes, the next
+    # commit and the close cut them off, and a crash leaves them to the next
+    # claim, which truncates.
+    root = tmp_path / "s"
+    store = LocalStore(root)
+    big, other = pattern(3 << 20, 4), pattern(2 << 20, 5)
+    first = _streamed(store, big)
+    pack = store._pack_path(store._locate(first)[0])
+    assert pack.stat().st_size == len(big)
+    assert _streamed(store, big) == first
+    assert pack.stat().st_size == 2 * len(big)  # kept, past the committed end
+    assert pack_bytes(store) == 2 * len(big)
+    second = _streamed(store, other)  # written over them, then trimmed
+    assert store._locate(second)[1] == len(big)
+    assert pack.stat().st_size == len(big) + len(other)
+    store.verify_blob(first)
+    store.verify_blob(second)
+    assert _streamed(store, big) == first
+    assert pack.stat().st_size > len(big) + len(other)
+    store.close()
+    assert pack.stat().st_size == len(big) + len(other)
+    # A dead writer's dropped bytes: the next claim truncates them.
+    store = LocalStore(root)
+    try:
+        assert _streamed(store, big) == first
+        store._idle_packs[0].trim = lambda: None  # as if the process died here
+        store.close()
+        assert pack.stat().st_size == 2 * len(big) + len(other)
+        store = LocalStore(root)
+        third = store.put_blob(b"after a crash")
+        assert store._locate(third)[1] == len(big) + len(other)
+        assert pack.stat().st_size == len(big) + len(other) + len(b"after a crash")
+        for digest in (first, second, third):
+            store.verify_blob(digest)
+    finally:
+        store.close()
+
+
+def test_a_streamed_blob_starts_writeback_as_it_grows(store: LocalStore, monkeypatch) -> None:
+    calls = []
+
+    def record(fd: int, offset: int, length: int, flags: int) -> int:
+        calls.append((offset, length))
+        return -1  # a failing hint changes nothing
+
+    monkeypatch.setattr(local, "_sync_file_range", record)
+    monkeypatch.setattr(local, "WRITEBACK_STEP", 2 << 20)
+    data = pattern(9 << 20, 6)
+    digest = _streamed(store, data)
+    # Contiguous ranges from the blob's start, each at least a step, the
+    # tail left to the fdatasync of the commit.
+    assert calls and calls[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))
+    assert all(n >= 2 << 20 for _, n in calls)
+    assert len(data) - (2 << 20) < sum(n for _, n in calls) <= len(data)
+    store.verify_blob(digest)
+    assert store.read_blob_at(digest, 0, len(data)) == data
+
+
 def test_read_blob_at_bounds(store: LocalStore) -> None:
     digest = store.put_blob(b"0123456789")
     assert store.blob_size(digest) == 10
