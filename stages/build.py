@@ -133,7 +133,8 @@ class BuildHost:
     scratch_dir: Path | None = None
     _deleting: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
 
-    def _on_runtime(self, build: BuildSpec) -> bool:
+    def on_runtime(self, build: BuildSpec) -> bool:
+        """Whether the build's bundle lives in the runtime directory (a tmpfs)."""
         return build.ephemeral and self.runtime_dir is not None and self.scratch_dir is not None
 
     async def discard_bundle(self, build: BuildSpec) -> None:
@@ -152,7 +153,7 @@ class BuildHost:
         if self.trash_dir is None:
             remove_bundle(bundle)
             return
-        trash = (self.runtime_dir / "trash" if self._on_runtime(build)  # type: ignore[operator]
+        trash = (self.runtime_dir / "trash" if self.on_runtime(build)  # type: ignore[operator]
                  else self.trash_dir)
         moved = trash_bundle(bundle, trash, scratch_trash_dir=self.trash_dir)
         if not moved:
@@ -172,12 +173,12 @@ class BuildHost:
             await asyncio.gather(*list(self._deleting), return_exceptions=True)
 
     def bundle_dir(self, build: BuildSpec) -> Path:
-        if self._on_runtime(build):
+        if self.on_runtime(build):
             return self.runtime_dir / "bundles" / build.key  # type: ignore[operator]
         return self.bundles_dir / build.key
 
     def layout(self, build: BuildSpec) -> BundleLayout:
-        scratch = self.scratch_dir / build.key if self._on_runtime(build) else None  # type: ignore[operator]
+        scratch = self.scratch_dir / build.key if self.on_runtime(build) else None  # type: ignore[operator]
         return BundleLayout(self.bundle_dir(build), scratch)
 
     def input_root(self, key: str) -> Path:

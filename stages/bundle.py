@@ -45,7 +45,7 @@ Caveats:
 from __future__ import annotations
 
 import asyncio
-
+import functools
 import json
 import os
 import shutil
@@ -326,9 +326,16 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
     await host.discard_bundle(build)
     req = request_of(build, ctx)
     opts = build_spec_options(build, host, req)
-    # Many small file-system calls: off the event loop, other builds go on.
-    # A cancelled build waits for the thread, so teardown sees the bundle.
-    layout = await finish_then_cancel(asyncio.to_thread(
+    write = functools.partial(
         write_bundle, planned.root, req, idmap=host.idmap, scratch_root=planned.scratch_root,
-        input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox))
+        input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox)
+    if host.on_runtime(build):
+        # On the tmpfs a bundle takes a millisecond or two of CPU: cheaper
+        # here than a worker thread contending for the GIL with the loop.
+        layout = write()
+    else:
+        # Many small file-system calls on disk: off the event loop, other
+        # builds go on. A cancelled build waits for the thread, so teardown
+        # sees the bundle.
+        layout = await finish_then_cancel(asyncio.to_thread(write))
     return {"bundle": str(layout.root)}

@@ -41,7 +41,7 @@ import signal
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from stages.aio import finish_then_cancel
+from stages.aio import Child, PipeReader, finish_then_cancel
 from stages.errors import RuncError, RuncTimeoutError
 
 __all__ = ["LineCallback", "RuncContainer", "cleanup_stale_containers", "list_containers"]
@@ -79,7 +79,7 @@ class RuncContainer:
         self.stop_timeout = stop_timeout
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.exit_code: int | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | None = None
 
     async def __aenter__(self) -> RuncContainer:
         return self
@@ -104,11 +104,8 @@ class RuncContainer:
         self.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = open(log_path, "ab") if log_path is not None else None
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                self.runc, "--root", str(self.state_root), "run", "--bundle",
-                str(self.bundle_dir), self.container_id,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            self._proc = Child([self.runc, "--root", str(self.state_root), "run", "--bundle",
+                                str(self.bundle_dir), self.container_id])
             try:
                 async with asyncio.timeout(timeout):
                     await self._pump_and_wait(on_line, log)
@@ -122,6 +119,8 @@ class RuncContainer:
         finally:
             if log is not None:
                 log.close()
+            if self._proc is not None:
+                self._proc.close()
         code = self._proc.returncode
         assert code is not None
         self.exit_code = code
@@ -144,7 +143,7 @@ class RuncContainer:
                 if inspect.isawaitable(res):
                     await res
 
-        async def pump(stream: str, reader: asyncio.StreamReader) -> None:
+        async def pump(stream: str, reader: PipeReader) -> None:
             buf = b""
             while True:
                 chunk = await reader.read(_CHUNK)
