@@ -210,7 +210,7 @@ class _Writer:
 def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                  input_paths: Mapping[bytes, object] | None = None,
                  config: dict | None = None, scratch_root: Path | str | None = None,
-                 **spec_options: object) -> BundleLayout:
+                 check_parents: bool = True, **spec_options: object) -> BundleLayout:
     """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
 
     ``input_paths`` maps each non-symlink input's name to the host path to
@@ -219,7 +219,9 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     config.json instead of the spec made from those options (the spec stage's
     result). ``scratch_root``, when given, is where the scratch directories
     go instead of ``<bundle>/scratch`` (which becomes a symlink to it); it
-    must not exist, its parent must. Returns the bundle's layout.
+    must not exist, its parent must. ``check_parents=False`` skips
+    :func:`check_traversable` of the parents, for a caller that checked
+    them once for many bundles. Returns the bundle's layout.
     """
     validate_request(req)
     final = Path(bundle_dir).absolute()
@@ -231,7 +233,8 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
             raise BundleError(path, "already exists; remove it or choose another directory")
         if not path.parent.is_dir():
             raise BundleError(path, f"parent directory {path.parent} does not exist")
-        check_traversable(path.parent)
+        if check_parents:
+            check_traversable(path.parent)
     tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
     layout = BundleLayout(final, scratch)
     opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
@@ -250,13 +253,19 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
 
 
 def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo", "rb") as f:
+        info = f.read()
+    # mountinfo escapes space, tab, newline and backslash as octal: a path
+    # free of them appears as itself, and most paths are (a quick test first).
+    text = os.fsencode(path).rstrip(b"/")
+    if text not in info and not any(c in text for c in b" \t\n\\"):
+        return []
     prefix = str(path).rstrip("/") + "/"
     found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mnt = line.split()[4].encode().decode("unicode_escape")
-            if mnt == str(path) or mnt.startswith(prefix):
-                found.append(mnt)
+    for line in info.decode("utf-8", "surrogateescape").splitlines():
+        mnt = line.split()[4].encode("utf-8", "surrogateescape").decode("unicode_escape")
+        if mnt == str(path) or mnt.startswith(prefix):
+            found.append(mnt)
     return found
 
 
@@ -328,6 +337,7 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
     opts = build_spec_options(build, host, req)
     write = functools.partial(
         write_bundle, planned.root, req, idmap=host.idmap, scratch_root=planned.scratch_root,
+        check_parents=False,  # the service checked its directories when it started
         input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox)
     if host.on_runtime(build):
         # On the tmpfs a bundle takes a millisecond or two of CPU: cheaper

@@ -183,6 +183,8 @@ def _runtime_home() -> Path | None:
     """
     import stat
 
+    from stages.bundle import check_traversable
+
     base = os.environ.get(RUNTIME_ENV, DEFAULT_RUNTIME_BASE)
     if not base or not os.path.isdir(base):
         return None
@@ -197,6 +199,10 @@ def _runtime_home() -> Path | None:
     st = os.lstat(home)
     if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
             or st.st_mode & 0o022 or not st.st_mode & 0o001):
+        return None
+    try:
+        check_traversable(home)  # its parents too: bundles are checked once, here
+    except BuildError:
         return None
     return home
 

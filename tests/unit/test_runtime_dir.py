@@ -8,7 +8,9 @@ else, or the service keeps its bundles on disk.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,22 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def base(tmp_path: Path, monkeypatch) -> Path:
-    os.chmod(tmp_path, 0o1777)
+def base(monkeypatch) -> Path:
+    # Under /tmp, not pytest's tmp_path: the runtime directory's parents must
+    # be searchable by others, and pytest's are private.
+    d = Path(tempfile.mkdtemp(prefix="ocibuild-rt-test-"))
+    os.chmod(d, 0o1777)
+    monkeypatch.setenv(RUNTIME_ENV, str(d))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
+
+
+def test_unsearchable_parents_are_not_used(tmp_path: Path, monkeypatch) -> None:
+    os.chmod(tmp_path, 0o700)
     monkeypatch.setenv(RUNTIME_ENV, str(tmp_path))
-    return tmp_path
+    assert _runtime_home() is None
 
 
 def test_made_private_and_traversable(base: Path) -> None:
@@ -34,9 +48,9 @@ def test_made_private_and_traversable(base: Path) -> None:
     assert _runtime_home() == home  # and found again
 
 
-def test_a_symlink_is_not_trusted(base: Path, tmp_path_factory) -> None:
-    elsewhere = tmp_path_factory.mktemp("elsewhere")
-    (base / "ocibuild").symlink_to(elsewhere)
+def test_a_symlink_is_not_trusted(base: Path) -> None:
+    (base / "elsewhere").mkdir(mode=0o711)
+    (base / "ocibuild").symlink_to(base / "elsewhere")
     assert _runtime_home() is None
 
 
