@@ -13,9 +13,16 @@ NIX_CONF_DIR := $(CURDIR)/.nix
 export NIX_CONF_DIR
 export NIX_REMOTE := local
 
-.PHONY: install apt venv nix-setup demo test proto bench clean
+.PHONY: install apt venv bytecode nix-setup demo test proto bench clean
 
-install: apt venv nix-setup
+install: apt venv bytecode nix-setup
+
+# Byte-compile the project (an editable install leaves that to first import,
+# which never happens where PYTHONDONTWRITEBYTECODE is set, as on CI machines):
+# every ocibuild command would compile ~40 modules at start, ~0.2 s. Up-to-date
+# files are skipped.
+bytecode: venv
+	$(PY) -m compileall -q -j 0 pipeline stages
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
