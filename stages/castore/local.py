@@ -20,8 +20,13 @@ processes, so several processes can write into one store at once (each into
 its own pack; their index commits serialize in SQLite, which is short). A
 writer appends bytes, then commits a batch: ``fdatasync`` of the pack, then one
 SQLite transaction inserting the batch's blob rows and the pack's new
-``end``. Blobs are deduplicated by digest (``INSERT OR IGNORE``; a streamed
-blob that turns out to exist already is cut off the pack again).
+``end``. Blobs are deduplicated by digest (``INSERT OR IGNORE``; a blob
+streamed through a writer that turns out to exist already is dropped: the
+pack's ``pos`` goes back and the next append overwrites those bytes, which
+are truncated off before the next commit, when the pack is closed, or by
+the next claim after a crash; bulk import cuts such a blob off at once). A streamed blob starts the disk writing its bytes every
+:data:`WRITEBACK_STEP` bytes (``sync_file_range``, no wait), so its
+commit's fdatasync has little left to write.
 
 Crash safety. A blob is visible only through its index row, and the row is
 committed only after the bytes it points to are on disk (fdatasync first).
@@ -51,6 +56,10 @@ Caveats:
   tables (StoreError naming the path); there is no full integrity check on open.
 - Packs never shrink except for uncommitted tails, so deleted data is not a
   thing yet (there is no delete or GC).
+- A dropped duplicate's bytes stay in the pack file (never pointed at) while
+  the pack is idle in this process, so their page cache pages can be reused:
+  up to one blob's size per idle pack, and the early writeback may already
+  have sent them to disk (wasted I/O, not wasted space).
 
 Measured here (2 cores shared with other work, so noisy; rerun with
 ``python -m bench castore_ingest castore_memory``):
