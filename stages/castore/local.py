@@ -831,11 +831,23 @@ class LocalBlobWriter:
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        self.hash(data)
+        self.append(data)
+
+    def hash(self, data: bytes) -> None:
+        """The first half of :meth:`write`. Callers may hash on one thread
+        and :meth:`append` on another, if every piece goes through both in
+        the same order, and :meth:`close` comes after the last of each."""
+        if self.closed:
+            raise ValueError("write to a closed blob writer")
+        self._hasher.update(data)
+
+    def append(self, data: bytes) -> None:
+        """The second half of :meth:`write`: store a piece already hashed."""
         if self.closed:
             raise ValueError("write to a closed blob writer")
         if not data:
             return
-        self._hasher.update(data)
         self._length += len(data)
         if self._pack is None and self._buffered + len(data) <= SMALL_BLOB:
             self._buffer.append(bytes(data))
@@ -1050,9 +1062,10 @@ class _LocalReader(BlobReader):
 
 
 class _LocalWriter(BlobWriter):
-    """Write-behind: big writes go to a thread in batches while the caller
-    fetches the next chunks. While a batch is being written (hash + pwrite),
-    further writes are only collected, up to :data:`WRITE_BEHIND` bytes;
+    """Write-behind: big writes are hashed as they come and go to a thread
+    in batches (pwrite) while the caller fetches the next chunks. While a
+    batch is being written, further writes are only collected (and hashed),
+    up to :data:`WRITE_BEHIND` bytes;
     then the caller waits. So a slow disk or a busy machine means fewer,
     larger thread hops, and memory stays bounded. A failed batch raises at
     the next write, close or abort. The bytes of a collected write must
@@ -1073,7 +1086,7 @@ class _LocalWriter(BlobWriter):
                      ) -> bytes | None:
         with self._lock:
             for data in batch:
-                self._writer.write(data)
+                self._writer.append(data)
             return self._writer.close() if then_close else None
 
     async def _settle(self) -> None:
@@ -1099,6 +1112,9 @@ class _LocalWriter(BlobWriter):
         if not (isinstance(data, bytes)
                 or (isinstance(data, memoryview) and isinstance(data.obj, bytes))):
             data = bytes(data)
+        # Hashed here, stored in the thread: the hash runs while the thread
+        # writes the previous batch (each half alone is ~0.35-0.5 CPU s/GiB).
+        self._writer.hash(data)
         self._batch.append(data)
         self._batched += len(data)
         if self._pending is not None and not self._pending.done() \

@@ -159,7 +159,7 @@ async def test_memory_writer_copies_a_reused_bytearray_and_keeps_views_of_bytes(
 async def test_a_failed_batch_surfaces_and_leaves_nothing(blobs, monkeypatch) -> None:
     writer = blobs.open_write()
     sync = writer._writer
-    real = sync.write
+    real = sync.append  # the half of a write that runs in the batch's thread
     calls = 0
 
     def failing(data):
@@ -169,7 +169,7 @@ async def test_a_failed_batch_surfaces_and_leaves_nothing(blobs, monkeypatch) ->
             raise StoreError("test", "disk on fire")
         real(data)
 
-    monkeypatch.setattr(sync, "write", failing)
+    monkeypatch.setattr(sync, "append", failing)
     data = pattern(6 * MIB, seed=3)
     with pytest.raises(StoreError, match="disk on fire"):
         async with writer:
@@ -184,7 +184,7 @@ async def test_cancelled_upload_waits_for_its_batch_and_leaves_nothing(blobs, mo
                                                                       ) -> None:
     writer = blobs.open_write()
     sync = writer._writer
-    real = sync.write
+    real = sync.append  # the half of a write that runs in the batch's thread
     in_thread = threading.Event()
     release = threading.Event()
 
@@ -193,7 +193,7 @@ async def test_cancelled_upload_waits_for_its_batch_and_leaves_nothing(blobs, mo
         release.wait(10)
         real(data)
 
-    monkeypatch.setattr(sync, "write", slow)
+    monkeypatch.setattr(sync, "append", slow)
     data = pattern(4 * MIB, seed=5)
 
     async def upload():
@@ -219,14 +219,14 @@ async def test_cancelled_upload_waits_for_its_batch_and_leaves_nothing(blobs, mo
 async def test_bytes_collected_behind_a_slow_batch_are_bounded(blobs, monkeypatch) -> None:
     writer = blobs.open_write()
     sync = writer._writer
-    real = sync.write
+    real = sync.append  # the half of a write that runs in the batch's thread
     release = threading.Event()
 
     def slow(data):
         release.wait(10)
         real(data)
 
-    monkeypatch.setattr(sync, "write", slow)
+    monkeypatch.setattr(sync, "append", slow)
     data = pattern(12 * MIB, seed=6)
     view = memoryview(data)
     async with writer:
