@@ -209,4 +209,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Unmounted and done: skip the interpreter's teardown (~0.1 s of freeing
+    # modules), which the owner waits for when it stops the server.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
