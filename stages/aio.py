@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 from typing import Any, Awaitable
@@ -75,7 +76,9 @@ class Child:
 
     What asyncio's subprocess support does, for one use, with less: no
     transports or protocols, no watcher thread per child (Python 3.11's
-    default), one ``Popen`` (vfork) and three fds on the loop. The child
+    default), one ``Popen`` (vfork) and three fds on the loop. Where the
+    kernel has no pidfd_open (before Linux 5.3, or under valgrind), a worker
+    thread waits for the exit instead. The child
     starts in its own session, stdin from /dev/null. :meth:`close` closes
     the pipes; the pidfd stays on the loop until the child has exited and
     been reaped, so :meth:`wait` works after it.
@@ -100,13 +103,22 @@ class Child:
         self.stdout = PipeReader(out_r)
         self.stderr = PipeReader(err_r)
         self._exited: asyncio.Future[int] = loop.create_future()
-        self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self._reap)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError as exc:  # Linux < 5.3, or a sandbox (valgrind) without it
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            self._pidfd = -1
+            waiter = loop.run_in_executor(None, self._popen.wait)
+            waiter.add_done_callback(lambda _f: self._reap())
+        else:
+            loop.add_reader(self._pidfd, self._reap)
 
     def _reap(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = -1
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
         self.returncode = self._popen.wait()  # it has exited: does not block
         if not self._exited.done():
             self._exited.set_result(self.returncode)

@@ -141,13 +141,14 @@ class BuildHost:
         """Remove a build's bundle without making the build wait for the disk.
 
         The bundle is renamed into the trash at once (nothing of it is left
-        under its name) and deleted by a worker thread; :meth:`drain` waits
-        for those deletions, and a starting service empties the trash a
-        crash left behind. Deleting the tree is slow here (its directories
-        were mount points of a container whose mount namespace is still being
-        torn down), and it would otherwise block the event loop.
+        under its name), then deleted by a worker thread (the event loop
+        goes on: deleting a tree on disk takes milliseconds even when small,
+        and a large output far more); a small bundle on the runtime tmpfs is
+        deleted at once, cheaper than a thread. :meth:`drain` waits for
+        those deletions, and a starting service empties the trash a crash
+        left behind.
         """
-        from stages.bundle import remove_bundle, trash_bundle
+        from stages.bundle import remove_bundle, remove_if_small, trash_bundle
 
         bundle = self.bundle_dir(build)
         if self.trash_dir is None:
@@ -156,6 +157,8 @@ class BuildHost:
         trash = (self.runtime_dir / "trash" if self.on_runtime(build)  # type: ignore[operator]
                  else self.trash_dir)
         moved = trash_bundle(bundle, trash, scratch_trash_dir=self.trash_dir)
+        if self.on_runtime(build) and moved and remove_if_small(moved[0]):
+            moved = moved[1:]  # the skeleton, on the tmpfs: gone at once
         if not moved:
             return
 

@@ -62,8 +62,8 @@ from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_poin
 from stages.validate import is_under, validate_request
 
 __all__ = ["INPUTS_DIR_MODE", "NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "ROOT_MODE", "WORKDIR_MODE",
-           "check_traversable", "linked_scratch", "remove_bundle", "stage", "trash_bundle",
-           "write_bundle"]
+           "check_traversable", "linked_scratch", "remove_bundle", "remove_if_small", "stage",
+           "trash_bundle", "write_bundle"]
 
 # Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
 # sandboxUid 1000, sandboxGid 100, build dir /build. The integration test
@@ -94,14 +94,36 @@ def check_traversable(path: Path | str) -> None:
                                     f"not reach the bundle; use a directory with o+x")
 
 
+def _umask() -> int | None:
+    """The process's umask (Linux: without changing it), or None if unknown."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class _Writer:
     def __init__(self, tmp: Path, final: Path, req: BuildRequest, idmap: IdMap,
-                 scratch_root: Path | None = None) -> None:
+                 scratch_root: Path | None = None, pretty: bool = True) -> None:
         self.tmp = BundleLayout(tmp, scratch_root)
         self.final = BundleLayout(final, scratch_root)
         self.req = req
         self.uid = idmap.host_uid(BUILD_UID)
         self.gid = idmap.host_gid(BUILD_GID)
+        self.pretty = pretty
+        umask = _umask()
+        # Modes the umask leaves alone need no chmod after creation.
+        self.kept = (lambda mode: umask is not None and mode & umask == 0)
+
+    def mkdir(self, path: Path, mode: int) -> None:
+        """A new directory with ``mode`` whatever the umask (its parent has no setgid)."""
+        os.mkdir(path, mode)
+        if not self.kept(mode):
+            os.chmod(path, mode)
 
     def backing(self, rel: str, *, strict: bool) -> tuple[Path, Path | None]:
         """(host path in the temp bundle, scratch base or None) holding ``rel``.
@@ -128,16 +150,25 @@ class _Writer:
             missing.append(p)
             p = p.parent
         for d in reversed(missing):
-            d.mkdir(mode=0o755)
-            os.chmod(d, 0o755)  # whatever the umask
+            self.mkdir(d, 0o755)
             os.chown(d, self.uid, self.gid)
 
     def touch(self, path: Path, base: Path | None) -> None:
         self.mkdirs(path.parent, base)
         if not path.exists():
-            path.touch(mode=0o644)
-            os.chmod(path, 0o644)
-            os.chown(path, self.uid, self.gid)
+            self.write_file(path, b"")
+
+    def write_file(self, path: Path, data: bytes) -> None:
+        """A new file, 0644 whatever the umask, the builder's."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            if data:
+                os.write(fd, data)
+            if not self.kept(0o644):
+                os.fchmod(fd, 0o644)
+            os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
 
     def set_dir(self, path: Path, mode: int) -> None:
         os.chmod(path, mode)
@@ -145,21 +176,20 @@ class _Writer:
 
     def write(self, spec: SpecOptions, config: dict | None = None) -> None:
         root = self.tmp.root
-        root.mkdir(mode=0o711)
+        # These two take their parent's setgid bit, if any: chmod always.
+        os.mkdir(root, 0o711)
         os.chmod(root, 0o711)
         rootfs = self.tmp.rootfs
-        rootfs.mkdir(mode=0o700)
+        os.mkdir(rootfs, 0o700)
         self.set_dir(rootfs, ROOT_MODE)
         etc = rootfs / "etc"
         self.mkdirs(etc, None)
         for name, data in (("passwd", NIX_PASSWD), ("group", NIX_GROUP), ("hosts", NIX_HOSTS)):
-            (etc / name).write_bytes(data)
-            os.chmod(etc / name, 0o644)
-            os.chown(etc / name, self.uid, self.gid)
+            self.write_file(etc / name, data)
 
         if self.req.scratch_paths:
             base = self.tmp.scratch_base
-            base.mkdir(mode=0o711)
+            os.mkdir(base, 0o711)
             os.chmod(base, 0o711)
             if self.tmp.scratch_root is not None:
                 os.symlink(base, root / "scratch")
@@ -198,19 +228,21 @@ class _Writer:
         for f in self.req.additional_files:
             host, base = self.backing(f.path, strict=False)
             self.mkdirs(host.parent, base)
-            host.write_bytes(f.contents)
-            os.chmod(host, 0o644)
-            os.chown(host, self.uid, self.gid)
+            self.write_file(host, f.contents)
 
         if config is None:
             config = make_spec(self.req, spec)
-        self.tmp.config.write_text(json.dumps(config, indent=2) + "\n")
+        # Indented for people reading a kept bundle; json's C encoder (5x
+        # faster) does only the compact form.
+        text = json.dumps(config, indent=2) if self.pretty else json.dumps(config)
+        self.tmp.config.write_text(text + "\n")
 
 
 def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                  input_paths: Mapping[bytes, object] | None = None,
                  config: dict | None = None, scratch_root: Path | str | None = None,
-                 check_parents: bool = True, **spec_options: object) -> BundleLayout:
+                 check_parents: bool = True, pretty: bool = True,
+                 **spec_options: object) -> BundleLayout:
     """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
 
     ``input_paths`` maps each non-symlink input's name to the host path to
@@ -221,7 +253,8 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     go instead of ``<bundle>/scratch`` (which becomes a symlink to it); it
     must not exist, its parent must. ``check_parents=False`` skips
     :func:`check_traversable` of the parents, for a caller that checked
-    them once for many bundles. Returns the bundle's layout.
+    them once for many bundles; ``pretty=False`` writes config.json on one
+    line (for a bundle nobody will read). Returns the bundle's layout.
     """
     validate_request(req)
     final = Path(bundle_dir).absolute()
@@ -240,7 +273,7 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
                        input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
     try:
-        _Writer(tmp, final, req, idmap, scratch).write(opts, config)
+        _Writer(tmp, final, req, idmap, scratch, pretty).write(opts, config)
         os.rename(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -308,6 +341,26 @@ def trash_bundle(bundle_dir: Path | str, trash_dir: Path | str, *,
     return moved
 
 
+def remove_if_small(path: Path, limit: int = 64) -> bool:
+    """Remove the tree at ``path`` if it has at most ``limit`` entries; say if it did.
+
+    Counting stops at ``limit``, so a large tree costs only that much
+    listing before it is left to the caller (for a worker thread).
+    """
+    count = 0
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                count += 1
+                if count > limit:
+                    return False
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+    shutil.rmtree(path)
+    return True
+
+
 def remove_bundle(bundle_dir: Path | str) -> None:
     """Remove a bundle (and its linked scratch root); refuses while anything is mounted inside."""
     path = Path(bundle_dir).absolute()
@@ -340,9 +393,10 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
         check_parents=False,  # the service checked its directories when it started
         input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox)
     if host.on_runtime(build):
-        # On the tmpfs a bundle takes a millisecond or two of CPU: cheaper
-        # here than a worker thread contending for the GIL with the loop.
-        layout = write()
+        # On the tmpfs a bundle takes a millisecond of CPU: cheaper here than
+        # a worker thread contending for the GIL with the loop. Nobody reads
+        # its config.json (the bundle goes with the build): compact.
+        layout = write(pretty=False)
     else:
         # Many small file-system calls on disk: off the event loop, other
         # builds go on. A cancelled build waits for the thread, so teardown

@@ -61,3 +61,16 @@ async def test_a_missing_program_raises_and_leaks_nothing() -> None:
     with pytest.raises(FileNotFoundError):
         Child(["/nonexistent/program"])
     assert _fds() == before
+
+
+async def test_without_pidfd_a_thread_waits(monkeypatch) -> None:
+    import errno
+
+    def enosys(pid: int) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", enosys)
+    child = Child(["/bin/sh", "-c", "echo hi; exit 3"])
+    out = await _read_all(child.stdout)
+    assert (out, await asyncio.wait_for(child.wait(), 10)) == (b"hi\n", 3)
+    child.close()

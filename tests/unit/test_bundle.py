@@ -331,3 +331,18 @@ def test_trash_bundle_refuses_while_its_scratch_is_mounted(base_dir: Path) -> No
         assert lay.root.exists() and inside.exists()
     finally:
         subprocess.run(["umount", str(inside)], check=True)
+
+
+def test_remove_if_small_leaves_a_large_tree(base_dir: Path) -> None:
+    small = base_dir / "small"
+    (small / "a" / "b").mkdir(parents=True)
+    (small / "a" / "f").write_text("x")
+    (small / "link").symlink_to("/etc")  # removed, not followed
+    assert bundle_mod.remove_if_small(small, limit=4)
+    assert not small.exists() and Path("/etc/passwd").exists()
+    large = base_dir / "large"
+    large.mkdir()
+    for i in range(5):
+        (large / str(i)).write_text("x")
+    assert not bundle_mod.remove_if_small(large, limit=4)
+    assert len(list(large.iterdir())) == 5
