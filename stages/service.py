@@ -302,7 +302,6 @@ class OciBuildService(BuildService):
             raise ServiceError(str(self.state_dir), str(exc)) from exc
         self._instance = _Instance.create(self.state_dir)
         try:
-            self._castore = open_castore(self.blob_address, self.directory_address)
             idmap = load_idmap()
             # Inputs belong to the build user, as in Nix's sandbox.
             self._mounts = MountServer(self._instance.dir / "mnt",
@@ -310,9 +309,11 @@ class OciBuildService(BuildService):
                                        directory_address=self.directory_address,
                                        uid=idmap.host_uid(BUILD_UID),
                                        gid=idmap.host_gid(BUILD_GID))
-            # The mount server boots (~0.4 s) while we clean up after dead
-            # instances and the caller plans its builds; the first mount waits.
+            # The mount server boots (~0.3 s) while we open the store, clean
+            # up after dead instances and the caller plans its builds; the
+            # first mount waits for it.
             await self._mounts.start()
+            self._castore = open_castore(self.blob_address, self.directory_address)
             self.cleaned = await cleanup_dead_instances(self.state_dir)
             if self.trash_dir.is_dir():  # bundles discarded by services that died
                 await asyncio.to_thread(_empty, self.trash_dir)

@@ -14,60 +14,35 @@ What users need is here:
 
 Caveats:
 
-- Importing this package loads protobuf and blake3, nothing heavier. Backends
-  (the local store, gRPC) load when an address asks for them, the FUSE
-  filesystem only from :mod:`stages.castore.fuse`, and :func:`ingest_path` on
-  first use.
+- Importing this package loads nothing: each name loads its module on first
+  use. Backends (the local store, gRPC) load when an address asks for them,
+  the FUSE filesystem only from :mod:`stages.castore.fuse`.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from stages.castore.addresses import (
-    Castore,
-    default_store_dir,
-    open_blob_service,
-    open_castore,
-    open_directory_service,
-)
-from stages.castore.errors import (
-    CastoreError,
-    CorruptionError,
-    IngestError,
-    NotFoundError,
-    StoreError,
-    ValidationError,
-)
-from stages.castore.nar import (
-    format_nar_hash,
-    nar_bytes,
-    nar_chunks,
-    nar_hash_and_size,
-    write_nar,
-)
-from stages.castore.nodes import (
-    EMPTY_DIRECTORY_DIGEST,
-    Directory,
-    DirectoryNode,
-    FileNode,
-    Node,
-    SymlinkNode,
-    blob_digest,
-    directory_from_proto,
-    directory_to_proto,
-    node_from_json,
-    node_from_proto,
-    node_to_json,
-    node_to_proto,
-)
-from stages.castore.services import (
-    BlobReader,
-    BlobService,
-    BlobWriter,
-    DirectoryPutter,
-    DirectoryService,
-)
+# Where each public name lives. Loaded on first use (PEP 562): a process that
+# needs one corner of the package (the FUSE mount server needs nodes and the
+# local store) does not pay for the rest (asyncio, NAR, the backends).
+_HOMES = {
+    "stages.castore.addresses": ("Castore", "default_store_dir", "open_blob_service",
+                                 "open_castore", "open_directory_service"),
+    "stages.castore.errors": ("CastoreError", "CorruptionError", "IngestError",
+                              "NotFoundError", "StoreError", "ValidationError"),
+    "stages.castore.nar": ("format_nar_hash", "nar_bytes", "nar_chunks", "nar_hash_and_size",
+                           "write_nar"),
+    "stages.castore.nodes": ("EMPTY_DIRECTORY_DIGEST", "Directory", "DirectoryNode", "FileNode",
+                             "Node", "SymlinkNode", "blob_digest", "directory_from_proto",
+                             "directory_to_proto", "node_from_json", "node_from_proto",
+                             "node_to_json", "node_to_proto"),
+    "stages.castore.services": ("BlobReader", "BlobService", "BlobWriter", "DirectoryPutter",
+                                "DirectoryService"),
+    "stages.castore.ingest": ("ingest_path",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "EMPTY_DIRECTORY_DIGEST",
@@ -109,9 +84,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # ingest pulls in threads and filesystem walking; load it on first use.
-    if name == "ingest_path":
-        from stages.castore.ingest import ingest_path
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return ingest_path
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

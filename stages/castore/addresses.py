@@ -15,16 +15,18 @@ when no address is passed explicitly.
 
 from __future__ import annotations
 
+import importlib
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import attrs
 
 from stages.castore.errors import StoreError
-from stages.castore.memory import MemoryBlobService, MemoryDirectoryService
-from stages.castore.services import BlobService, DirectoryService
+
+if TYPE_CHECKING:
+    from stages.castore.services import BlobService, DirectoryService
 
 __all__ = [
     "Castore",
@@ -34,15 +36,31 @@ __all__ = [
     "open_directory_service",
 ]
 
-BlobFactory = Callable[[urllib.parse.SplitResult, str], BlobService]
-DirectoryFactory = Callable[[urllib.parse.SplitResult, str], DirectoryService]
+BlobFactory = Callable[[urllib.parse.SplitResult, str], "BlobService"]
+DirectoryFactory = Callable[[urllib.parse.SplitResult, str], "DirectoryService"]
+
+def _memory_blobs(url: urllib.parse.SplitResult, addr: str) -> BlobService:
+    from stages.castore.memory import MemoryBlobService
+
+    return MemoryBlobService()
+
+
+def _memory_directories(url: urllib.parse.SplitResult, addr: str) -> DirectoryService:
+    from stages.castore.memory import MemoryDirectoryService
+
+    return MemoryDirectoryService()
+
 
 # scheme -> factory; backends register themselves here.
-BLOB_BACKENDS: dict[str, BlobFactory] = {
-    "memory": lambda url, addr: MemoryBlobService(),
-}
-DIRECTORY_BACKENDS: dict[str, DirectoryFactory] = {
-    "memory": lambda url, addr: MemoryDirectoryService(),
+BLOB_BACKENDS: dict[str, BlobFactory] = {"memory": _memory_blobs}
+DIRECTORY_BACKENDS: dict[str, DirectoryFactory] = {"memory": _memory_directories}
+# scheme -> the module that registers it, imported when an address asks for it
+# (gRPC alone costs ~0.1 s to import).
+BACKEND_MODULES = {
+    "local": "stages.castore.local",
+    "grpc+unix": "stages.castore.grpc_client",
+    "grpc+http": "stages.castore.grpc_client",
+    "grpc+https": "stages.castore.grpc_client",
 }
 
 
@@ -66,34 +84,36 @@ def _split(address: str) -> urllib.parse.SplitResult:
     return url
 
 
-def _load_backends() -> None:
+def _load_backend(scheme: str) -> None:
     # Importing a backend module registers its schemes.
-    import stages.castore.local  # noqa: F401
-    try:
-        import stages.castore.grpc_client  # noqa: F401
-    except ImportError:
-        pass
+    module = BACKEND_MODULES.get(scheme)
+    if module is not None and scheme not in BLOB_BACKENDS:
+        importlib.import_module(module)
+
+
+def _known(table: dict) -> str:
+    return ", ".join(sorted(set(table) | set(BACKEND_MODULES)))
 
 
 def open_blob_service(address: str | None = None) -> BlobService:
     address = address or os.environ.get("BLOB_SERVICE_ADDR") or default_address()
     url = _split(address)
-    _load_backends()
+    _load_backend(url.scheme)
     factory = BLOB_BACKENDS.get(url.scheme)
     if factory is None:
         raise StoreError(address, f"unknown blob service scheme {url.scheme!r}; "
-                                  f"known: {', '.join(sorted(BLOB_BACKENDS))}")
+                                  f"known: {_known(BLOB_BACKENDS)}")
     return factory(url, address)
 
 
 def open_directory_service(address: str | None = None) -> DirectoryService:
     address = address or os.environ.get("DIRECTORY_SERVICE_ADDR") or default_address()
     url = _split(address)
-    _load_backends()
+    _load_backend(url.scheme)
     factory = DIRECTORY_BACKENDS.get(url.scheme)
     if factory is None:
         raise StoreError(address, f"unknown directory service scheme {url.scheme!r}; "
-                                  f"known: {', '.join(sorted(DIRECTORY_BACKENDS))}")
+                                  f"known: {_known(DIRECTORY_BACKENDS)}")
     return factory(url, address)
 
 

@@ -122,8 +122,23 @@ Caveats:
 
 from __future__ import annotations
 
-from stages.castore.fuse.client import MountServer, serve_until_signal
-from stages.castore.fuse.errors import MountError
-from stages.castore.fuse.mounts import cleanup_stale_mounts
+import importlib
+from typing import Any
 
 __all__ = ["MountError", "MountServer", "cleanup_stale_mounts", "serve_until_signal"]
+
+# Loaded on first use (PEP 562): the mount server process imports fs and
+# server from this package and needs none of the asyncio client.
+_HOME_OF = {"MountServer": "stages.castore.fuse.client",
+            "serve_until_signal": "stages.castore.fuse.client",
+            "MountError": "stages.castore.fuse.errors",
+            "cleanup_stale_mounts": "stages.castore.fuse.mounts"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
