@@ -107,6 +107,11 @@ _SEGMENT = 32 << 20  # files larger than this are split into parallel segments
 _BATCH_BYTES = 8 << 20  # small files are grouped into tasks of about this size
 _BATCH_FILES = 256
 _PARALLEL_MIN = 8 << 20  # below this many bytes in total, one thread is faster
+# A scanner with this few needles searches its first DIRECT_MAX_BYTES without
+# Hyperscan (one memmem per needle: microseconds for a small output, where
+# compiling a database takes ~1 ms); past that it compiles one.
+DIRECT_MAX_BYTES = 256 << 10
+DIRECT_MAX_NEEDLES = 16
 
 
 class RefScanError(BuildError):
@@ -164,8 +169,9 @@ class NeedleScanner:
         self._max_len = max(map(len, self._needles), default=0)
         self._local = threading.local()
         self._db: hyperscan.Database | None = None
-        if self._needles:
-            self._db = self._compile(self._needles)
+        self._db_lock = threading.Lock()
+        # Bytes left to search directly (approximate across threads: harmless).
+        self._direct_left = DIRECT_MAX_BYTES if len(self._needles) <= DIRECT_MAX_NEEDLES else 0
 
     @staticmethod
     def _compile(needles: tuple[bytes, ...]) -> hyperscan.Database:
@@ -192,18 +198,38 @@ class NeedleScanner:
     def __repr__(self) -> str:
         return f"NeedleScanner({len(self._needles)} needles, longest {self._max_len} bytes)"
 
+    def _database(self) -> hyperscan.Database:
+        """The compiled needles, compiled on first need (a millisecond or so)."""
+        if self._db is None:
+            with self._db_lock:
+                if self._db is None:
+                    self._db = self._compile(self._needles)
+        return self._db
+
     def _scratch(self) -> hyperscan.Scratch:
         scratch = getattr(self._local, "scratch", None)
         if scratch is None:
-            assert self._db is not None
-            scratch = self._local.scratch = self._db.scratch.clone()
+            scratch = self._local.scratch = self._database().scratch.clone()
         return scratch
 
     def _scan_block(self, data: memoryview | bytes, found: set[int]) -> None:
-        """Add the needles found inside ``data`` (one Hyperscan call, < 4 GiB)."""
-        if self._db is not None and len(data):
-            self._db.scan(data, match_event_handler=_on_match, context=found,
-                          scratch=self._scratch())
+        """Add the needles found inside ``data`` (one Hyperscan call, < 4 GiB).
+
+        A scanner's first few blocks, against a few needles, are searched
+        directly (memmem per needle): cheaper than compiling a database,
+        which a build with small outputs then never does.
+        """
+        if not self._needles or not len(data):
+            return
+        if len(data) <= self._direct_left:
+            self._direct_left -= len(data)
+            block = bytes(data)
+            for i, needle in enumerate(self._needles):
+                if i not in found and needle in block:
+                    found.add(i)
+            return
+        self._database().scan(data, match_event_handler=_on_match, context=found,
+                              scratch=self._scratch())
 
     def scan_bytes(self, data: bytes | bytearray | memoryview) -> set[int]:
         """Return the indexes of the needles that occur in ``data``."""
@@ -236,7 +262,7 @@ class NeedleScanner:
                 found |= self.scan_bytes(value)  # type: ignore[arg-type]
             else:
                 files.append((entry, value))  # type: ignore[arg-type]
-        if self._db is None or len(found) == len(self._needles):
+        if not self._needles or len(found) == len(self._needles):
             return found
         tasks = _plan(files)
         total = sum(size for _, size in files)

@@ -33,9 +33,14 @@ def naive(needles: list[bytes], data: bytes) -> set[int]:
 
 @contextlib.contextmanager
 def _sizes(chunk: int, segment: int | None = None, parallel_min: int | None = None,
-           batch_bytes: int | None = None, batch_files: int | None = None) -> Iterator[None]:
+           batch_bytes: int | None = None, batch_files: int | None = None,
+           direct: bool = True) -> Iterator[None]:
+    """Scan in these sizes; ``direct=False``: Hyperscan even for small blocks
+    (the properties below hold for both engines)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(refscan, "CHUNK_SIZE", chunk))
+        if not direct:
+            stack.enter_context(mock.patch.object(refscan, "DIRECT_MAX_BYTES", 0))
         for name, value in (("_SEGMENT", segment), ("_PARALLEL_MIN", parallel_min),
                             ("_BATCH_BYTES", batch_bytes), ("_BATCH_FILES", batch_files)):
             if value is not None:
@@ -75,25 +80,27 @@ chunk_sizes = st.integers(1, 16)
 
 # --- scan_bytes and streams --------------------------------------------------
 
-@given(needles_and_data(), chunk_sizes)
+@given(needles_and_data(), chunk_sizes, st.booleans())
 @settings(max_examples=150, deadline=None)
-def test_scan_bytes_matches_naive(case: tuple[list[bytes], bytes], chunk: int) -> None:
+def test_scan_bytes_matches_naive(case: tuple[list[bytes], bytes], chunk: int,
+                                  direct: bool) -> None:
     needles, data = case
-    with _sizes(chunk):
+    with _sizes(chunk, direct=direct):
         assert NeedleScanner(needles).scan_bytes(data) == naive(needles, data)
 
 
-@given(needles_and_data(), st.lists(st.integers(0, 400), max_size=10))
+@given(needles_and_data(), st.lists(st.integers(0, 400), max_size=10), st.booleans())
 @settings(max_examples=150, deadline=None)
 def test_stream_finds_needles_across_feeds(case: tuple[list[bytes], bytes],
-                                           cuts: list[int]) -> None:
+                                           cuts: list[int], direct: bool) -> None:
     needles, data = case
-    scanner = NeedleScanner(needles)
-    stream = scanner.stream()
-    bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    for a, b in zip(bounds, bounds[1:]):
-        stream.feed(data[a:b])
-    assert stream.found == naive(needles, data)
+    with _sizes(refscan.CHUNK_SIZE, direct=direct):
+        scanner = NeedleScanner(needles)
+        stream = scanner.stream()
+        bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+        for a, b in zip(bounds, bounds[1:]):
+            stream.feed(data[a:b])
+        assert stream.found == naive(needles, data)
 
 
 def test_stream_needle_split_byte_by_byte() -> None:
@@ -174,15 +181,15 @@ def _tree_bytes(spec: object) -> list[bytes]:
     return [spec]
 
 
-@given(needles_and_data(), st.integers(0, 6), chunk_sizes, st.integers(1, 64))
+@given(needles_and_data(), st.integers(0, 6), chunk_sizes, st.integers(1, 64), st.booleans())
 @settings(max_examples=100, deadline=None)
 def test_scan_file_matches_naive(case: tuple[list[bytes], bytes], extra: int, chunk: int,
-                                 segment: int) -> None:
+                                 segment: int, direct: bool) -> None:
     """Files cut into segments and chunks, scanned in threads, find what `in` finds."""
     needles, data = case
     data = data * (extra + 1)
     with tempfile.TemporaryDirectory() as tmp, \
-            _sizes(chunk, segment=segment, parallel_min=0):
+            _sizes(chunk, segment=segment, parallel_min=0, direct=direct):
         path = Path(tmp) / "out"
         path.write_bytes(data)
         assert NeedleScanner(needles).scan_path(path) == naive(needles, data)
@@ -211,13 +218,14 @@ def needles_and_tree(draw: st.DrawFn) -> tuple[list[bytes], dict]:
     return needles, tree
 
 
-@given(needles_and_tree(), chunk_sizes, st.integers(1, 3))
+@given(needles_and_tree(), chunk_sizes, st.integers(1, 3), st.booleans())
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_scan_tree_matches_naive(case: tuple[list[bytes], dict], chunk: int,
-                                 batch_files: int) -> None:
+                                 batch_files: int, direct: bool) -> None:
     needles, tree = case
     with tempfile.TemporaryDirectory() as tmp, \
-            _sizes(chunk, segment=5, parallel_min=0, batch_bytes=8, batch_files=batch_files):
+            _sizes(chunk, segment=5, parallel_min=0, batch_bytes=8, batch_files=batch_files,
+                   direct=direct):
         root = Path(tmp) / "out"
         _write_tree(root, tree)
         expected = set().union(*(naive(needles, b) for b in _tree_bytes(tree)))
@@ -363,3 +371,18 @@ def test_device_and_missing_refused(tmp_path: Path) -> None:
     with pytest.raises(RefScanError, match="No such file") as info:
         NeedleScanner(["x"]).scan_path(missing)
     assert info.value.path == missing
+
+
+def test_small_outputs_need_no_database() -> None:
+    """A scanner searches its first bytes directly; it compiles Hyperscan only
+    once it has seen more (and finds the same either way)."""
+    needles = [b"aaaa", b"zz\0zz", b"q" * 40]
+    scanner = NeedleScanner(needles)
+    small = b"xx aaaa yy zz\0zz"
+    assert scanner.scan_bytes(small) == {0, 1}
+    assert scanner._db is None
+    big = bytes(refscan.DIRECT_MAX_BYTES) + small + b"q" * 40
+    assert scanner.scan_bytes(big) == {0, 1, 2}
+    assert scanner._db is not None
+    many = [bytes([65 + i]) * 3 for i in range(refscan.DIRECT_MAX_NEEDLES + 1)]
+    assert NeedleScanner(many).scan_bytes(b"xxBBBx") == {1}  # too many needles: Hyperscan
