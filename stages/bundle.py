@@ -56,7 +56,7 @@ from typing import Mapping
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import BundleError
 from stages.oci.idmap import IdMap
-from stages.oci.layout import BundleLayout
+from stages.oci.layout import BundleLayout, check_traversable
 from stages.request import BuildRequest
 from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_points
 from stages.validate import is_under, validate_request
@@ -78,20 +78,6 @@ NIX_HOSTS = b"127.0.0.1 localhost\n::1 localhost\n"
 ROOT_MODE = 0o750
 WORKDIR_MODE = 0o700
 INPUTS_DIR_MODE = 0o1775
-
-
-def check_traversable(path: Path | str) -> None:
-    """Refuse a bundle location the container's root could not reach."""
-    p = Path(path).resolve()
-    for d in [p, *p.parents]:
-        try:
-            mode = d.stat().st_mode
-        except FileNotFoundError:
-            continue
-        if not mode & 0o001:
-            raise BundleError(path, f"{d} is not searchable by others (mode "
-                                    f"{mode & 0o777:o}); the container's mapped root could "
-                                    f"not reach the bundle; use a directory with o+x")
 
 
 def _umask() -> int | None:

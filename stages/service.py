@@ -58,16 +58,21 @@ import shutil
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import attrs
 
-from pipeline import Run, RunStatus, Runner, StageState, Subscriber, load_run, resume
-from stages.build import BuildHost, BuildSpec, Keep, build_caps, graph_for_requests
 from stages.castore.addresses import Castore, open_castore
 from stages.errors import BuildError, BuildFailed, ServiceError
-from stages.request import Build, BuildRequest, read_request_file, write_request_file
-from stages.teardown import KEPT_MARKER
+
+if TYPE_CHECKING:
+    from pipeline import Run, Subscriber
+    from stages.build import BuildHost, BuildSpec, Keep
+    from stages.request import Build, BuildRequest
+
+# The pipeline, the build graph and the request model load when first used
+# (in functions below), not with this module: a starting service spawns its
+# FUSE mount server first and imports them while that boots.
 
 __all__ = [
     "BuildService",
@@ -132,6 +137,7 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
     from stages.bundle import remove_bundle
     from stages.castore.fuse import cleanup_stale_mounts
     from stages.oci.runc import cleanup_stale_containers
+    from stages.teardown import KEPT_MARKER
 
     removed: list[str] = []
     instances = state_dir / "instances"
@@ -183,7 +189,7 @@ def _runtime_home() -> Path | None:
     """
     import stat
 
-    from stages.bundle import check_traversable
+    from stages.oci.layout import check_traversable
 
     base = os.environ.get(RUNTIME_ENV, DEFAULT_RUNTIME_BASE)
     if not base or not os.path.isdir(base):
@@ -284,11 +290,10 @@ class OciBuildService(BuildService):
     # -- lifetime ---------------------------------------------------------------
 
     async def __aenter__(self) -> OciBuildService:
+        # Only what spawning the mount server needs, before it is spawned.
         from stages.castore.fuse import MountServer
-        from stages.oci.idmap import load_idmap
-        from stages.spec import BUILD_GID, BUILD_UID
-
-        from stages.bundle import check_traversable
+        from stages.oci.idmap import BUILD_GID, BUILD_UID, load_idmap
+        from stages.oci.layout import check_traversable
 
         try:
             for d in (self.state_dir, self.runs_dir, self.bundles_dir):
@@ -313,6 +318,8 @@ class OciBuildService(BuildService):
             # up after dead instances and the caller plans its builds; the
             # first mount waits for it.
             await self._mounts.start()
+            from stages.build import BuildHost
+
             self._castore = open_castore(self.blob_address, self.directory_address)
             self.cleaned = await cleanup_dead_instances(self.state_dir)
             if self.trash_dir.is_dir():  # bundles discarded by services that died
@@ -365,6 +372,9 @@ class OciBuildService(BuildService):
         ``KEY/STAGE``, one build's); the bundles then stay for inspection
         and ``resume``.
         """
+        from pipeline import Runner
+        from stages.build import BuildSpec, build_caps, graph_for_requests
+
         host = self._require_host()
         run_dir = self._new_run_dir()
         keep = keep or self.keep
@@ -385,6 +395,9 @@ class OciBuildService(BuildService):
     async def resume_run(self, run_dir: Path, *, from_stage: str | None = None,
                          stop_after: str | None = None,
                          subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
+        from pipeline import resume
+        from stages.build import build_caps, graph_for_requests
+
         host = self._require_host()
         specs = load_build_specs(run_dir)
         self.record_keys(spec.key for spec in specs)
@@ -412,6 +425,9 @@ class OciBuildService(BuildService):
     def _mark_paused(self, run: Run, specs: Sequence[BuildSpec]) -> None:
         # A run that stopped before teardown keeps its bundles (for inspection,
         # `ocibuild shell` and resume): mark them so crash recovery spares them.
+        from pipeline import StageState
+        from stages.teardown import KEPT_MARKER
+
         host = self._require_host()
         for spec in specs:
             bundle = host.bundle_dir(spec)
@@ -439,6 +455,8 @@ def _key(run_dir: Path, i: int, n: int) -> str:
 def _save_specs(run_dir: Path, specs: Sequence[BuildSpec],
                 sources: Sequence[str] | None) -> None:
     """The builds of a run, so that resume and shell can rebuild its graph."""
+    from stages.request import write_request_file
+
     (run_dir / "requests").mkdir()
     meta = []
     for i, spec in enumerate(specs):
@@ -476,6 +494,7 @@ def build_result(run: Run, spec: BuildSpec) -> Build:
     Works for a build alone in its graph (bare stage names) and for one of
     several (names prefixed with its key).
     """
+    from pipeline import RunStatus, StageState
     from stages.build import request_from_result
     from stages.ingest import build_from_result
 
@@ -504,6 +523,9 @@ def build_result(run: Run, spec: BuildSpec) -> Build:
 
 def load_build_specs(run_dir: Path) -> list[BuildSpec]:
     """The builds of a run directory made by OciBuildService."""
+    from stages.build import BuildSpec
+    from stages.request import read_request_file
+
     try:
         meta = json.loads((run_dir / BUILDS_FILE).read_text())
     except FileNotFoundError:
@@ -516,6 +538,8 @@ def load_build_specs(run_dir: Path) -> list[BuildSpec]:
 
 def list_runs(state_dir: Path | None = None) -> list[tuple[Path, Run | None, str]]:
     """Every run directory with its state (None and the reason when unreadable)."""
+    from pipeline import load_run
+
     runs_dir = (state_dir or default_state_dir()) / "runs"
     out: list[tuple[Path, Run | None, str]] = []
     if not runs_dir.is_dir():

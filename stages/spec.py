@@ -58,14 +58,12 @@ import attrs
 
 from stages.castore.nodes import FileNode, SymlinkNode
 from stages.errors import SpecError
-from stages.oci.idmap import IdMap
+from stages.oci.idmap import BUILD_GID, BUILD_UID, IdMap
 from stages.request import BuildRequest
 
 __all__ = ["BUILD_GID", "BUILD_UID", "MASKED_PATHS", "READONLY_PATHS", "SpecOptions",
            "make_spec", "masked_paths", "mount_points", "stage"]
 
-BUILD_UID = 1000
-BUILD_GID = 100
 OCI_VERSION = "1.0.2"
 
 #: As in runc's default spec.

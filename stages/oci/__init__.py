@@ -4,9 +4,10 @@ The spec and bundle stages themselves live in ``stages.spec`` and
 ``stages.bundle``; this package holds what they and the run stage share.
 """
 
-from stages.oci.idmap import FALLBACK_START, IdMap, IdMapping, load_idmap
-from stages.oci.layout import BundleLayout
-from stages.oci.runc import RuncContainer, cleanup_stale_containers, list_containers
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "FALLBACK_START",
@@ -15,16 +16,28 @@ __all__ = [
     "IdMapping",
     "RuncContainer",
     "cleanup_stale_containers",
+    "check_traversable",
     "list_containers",
     "load_idmap",
     "validate_config",
 ]
 
+# Loaded on first use (PEP 562): a service starting its mount server needs the
+# id map, not the request model behind the layout, nor jsonschema (~80 ms)
+# behind validate_config.
+_HOME_OF = {
+    "FALLBACK_START": "stages.oci.idmap", "IdMap": "stages.oci.idmap",
+    "IdMapping": "stages.oci.idmap", "load_idmap": "stages.oci.idmap",
+    "BundleLayout": "stages.oci.layout", "check_traversable": "stages.oci.layout",
+    "RuncContainer": "stages.oci.runc", "cleanup_stale_containers": "stages.oci.runc",
+    "list_containers": "stages.oci.runc", "validate_config": "stages.oci.schema",
+}
 
-def __getattr__(name: str):  # noqa: ANN202
-    # validate_config pulls in jsonschema (~80 ms): only for those who use it.
-    if name == "validate_config":
-        from stages.oci.schema import validate_config
 
-        return validate_config
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -32,8 +32,13 @@ import attrs
 
 from stages.errors import IdMapError
 
-__all__ = ["FALLBACK_START", "IdMap", "IdMapping", "NEEDED", "load_idmap", "parse_subid",
-           "choose_range"]
+__all__ = ["BUILD_GID", "BUILD_UID", "FALLBACK_START", "IdMap", "IdMapping", "NEEDED",
+           "load_idmap", "parse_subid", "choose_range"]
+
+#: The builder's ids inside the container, as in Nix's sandbox (also exported
+#: by stages.spec, which puts them in the spec).
+BUILD_UID = 1000
+BUILD_GID = 100
 
 #: How many ids a build's user namespace maps (container ids 0..65535).
 NEEDED = 65536

@@ -19,13 +19,30 @@ config.json use the real path.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
-from stages.request import BuildRequest
-from stages.validate import longest_scratch_prefix
+from stages.errors import BundleError
 
-__all__ = ["BundleLayout"]
+if TYPE_CHECKING:
+    from stages.request import BuildRequest
+
+__all__ = ["BundleLayout", "check_traversable"]
+
+
+def check_traversable(path: Path | str) -> None:
+    """Refuse a bundle location the container's root could not reach."""
+    p = Path(path).resolve()
+    for d in [p, *p.parents]:
+        try:
+            mode = d.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if not mode & 0o001:
+            raise BundleError(path, f"{d} is not searchable by others (mode "
+                                    f"{mode & 0o777:o}); the container's mapped root could "
+                                    f"not reach the bundle; use a directory with o+x")
 
 
 @attrs.frozen
@@ -66,6 +83,8 @@ class BundleLayout:
 
         Outputs are read back from here after the build.
         """
+        from stages.validate import longest_scratch_prefix
+
         s = longest_scratch_prefix(rel, req.scratch_paths)
         if s is None:
             return self.rootfs / rel if rel else self.rootfs
