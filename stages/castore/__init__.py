@@ -21,8 +21,7 @@ Caveats:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stages.lazy import lazy_exports
 
 # Where each public name lives. Loaded on first use (PEP 562): a process that
 # needs one corner of the package (the FUSE mount server needs nodes and the
@@ -82,14 +81,7 @@ __all__ = [
     "write_nar",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _HOME_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOME_OF)
 
 
 def __dir__() -> list[str]:

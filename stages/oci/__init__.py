@@ -6,8 +6,7 @@ The spec and bundle stages themselves live in ``stages.spec`` and
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stages.lazy import lazy_exports
 
 __all__ = [
     "FALLBACK_START",
@@ -33,11 +32,4 @@ _HOME_OF = {
     "list_containers": "stages.oci.runc", "validate_config": "stages.oci.schema",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _HOME_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOME_OF)

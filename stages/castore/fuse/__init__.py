@@ -122,8 +122,7 @@ Caveats:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stages.lazy import lazy_exports
 
 __all__ = ["MountError", "MountServer", "cleanup_stale_mounts", "serve_until_signal"]
 
@@ -134,11 +133,4 @@ _HOME_OF = {"MountServer": "stages.castore.fuse.client",
             "MountError": "stages.castore.fuse.errors",
             "cleanup_stale_mounts": "stages.castore.fuse.mounts"}
 
-
-def __getattr__(name: str) -> Any:
-    module = _HOME_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOME_OF)
