@@ -78,10 +78,11 @@ class Child:
     transports or protocols, no watcher thread per child (Python 3.11's
     default), one ``Popen`` (vfork) and three fds on the loop. Where the
     kernel has no pidfd_open (before Linux 5.3, or under valgrind), a worker
-    thread waits for the exit instead. The child
-    starts in its own session, stdin from /dev/null. :meth:`close` closes
-    the pipes; the pidfd stays on the loop until the child has exited and
-    been reaped, so :meth:`wait` works after it.
+    thread waits for the exit instead.
+
+    The child starts in its own session, stdin from /dev/null. :meth:`close`
+    closes the pipes; the pidfd stays on the loop until the child has exited
+    and been reaped, so :meth:`wait` works after it.
     """
 
     def __init__(self, argv: list[str]) -> None:

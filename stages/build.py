@@ -181,8 +181,10 @@ class BuildHost:
         return self.bundles_dir / build.key
 
     def layout(self, build: BuildSpec) -> BundleLayout:
-        scratch = self.scratch_dir / build.key if self.on_runtime(build) else None  # type: ignore[operator]
-        return BundleLayout(self.bundle_dir(build), scratch)
+        if not self.on_runtime(build):
+            return BundleLayout(self.bundle_dir(build))
+        assert self.scratch_dir is not None
+        return BundleLayout(self.bundle_dir(build), self.scratch_dir / build.key)
 
     def input_root(self, key: str) -> Path:
         """Where the mount server shows this build's inputs (see MountServer.add)."""

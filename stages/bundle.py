@@ -101,9 +101,11 @@ class _Writer:
         self.uid = idmap.host_uid(BUILD_UID)
         self.gid = idmap.host_gid(BUILD_GID)
         self.pretty = pretty
-        umask = _umask()
-        # Modes the umask leaves alone need no chmod after creation.
-        self.kept = (lambda mode: umask is not None and mode & umask == 0)
+        self.umask = _umask()
+
+    def kept(self, mode: int) -> bool:
+        """Whether creating with ``mode`` gives exactly it (no chmod needed after)."""
+        return self.umask is not None and mode & self.umask == 0
 
     def mkdir(self, path: Path, mode: int) -> None:
         """A new directory with ``mode`` whatever the umask (its parent has no setgid)."""
@@ -148,8 +150,9 @@ class _Writer:
         """A new file, 0644 whatever the umask, the builder's."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            if data:
-                os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             if not self.kept(0o644):
                 os.fchmod(fd, 0o644)
             os.fchown(fd, self.uid, self.gid)

@@ -214,8 +214,17 @@ def _runtime_home() -> Path | None:
 
 
 def _linked_runtime(inst: Path) -> Path | None:
+    """The runtime directory an instance made: ``<base>/ocibuild/<instance>``.
+
+    Anything else the link might name is not ours to delete.
+    """
     link = inst / "runtime"
-    return Path(os.readlink(link)) if link.is_symlink() else None
+    if not link.is_symlink():
+        return None
+    target = Path(os.readlink(link))
+    if not target.is_absolute() or target.name != inst.name or target.parent.name != "ocibuild":
+        return None
+    return target
 
 
 @attrs.define

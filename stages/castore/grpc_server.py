@@ -98,7 +98,8 @@ Where the time went and what changed (perf and py-spy of both processes):
   of a duplicate (the bench's run 2, its median); later duplicates now
   reuse the pages a dropped duplicate left (LocalStore ``drop``). A
   memory:// server pays it on every upload: it holds the received
-  messages until the digest is known (no longer copied twice more). (3) What each byte costs on the server: BLAKE3 ~0.35 CPU
+  messages until the digest is known (no longer copied twice more).
+  (3) What each byte costs on the server: BLAKE3 ~0.35 CPU
   s/GiB, the page-cache copy 0.2-1.0, gRPC's two receive copies ~0.25 and
   the socket copy ~0.15; the hash now runs on the receiving side while the
   store's thread writes the previous batch, instead of after it.

@@ -24,7 +24,8 @@ SQLite transaction inserting the batch's blob rows and the pack's new
 streamed through a writer that turns out to exist already is dropped: the
 pack's ``pos`` goes back and the next append overwrites those bytes, which
 are truncated off before the next commit, when the pack is closed, or by
-the next claim after a crash; bulk import cuts such a blob off at once). A streamed blob starts the disk writing its bytes every
+the next claim after a crash; bulk import cuts such a blob off at once).
+A streamed blob starts the disk writing its bytes every
 :data:`WRITEBACK_STEP` bytes (``sync_file_range``, no wait), so its
 commit's fdatasync has little left to write.
 

@@ -76,3 +76,17 @@ def test_empty_setting_keeps_bundles_on_disk(monkeypatch) -> None:
 def test_missing_base_keeps_bundles_on_disk(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(RUNTIME_ENV, str(tmp_path / "nope"))
     assert _runtime_home() is None
+
+
+def test_a_dead_instance_names_only_its_own_runtime_directory(tmp_path: Path) -> None:
+    from stages.service import _linked_runtime
+
+    inst = tmp_path / "123-abcd"
+    inst.mkdir()
+    assert _linked_runtime(inst) is None
+    (inst / "runtime").symlink_to("/dev/shm/ocibuild/123-abcd")
+    assert _linked_runtime(inst) == Path("/dev/shm/ocibuild/123-abcd")
+    for elsewhere in ("/", "/dev/shm/ocibuild", "/dev/shm/other/123-abcd", "ocibuild/123-abcd"):
+        (inst / "runtime").unlink()
+        (inst / "runtime").symlink_to(elsewhere)
+        assert _linked_runtime(inst) is None, elsewhere
