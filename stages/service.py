@@ -37,7 +37,7 @@ directory), and their scratch directories into the instance's directory on
 disk: the small files of a bundle cost far less to make and delete on a
 tmpfs, while what the builder writes may be large. The runtime directory is
 used only if it is a real directory owned by us and writable by nobody
-else; otherwise bundles stay on disk.
+else, on a file system of at least 256 MiB; otherwise bundles stay on disk.
 
 Crash recovery: a starting service takes every instance whose lock is free
 (its owner died), unmounts what it left mounted, kills and deletes its
@@ -177,6 +177,9 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
 
 RUNTIME_ENV = "OCIBUILD_RUNTIME_DIR"
 DEFAULT_RUNTIME_BASE = "/dev/shm"
+#: A runtime file system smaller than this is not used (Docker gives a
+#: container a 64 MiB /dev/shm, which concurrent bundles could fill).
+RUNTIME_MIN_BYTES = 256 << 20
 
 
 def _runtime_home() -> Path | None:
@@ -185,7 +188,8 @@ def _runtime_home() -> Path | None:
     Safe: a directory (not a symlink) owned by us, writable by nobody else,
     searchable by others (the container's mapped root binds from it). The
     base is shared (``/dev/shm`` is world-writable), so anything else there
-    under that name is not ours to trust.
+    under that name is not ours to trust. A file system smaller than
+    :data:`RUNTIME_MIN_BYTES` is not used either.
     """
     import stat
 
@@ -193,6 +197,9 @@ def _runtime_home() -> Path | None:
 
     base = os.environ.get(RUNTIME_ENV, DEFAULT_RUNTIME_BASE)
     if not base or not os.path.isdir(base):
+        return None
+    fs = os.statvfs(base)
+    if fs.f_blocks * fs.f_frsize < RUNTIME_MIN_BYTES:
         return None
     home = Path(base).absolute() / "ocibuild"
     try:

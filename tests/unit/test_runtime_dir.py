@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -90,3 +91,20 @@ def test_a_dead_instance_names_only_its_own_runtime_directory(tmp_path: Path) ->
         (inst / "runtime").unlink()
         (inst / "runtime").symlink_to(elsewhere)
         assert _linked_runtime(inst) is None, elsewhere
+
+
+def test_a_small_file_system_is_not_used(monkeypatch) -> None:
+    # Docker's default /dev/shm is 64 MiB: concurrent bundles could fill it.
+    d = Path(tempfile.mkdtemp(prefix="ocibuild-rt-small-"))
+    os.chmod(d, 0o711)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(d)], check=True)
+        try:
+            monkeypatch.setenv(RUNTIME_ENV, str(d))
+            assert _runtime_home() is None
+            subprocess.run(["mount", "-o", "remount,size=512m", str(d)], check=True)
+            assert _runtime_home() == d / "ocibuild"
+        finally:
+            subprocess.run(["umount", str(d)], check=True)
+    finally:
+        shutil.rmtree(d)
