@@ -93,6 +93,9 @@ def _umask() -> int | None:
 
 
 class _Writer:
+    """Writes one bundle; host paths are ``str`` here (pathlib costs ~30% of a
+    bundle's CPU, and a service writes one per build)."""
+
     def __init__(self, tmp: Path, final: Path, req: BuildRequest, idmap: IdMap,
                  scratch_root: Path | None = None, pretty: bool = True) -> None:
         self.tmp = BundleLayout(tmp, scratch_root)
@@ -102,19 +105,22 @@ class _Writer:
         self.gid = idmap.host_gid(BUILD_GID)
         self.pretty = pretty
         self.umask = _umask()
+        self.rootfs = str(self.tmp.rootfs)
+        self.scratch = {s: str(d) for s, d in self.tmp.scratch_dirs(req).items()}
+        self.existing: set[str] = set()  # directories known to exist
 
     def kept(self, mode: int) -> bool:
         """Whether creating with ``mode`` gives exactly it (no chmod needed after)."""
         return self.umask is not None and mode & self.umask == 0
 
-    def mkdir(self, path: Path, mode: int) -> None:
+    def mkdir(self, path: str, mode: int) -> None:
         """A new directory with ``mode`` whatever the umask (its parent has no setgid)."""
         os.mkdir(path, mode)
         if not self.kept(mode):
             os.chmod(path, mode)
 
-    def backing(self, rel: str, *, strict: bool) -> tuple[Path, Path | None]:
-        """(host path in the temp bundle, scratch base or None) holding ``rel``.
+    def backing(self, rel: str, *, strict: bool) -> str:
+        """The host path in the temp bundle holding build-root path ``rel``.
 
         With ``strict`` only scratch paths strictly above ``rel`` count (the
         mount point of a scratch path lies in what is mounted below it).
@@ -125,28 +131,29 @@ class _Writer:
                 if best is None or len(s) > len(best):
                     best = s
         if best is None:
-            return self.tmp.rootfs / rel, None
-        base = self.tmp.scratch_dir(self.req, best)
+            return os.path.join(self.rootfs, rel)
         tail = rel[len(best) + 1:]
-        return (base / tail if tail else base), base
+        return os.path.join(self.scratch[best], tail) if tail else self.scratch[best]
 
-    def mkdirs(self, path: Path, base: Path | None) -> None:
+    def mkdirs(self, path: str) -> None:
         """mkdir -p, 0755, the new directories owned by the builder."""
         missing = []
         p = path
-        while not p.exists():
+        while p not in self.existing and not os.path.exists(p):
             missing.append(p)
-            p = p.parent
+            p = os.path.dirname(p)
         for d in reversed(missing):
             self.mkdir(d, 0o755)
             os.chown(d, self.uid, self.gid)
+        self.existing.update(missing)
+        self.existing.add(path)
 
-    def touch(self, path: Path, base: Path | None) -> None:
-        self.mkdirs(path.parent, base)
-        if not path.exists():
+    def touch(self, path: str) -> None:
+        self.mkdirs(os.path.dirname(path))
+        if not os.path.exists(path):
             self.write_file(path, b"")
 
-    def write_file(self, path: Path, data: bytes) -> None:
+    def write_file(self, path: str, data: bytes) -> None:
         """A new file, 0644 whatever the umask, the builder's."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -159,64 +166,63 @@ class _Writer:
         finally:
             os.close(fd)
 
-    def set_dir(self, path: Path, mode: int) -> None:
+    def set_dir(self, path: str, mode: int) -> None:
         os.chmod(path, mode)
         os.chown(path, self.uid, self.gid)
+        self.existing.add(path)
 
     def write(self, spec: SpecOptions, config: dict | None = None) -> None:
-        root = self.tmp.root
+        root = str(self.tmp.root)
         # These two take their parent's setgid bit, if any: chmod always.
         os.mkdir(root, 0o711)
         os.chmod(root, 0o711)
-        rootfs = self.tmp.rootfs
+        rootfs = self.rootfs
         os.mkdir(rootfs, 0o700)
         self.set_dir(rootfs, ROOT_MODE)
-        etc = rootfs / "etc"
-        self.mkdirs(etc, None)
+        etc = os.path.join(rootfs, "etc")
+        self.mkdirs(etc)
         for name, data in (("passwd", NIX_PASSWD), ("group", NIX_GROUP), ("hosts", NIX_HOSTS)):
-            self.write_file(etc / name, data)
+            self.write_file(os.path.join(etc, name), data)
 
         if self.req.scratch_paths:
-            base = self.tmp.scratch_base
+            base = str(self.tmp.scratch_base)
             os.mkdir(base, 0o711)
             os.chmod(base, 0o711)
             if self.tmp.scratch_root is not None:
-                os.symlink(base, root / "scratch")
+                os.symlink(base, os.path.join(root, "scratch"))
         for s in self.req.scratch_paths:
-            d = self.tmp.scratch_dir(self.req, s)
-            d.mkdir(mode=0o700)
+            d = self.scratch[s]
+            os.mkdir(d, 0o700)
             self.set_dir(d, INPUTS_DIR_MODE if s == self.req.inputs_dir else 0o755)
 
+        ro_paths = {p[1:] for p in self.req.available_ro_paths}
         for rel, kind in mount_points(self.req):
-            is_scratch = rel in self.req.scratch_paths
-            host, base = self.backing(rel, strict=is_scratch)
-            if rel in [p[1:] for p in self.req.available_ro_paths]:
+            host = self.backing(rel, strict=rel in self.req.scratch_paths)
+            if rel in ro_paths:
                 kind = "dir" if os.path.isdir("/" + rel) else "file"
                 if not os.path.exists("/" + rel):
                     raise BundleError(self.final.root,
                                       f"available_ro_path /{rel} does not exist on this host")
             if kind == "dir":
-                self.mkdirs(host, base)
+                self.mkdirs(host)
             else:
-                self.touch(host, base)
+                self.touch(host)
 
         # runc gives a tmpfs the mode of its mount point: /tmp must be 1777.
-        os.chmod(rootfs / "tmp", 0o1777)
+        os.chmod(os.path.join(rootfs, "tmp"), 0o1777)
         # The working directory exists now (it is a mount point), wherever it lies.
-        workdir, _ = self.backing(self.req.working_dir, strict=False)
-        self.set_dir(workdir, WORKDIR_MODE)
+        self.set_dir(self.backing(self.req.working_dir, strict=False), WORKDIR_MODE)
 
         for node in self.req.inputs:
             if isinstance(node, SymlinkNode):
-                host, base = self.backing(f"{self.req.inputs_dir}/{node.name.decode()}",
-                                          strict=False)
-                self.mkdirs(host.parent, base)
+                host = self.backing(f"{self.req.inputs_dir}/{node.name.decode()}", strict=False)
+                self.mkdirs(os.path.dirname(host))
                 os.symlink(node.target, os.fsencode(host))
                 os.lchown(host, self.uid, self.gid)
 
         for f in self.req.additional_files:
-            host, base = self.backing(f.path, strict=False)
-            self.mkdirs(host.parent, base)
+            host = self.backing(f.path, strict=False)
+            self.mkdirs(os.path.dirname(host))
             self.write_file(host, f.contents)
 
         if config is None:
@@ -224,7 +230,8 @@ class _Writer:
         # Indented for people reading a kept bundle; json's C encoder (5x
         # faster) does only the compact form.
         text = json.dumps(config, indent=2) if self.pretty else json.dumps(config)
-        self.tmp.config.write_text(text + "\n")
+        with open(self.tmp.config, "w") as f:
+            f.write(text + "\n")
 
 
 def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
