@@ -27,6 +27,7 @@ import blake3
 import pytest
 import pytest_asyncio
 
+from integration_helpers import processes_with
 import stages.build
 from pipeline import Collector, EventKind, RunStatus, StageState, load_run
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
@@ -530,7 +531,7 @@ async def test_cancel_while_the_builder_runs(env: Env) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     # The sleeping builder is gone with its container.
-    assert not _processes_with("sleep 60")
+    assert not processes_with("sleep 60")
     # The autouse leak check verifies mounts, containers, bundle and fds.
 
 
@@ -555,18 +556,6 @@ async def test_cancel_as_each_stage_starts(env: Env, stage: str) -> None:
 
 
 STAGE_NAMES_INGEST = stages.build.STAGE_NAMES.index("ingest")
-
-
-def _processes_with(text: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmd and int(pid) != os.getpid():
-            found.append(int(pid))
-    return found
 
 
 async def test_queued_builds_prepare_their_bundles_just_in_time(env: Env) -> None:

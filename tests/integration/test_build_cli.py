@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format
 
+from integration_helpers import processes_with, remove_state_tree
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
 from stages.proto import build_pb2
@@ -106,21 +107,9 @@ def cli():
         c = Cli(base, asyncio.run(_import(base, bb)))
         yield c
     finally:
-        _cleanup_everything(base)
+        remove_state_tree(base)
         if "c" in locals():
             shutil.rmtree(c.runtime, ignore_errors=True)
-
-
-def _cleanup_everything(base: Path) -> None:
-    """Whatever a failed test left: containers, mounts, then the directory."""
-    for root in base.glob("state/instances/*/runc"):
-        for cid in subprocess.run(["runc", "--root", str(root), "list", "-q"],
-                                  capture_output=True, text=True).stdout.split():
-            subprocess.run(["runc", "--root", str(root), "delete", "--force", cid],
-                           capture_output=True)
-    for mnt in base.glob("state/instances/*/mnt"):
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def _parse_build(line: str) -> build_pb2.Build:
@@ -274,18 +263,6 @@ def test_shell_of_a_run_that_kept_nothing(cli: Cli) -> None:
 # --- a builder killed with SIGKILL; the next start cleans up ------------------------------
 
 
-def _container_pids(text: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmd:
-            found.append(int(pid))
-    return found
-
-
 def test_sigkill_mid_build_then_next_start_cleans_up(cli: Cli) -> None:
     marker = f"sleep-{os.getpid()}-{time.monotonic_ns()}"
     # (the shell stays: its command line, with the marker, is how the test finds it)
@@ -315,7 +292,7 @@ def test_sigkill_mid_build_then_next_start_cleans_up(cli: Cli) -> None:
     runtime = Path(os.readlink(inst / "runtime"))
     assert (runtime / "bundles" / key / "config.json").exists()
     assert (inst / "scratch" / key).is_dir()
-    assert _container_pids(marker), "the container should outlive its killed builder"
+    assert processes_with(marker), "the container should outlive its killed builder"
 
     async def restart() -> list[str]:
         store = cli.store
@@ -332,9 +309,9 @@ def test_sigkill_mid_build_then_next_start_cleans_up(cli: Cli) -> None:
     with open("/proc/self/mountinfo") as f:
         assert str(mnt) not in f.read()
     deadline = time.monotonic() + 5
-    while _container_pids(marker) and time.monotonic() < deadline:
+    while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _container_pids(marker)
+    assert not processes_with(marker)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -346,9 +323,9 @@ def test_signal_mid_build_cancels_cleanly(cli: Cli, sig: signal.Signals) -> None
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _container_pids(marker):
+        while time.monotonic() < deadline and not processes_with(marker):
             time.sleep(0.1)
-        assert _container_pids(marker), "the build never started its container"
+        assert processes_with(marker), "the build never started its container"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -360,7 +337,7 @@ def test_signal_mid_build_cancels_cleanly(cli: Cli, sig: signal.Signals) -> None
     (run_id,) = set(cli.runs()) - before
     assert not (cli.state / "bundles" / run_id).exists()
     assert not list(cli.state.glob("instances/*")), "the instance was not closed"
-    assert not _container_pids(marker)
+    assert not processes_with(marker)
     with open("/proc/self/mountinfo") as f:
         assert str(cli.state) not in f.read()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from integration_helpers import remove_state_tree
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
 from stages.request import BuildConstraints, BuildRequest, EnvVar, write_request_file
@@ -102,17 +103,6 @@ async def _client_inputs(base: Path) -> list:
         await castore.aclose()
 
 
-def _cleanup(base: Path) -> None:
-    for root in base.glob("*state/instances/*/runc"):
-        for cid in subprocess.run(["runc", "--root", str(root), "list", "-q"],
-                                  capture_output=True, text=True).stdout.split():
-            subprocess.run(["runc", "--root", str(root), "delete", "--force", cid],
-                           capture_output=True)
-    for mnt in base.glob("*state/instances/*/mnt"):
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def setup():
     base = Path(tempfile.mkdtemp(prefix="ocibuild-remote-cli-test-"))
@@ -143,7 +133,7 @@ def setup():
         if server is not None and server.poll() is None:
             server.kill()
             server.wait(10)
-        _cleanup(base)
+        remove_state_tree(base)
 
 
 def _digests_of(line: str) -> list[bytes]:

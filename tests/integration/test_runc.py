@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from integration_helpers import processes_with
 from stages.bundle import write_bundle
 from stages.castore.nodes import DirectoryNode
 from stages.errors import RuncError, RuncTimeoutError
@@ -88,18 +89,6 @@ class Sandbox:
             code = await c.run(on_line=lambda s, l: lines.append((s, l)), log_path=lay.log,
                                check=False, **kw)
         return code, lines, lay
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if marker.encode() in (p / "cmdline").read_bytes().replace(b"\0", b" "):
-                    found.append(int(p.name))
-            except OSError:
-                pass
-    return found
 
 
 @pytest.fixture
@@ -255,7 +244,7 @@ async def test_timeout_kills_everything(sb) -> None:
             await c.run(timeout=1.5)
     assert "started" in info.value.log_tail
     assert await list_containers(sb.state) == []
-    assert _processes_with(f"sleep {marker}") == []
+    assert processes_with(f"sleep {marker}") == []
 
 
 async def test_cancellation_leaves_no_container_or_process(sb) -> None:
@@ -269,12 +258,12 @@ async def test_cancellation_leaves_no_container_or_process(sb) -> None:
 
     task = asyncio.create_task(build())
     await asyncio.wait_for(started.wait(), 20)
-    assert len(_processes_with(f"sleep {marker}")) == 2
+    assert len(processes_with(f"sleep {marker}")) == 2
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await list_containers(sb.state) == []
-    assert _processes_with(f"sleep {marker}") == []
+    assert processes_with(f"sleep {marker}") == []
 
 
 async def test_exception_in_callback_cleans_up(sb) -> None:
@@ -288,7 +277,7 @@ async def test_exception_in_callback_cleans_up(sb) -> None:
         with pytest.raises(RuntimeError, match="subscriber failed"):
             await c.run(on_line=explode)
     assert await list_containers(sb.state) == []
-    assert _processes_with(f"sleep {marker}") == []
+    assert processes_with(f"sleep {marker}") == []
 
 
 async def test_cleanup_stale_containers_after_a_crash(sb) -> None:
@@ -299,14 +288,14 @@ async def test_cleanup_stale_containers_after_a_crash(sb) -> None:
                     str(lay.root), "stale-1"], check=True, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
     assert [c["id"] for c in await list_containers(sb.state)] == ["stale-1"]
-    assert _processes_with(f"sleep {marker}")
+    assert processes_with(f"sleep {marker}")
     assert await cleanup_stale_containers(sb.state) == ["stale-1"]
     assert await list_containers(sb.state) == []
     for _ in range(50):
-        if not _processes_with(f"sleep {marker}"):
+        if not processes_with(f"sleep {marker}"):
             break
         await asyncio.sleep(0.05)
-    assert _processes_with(f"sleep {marker}") == []
+    assert processes_with(f"sleep {marker}") == []
 
 
 async def test_long_lines_and_partial_last_line(sb) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from integration_helpers import processes_with, remove_state_tree
 from stages.build_grpc import GrpcBuildService
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
@@ -80,18 +81,6 @@ class Server:
             self.proc.wait(10)
 
 
-def _cleanup(base: Path) -> None:
-    """What a failed test may leave: containers, mounts, then the directory."""
-    for root in base.glob("state/instances/*/runc"):
-        for cid in subprocess.run(["runc", "--root", str(root), "list", "-q"],
-                                  capture_output=True, text=True).stdout.split():
-            subprocess.run(["runc", "--root", str(root), "delete", "--force", cid],
-                           capture_output=True)
-    for mnt in base.glob("state/instances/*/mnt"):
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.fixture
 def base():
     path = Path(tempfile.mkdtemp(prefix="ocibuild-serve-test-"))
@@ -102,7 +91,7 @@ def base():
     finally:
         for s in servers:
             s.kill()
-        _cleanup(path)
+        remove_state_tree(path)
 
 
 def _start(base_and_servers, *listen: str) -> Server:  # noqa: ANN001
@@ -132,20 +121,6 @@ def _request(bb_node, script: str) -> BuildRequest:  # noqa: ANN001
         working_dir="build", scratch_paths=["build", "nix/store"], inputs_dir="nix/store",
         outputs=["nix/store/out"], environment_vars=[EnvVar(key="PATH", value=BB.encode())],
         constraints=BuildConstraints(system="x86_64-linux"))
-
-
-def _processes_with(marker: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read().replace(b"\0", b" "):
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 def _mounts_under(base: Path) -> list[str]:
@@ -178,7 +153,7 @@ def test_signal_mid_build_cancels_cleans_and_exits_0(base, sig: signal.Signals) 
         async with GrpcBuildService(address) as svc:
             task = asyncio.create_task(svc.do_build(_request(bb_node, f"sleep {marker}")))
             deadline = time.monotonic() + 20
-            while not (_containers(path) and _processes_with(f"sleep {marker}")):
+            while not (_containers(path) and processes_with(f"sleep {marker}")):
                 assert time.monotonic() < deadline, "the builder did not start"
                 assert not task.done(), task
                 await asyncio.sleep(0.05)
@@ -197,7 +172,7 @@ def test_signal_mid_build_cancels_cleans_and_exits_0(base, sig: signal.Signals) 
     # Nothing left: no container (the instance and its runc root are gone), no
     # builder process, no mount, no bundle, no socket.
     assert list((path / "state" / "instances").iterdir()) == []
-    assert _processes_with(f"sleep {marker}") == []
+    assert processes_with(f"sleep {marker}") == []
     assert _mounts_under(path) == []
     assert list((path / "state" / "bundles").iterdir()) == []
     assert not sock.exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from pathlib import Path
 
 import pytest
 import pyfuse3
@@ -27,13 +26,6 @@ INODE = 42
 def pattern(n: int, seed: int = 0) -> bytes:
     block = bytes((i * 41 + seed) % 251 for i in range(4096))
     return (block * (n // len(block) + 1))[:n]
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = LocalStore(tmp_path / "store")
-    yield s
-    s.close()
 
 
 class Kernel:

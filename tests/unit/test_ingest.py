@@ -30,17 +30,6 @@ from stages.castore.nodes import (
 NON_UTF8 = b"caf\xe9-\xff\xfe"
 
 
-@pytest.fixture(params=["memory", "local"])
-def castore(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "memory":
-        yield open_castore("memory://", "memory://")
-        return
-    address = f"local://{tmp_path / 'store'}"
-    cs = open_castore(address, address)
-    yield cs
-    cs.blobs.store.close()
-
-
 def make_edge_tree(root: Path) -> None:
     r = os.fsencode(root)
     os.makedirs(r)

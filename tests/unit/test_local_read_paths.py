@@ -23,13 +23,6 @@ def pattern(n: int, seed: int = 0) -> bytes:
     return (block * (n // len(block) + 1))[:n]
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = LocalStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
 @pytest.mark.parametrize("size", [0, 1, 4096, local.STREAM_CHUNK + 12345],
                          ids=["empty", "1B", "4KiB", "over-one-chunk"])
 def test_verify_blob_offers_every_byte_in_order(store: LocalStore, size: int) -> None:

@@ -44,24 +44,6 @@ def pattern(n: int, seed: int = 0) -> bytes:
     return (block * (n // len(block) + 1))[:n]
 
 
-@pytest.fixture(params=["memory", "local"])
-def castore(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "memory":
-        yield open_castore("memory://", "memory://")
-        return
-    address = f"local://{tmp_path / 'store'}"
-    cs = open_castore(address, address)
-    yield cs
-    cs.blobs.store.close()
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = LocalStore(tmp_path / "store")
-    yield s
-    s.close()
-
-
 def pack_bytes(store: LocalStore) -> int:
     return sum(p.stat().st_size for p in (store.root / "packs").iterdir())
 
