@@ -186,14 +186,12 @@ class BuildHost:
         assert self.scratch_dir is not None
         return BundleLayout(self.bundle_dir(build), self.scratch_dir / build.key)
 
-    def input_root(self, key: str) -> Path:
-        """Where the mount server shows this build's inputs (see MountServer.add)."""
-        return Path(self.mounts.mountpoint) / key
-
     def input_link(self, build: BuildSpec) -> Path:
-        """The bind sources of the build's inputs: ``<bundle>/inputs/<name>``.
+        """The bind sources of the build's inputs: ``<bundle>/inputs/<content name>``.
 
-        A symlink to :meth:`input_root`, (re)made by the ``inputs`` resource.
+        A symlink to the mount server's content directory
+        (:attr:`~stages.castore.fuse.client.MountServer.content_root`),
+        (re)made by the ``inputs`` resource.
         The mount server's path belongs to one service instance, while the
         spec (config.json) outlives it in a stopped run; through this link a
         run resumed by another instance binds the inputs of its own mount.

@@ -1,16 +1,18 @@
 """The mount stage: the request's inputs, read-only, through the castore FUSE mount.
 
 Nothing is copied: the build host's mount server (one per service, see
-:mod:`stages.castore.fuse`) shows the inputs under ``<mountpoint>/<key>/``,
-and the spec bind-mounts each of them, read-only, at
-``/<inputs_dir>/<name>`` in the container. A build sees only its own key.
+:mod:`stages.castore.fuse`) shows every directory and file of the store by
+digest in its content directory, ``<mountpoint>/.by-digest/``, and the spec
+bind-mounts each input from there, read-only, at ``/<inputs_dir>/<name>``
+in the container. A build sees only what it binds: its own inputs.
 
-The ``inputs`` resource adds the key when acquired and removes it when
-released (after ``run``, or on failure or cancellation). While held, the
-symlink ``<bundle>/inputs`` (:meth:`~stages.build.BuildHost.input_link`)
-points at the key's subtree; config.json binds inputs through it, so a
-stopped run resumed by another service instance (another mountpoint) binds
-the inputs of the current mount.
+The ``inputs`` resource makes the symlink ``<bundle>/inputs``
+(:meth:`~stages.build.BuildHost.input_link`) point at the content directory
+of the running mount server when acquired, and removes it when released
+(after ``run``, or on failure or cancellation). config.json binds inputs
+through it (``<bundle>/inputs/d-<digest>`` and the like), so a stopped run
+resumed by another service instance (another mountpoint) binds the inputs
+of the current mount. Nothing is asked of the mount server per build.
 
 The stage checks that each input's root is in the store and fails naming
 the first one that is not.
@@ -23,7 +25,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from stages.castore.nodes import DirectoryNode, FileNode
+from stages.castore.fuse.content import content_name
+from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import RequestError
 
 if TYPE_CHECKING:
@@ -35,10 +38,9 @@ __all__ = ["inputs_mounted", "stage"]
 
 @contextlib.asynccontextmanager
 async def inputs_mounted(build: BuildSpec, host: BuildHost, ctx: Any) -> AsyncIterator[Path]:
-    """Resource factory: the build's inputs in the mount server, for as long as held."""
-    from stages.build import request_of
-
-    path = await host.mounts.add(build.key, list(request_of(build, ctx).inputs))
+    """Resource factory: the link to the inputs in the mount server, for as long as held."""
+    await host.mounts.ensure_running()
+    path = host.mounts.content_root
     link = host.input_link(build)
     try:
         tmp = link.with_name(f".{link.name}.new")
@@ -48,11 +50,8 @@ async def inputs_mounted(build: BuildSpec, host: BuildHost, ctx: Any) -> AsyncIt
         os.replace(tmp, link)
         yield path
     finally:
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(link)
-        finally:
-            await host.mounts.remove(build.key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
 
 
 async def _check_in_store(req: BuildRequest, host: BuildHost) -> None:
@@ -85,5 +84,8 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
     path = ctx.resources["inputs"]
     await _check_in_store(req, host)
     names = [n.name.decode("utf-8", "surrogateescape") for n in req.inputs]
-    ctx.log(f"{len(names)} input(s) at {path}")
-    return {"path": str(path), "inputs": names}
+    ctx.log(f"{len(names)} input(s) from {path}")
+    # Where each bound input comes from (symlink inputs are in the bundle).
+    sources = {n.name.decode("utf-8", "surrogateescape"): content_name(n)
+               for n in req.inputs if not isinstance(n, SymlinkNode)}
+    return {"path": str(path), "inputs": names, "sources": sources}

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from stages.castore.nodes import SymlinkNode
 from stages.errors import ServiceError
 
 __all__ = ["open_shell", "shell_config"]
@@ -70,15 +70,15 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
             raise ServiceError(str(bundle), f"the bundle of run {run_dir.name} was not kept; "
                                             f"build again with --keep-failed, --keep or "
                                             f"--stop-after bundle")
-        shell_key = f"{spec.key}.shell"
         req = spec.request
-        inputs_root = await host.mounts.add(shell_key, list(req.inputs))
+        await host.mounts.ensure_running()
         shell_bundle = Path(f"{bundle}.shell")
-        container_id = f"ocibuild-{shell_key}"
+        container_id = f"ocibuild-{spec.key}.shell"
         try:
             opts = SpecOptions(
                 idmap=host.idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
-                input_paths={n.name: inputs_root / os.fsdecode(n.name) for n in req.inputs},
+                input_paths={n.name: host.mounts.content_path(n) for n in req.inputs
+                             if not isinstance(n, SymlinkNode)},
                 busybox=host.busybox)
             terminal = sys.stdin.isatty()
             config = shell_config(make_spec(req, opts), command=command, terminal=terminal,
@@ -99,4 +99,3 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
             subprocess.run(["runc", "--root", str(host.runc_root), "delete", "--force",
                             container_id], capture_output=True)
             shutil.rmtree(shell_bundle, ignore_errors=True)
-            await host.mounts.remove(shell_key)

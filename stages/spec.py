@@ -253,14 +253,23 @@ def spec_options(layout_root: Path | str, req: BuildRequest, idmap: IdMap,
 
 
 def build_spec_options(build, host, req: BuildRequest) -> SpecOptions:  # noqa: ANN001
-    """SpecOptions of one build on its host: bundle layout, FUSE paths, id map."""
+    """SpecOptions of one build on its host: bundle layout, FUSE paths, id map.
+
+    Each input is bound from ``<bundle>/inputs/<content name>``
+    (:mod:`stages.castore.fuse.content`), the link made by the ``inputs``
+    resource.
+    """
     import os
 
+    from stages.castore.fuse.content import content_name
+
     layout = host.layout(build)
-    inputs = host.input_link(build)  # stable across service instances (resume)
+    # Through the link, stable across service instances (resume), to the
+    # mount server's content directory.
+    inputs = os.fspath(host.input_link(build))
     return SpecOptions(idmap=host.idmap, rootfs=layout.rootfs,
                        scratch_dirs=layout.scratch_dirs(req),
-                       input_paths={n.name: inputs / os.fsdecode(n.name) for n in req.inputs
+                       input_paths={n.name: f"{inputs}/{content_name(n)}" for n in req.inputs
                                     if not isinstance(n, SymlinkNode)},
                        busybox=host.busybox)
 

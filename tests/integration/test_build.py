@@ -30,6 +30,7 @@ import pytest_asyncio
 from integration_helpers import processes_with
 import stages.build
 from pipeline import Collector, EventKind, RunStatus, StageState, load_run
+from stages.castore.fuse.content import content_name
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.castore.ingest import ingest_path
 from stages.errors import BuildFailed
@@ -225,9 +226,11 @@ def _bundle_places(env: Env, key: str) -> list[Path]:
 def assert_clean(env: Env, keys: set[str], fds_before: set[str], fuse_before: list[str], *,
                  kept: set[str] = frozenset()) -> None:
     info = _mountinfo()
+    # Builds bind their inputs from the content directory: nothing else is
+    # ever added at the mount's root.
+    assert os.listdir(env.host.mounts.mountpoint) == [".by-digest"]
     for key in keys:
         assert key not in info, f"a mount of build {key} survived"
-        assert not (env.host.input_root(key)).exists(), f"inputs of {key} still in the FUSE mount"
         assert f"ocibuild-{key}" not in _runc_ids(), f"container of {key} in the global runc list"
         if key not in kept:
             for place in _bundle_places(env, key):
@@ -525,7 +528,11 @@ async def test_cancel_while_the_builder_runs(env: Env) -> None:
     assert env.host.runtime_dir is not None, "no runtime tmpfs (/dev/shm) on this machine"
     assert (env.host.runtime_dir / "bundles" / key / "config.json").exists()
     assert (env.host.scratch_dir / key).is_dir()
-    assert env.host.input_root(key).exists()
+    link = env.host.runtime_dir / "bundles" / key / "inputs"
+    assert os.readlink(link) == str(env.host.mounts.content_root)
+    # The busybox input, through the link, as the container binds it.
+    busybox = env.inputs[BB_NAME]
+    assert (link / content_name(busybox) / "busybox").is_file()
     assert _runc_ids(env.host.runc_root) == [f"ocibuild-{key}"]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

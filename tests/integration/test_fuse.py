@@ -31,7 +31,7 @@ from stages.castore.fuse import MountError, MountServer, cleanup_stale_mounts
 from stages.castore.fuse.mounts import find_mount, resolve_without_entering
 from stages.castore.ingest import ingest_path
 from stages.castore.local import open_local_store
-from stages.castore.nodes import FileNode, Node, node_to_json
+from stages.castore.nodes import FileNode, Node, SymlinkNode, node_to_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -281,7 +281,7 @@ async def test_keys_added_concurrently_see_only_their_own_nodes(
                            directory_address=store_address) as server:
         top_a, top_b = await asyncio.gather(server.add("key-a", [node_a, shared]),
                                             server.add("key-b", [node_b, shared]))
-        assert sorted(os.listdir(mountpoint)) == ["key-a", "key-b"]
+        assert sorted(os.listdir(mountpoint)) == [".by-digest", "key-a", "key-b"]
         assert sorted(os.listdir(top_a)) == ["a", "shared.txt"]
         assert sorted(os.listdir(top_b)) == ["b", "shared.txt"]
         assert os.listdir(top_a / "a") == ["only-a"]
@@ -295,7 +295,7 @@ async def test_keys_added_concurrently_see_only_their_own_nodes(
             await server.add("bad/key", [shared])
 
         await server.remove("key-a")
-        assert os.listdir(mountpoint) == ["key-b"]
+        assert sorted(os.listdir(mountpoint)) == [".by-digest", "key-b"]
         with pytest.raises(FileNotFoundError):
             os.lstat(top_a)
         # The same key can come back with other content.
@@ -303,6 +303,65 @@ async def test_keys_added_concurrently_see_only_their_own_nodes(
         assert os.listdir(top_a) == ["b"]
         with pytest.raises(MountError, match="not mounted"):
             await server.remove("never-added")
+    assert find_mount(mountpoint) is None
+
+
+async def test_content_directory_serves_anything_stored_by_digest(
+        tmp_path, mountpoint, store_address):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_bytes(b"some data\n")
+    (src / "sub").mkdir()
+    (src / "sub" / "tool").write_bytes(b"#!/bin/sh\n")
+    (src / "sub" / "tool").chmod(0o755)
+    os.symlink("data", src / "link")
+    tree = await ingest(store_address, src)
+    tool = await ingest(store_address, src / "sub" / "tool")
+    data = await ingest(store_address, src / "data")
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address) as server:
+        # Nothing was added: the content is there by digest alone.
+        await server.ensure_running()
+        content = server.content_root
+        assert content == mountpoint / ".by-digest"
+        assert os.listdir(mountpoint) == [".by-digest"]
+        top = server.content_path(tree)
+        assert top.name == "d-" + tree.digest.hex()
+        assert await asyncio.to_thread(describe, top) == describe(src)
+        assert server.content_path(data).name == f"f-{data.digest.hex()}-{data.size}"
+        assert server.content_path(data).read_bytes() == b"some data\n"
+        assert stat.S_IMODE(os.stat(server.content_path(data)).st_mode) == 0o444
+        exe = server.content_path(tool)
+        assert exe.name == f"x-{tool.digest.hex()}-{tool.size}"
+        assert stat.S_IMODE(os.stat(exe).st_mode) == 0o555
+        # One inode per file content, wherever it is seen; stable names.
+        assert os.stat(exe).st_ino == os.stat(top / "sub" / "tool").st_ino
+        assert os.stat(top).st_ino == os.stat(server.content_path(tree)).st_ino
+        # The directory lists as empty: it holds whatever the store holds.
+        assert os.listdir(content) == []
+        with pytest.raises(ValueError, match="no content"):
+            server.content_path(SymlinkNode(name=b"l", target=b"x"))
+
+        absent = b"\x07" * 32
+        for name in ["d-" + absent.hex(),                 # not in the store
+                     "d-" + tree.digest.hex().upper(),    # not the one spelling
+                     f"f-{data.digest.hex()}-0{data.size}",
+                     f"f-{data.digest.hex()}",            # no size
+                     "e-" + tree.digest.hex(), "anything", "key-a"]:
+            with pytest.raises(FileNotFoundError):
+                os.lstat(content / name)
+        # A file whose blob is missing is found, and fails when opened.
+        missing = content / f"f-{absent.hex()}-5"
+        assert os.stat(missing).st_size == 5
+        with pytest.raises(OSError) as err:
+            missing.read_bytes()
+        assert err.value.errno == errno.EIO
+        # The name cannot be taken by a key.
+        with pytest.raises(MountError, match="reserved"):
+            await server.add(".by-digest", [data])
+        with pytest.raises(MountError, match="reserved"):
+            await server.remove(".by-digest")
+        assert os.listdir(mountpoint) == [".by-digest"]
     assert find_mount(mountpoint) is None
 
 

@@ -68,10 +68,14 @@ class Env:
         """Containers, build subtrees in the FUSE mount, bundles: what a build leaves."""
         found = [f"container {c}" for c in self.runc_ids()]
         for mnt in self.state.glob("instances/*/mnt"):
-            found += [f"mount entry {e}" for e in os.listdir(mnt)]
+            # The content directory is always there; anything else was added.
+            found += [f"mount entry {e}" for e in os.listdir(mnt) if e != ".by-digest"]
         bundles = self.state / "bundles"
         if bundles.is_dir():
             found += [f"bundle {b}" for b in os.listdir(bundles)]
+        # Ephemeral bundles, on the instances' runtime tmpfs.
+        for runtime in self.state.glob("instances/*/runtime/bundles"):
+            found += [f"bundle {b}" for b in os.listdir(runtime)]
         return found
 
 

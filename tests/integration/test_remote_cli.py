@@ -80,9 +80,12 @@ class Setup:
     def server_leftovers(self) -> list[str]:
         found = [f"container {c}" for c in self.server_containers()]
         for mnt in self.base.glob("server-state/instances/*/mnt"):
-            found += [f"mount entry {e}" for e in os.listdir(mnt)]
+            # The content directory is always there; anything else was added.
+            found += [f"mount entry {e}" for e in os.listdir(mnt) if e != ".by-digest"]
         bundles = self.base / "server-state" / "bundles"
         found += [f"bundle {b}" for b in os.listdir(bundles)] if bundles.is_dir() else []
+        for runtime in self.base.glob("server-state/instances/*/runtime/bundles"):
+            found += [f"bundle {b}" for b in os.listdir(runtime)]
         return found
 
 

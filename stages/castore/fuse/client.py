@@ -16,6 +16,7 @@ from types import TracebackType
 from google.protobuf import json_format
 
 from stages.castore.errors import CastoreError
+from stages.castore.fuse.content import CONTENT_DIR, content_name
 from stages.castore.fuse.errors import MountError
 from stages.castore.fuse.mounts import find_mount, lazy_unmount
 from stages.castore.fuse.store import check_servable, resolve_addresses
@@ -65,6 +66,10 @@ class MountServer:
     ``mp/<key>/<name>`` visible and returns ``mp/<key>``; leaving the block
     stops the server and unmounts, also on error and cancellation. Every
     entry is owned by ``uid``/``gid`` (host ids; root by default).
+
+    Anything in the store is also at :meth:`content_path` with no request
+    (the content directory, :mod:`stages.castore.fuse.content`): the build
+    service binds inputs from there.
     """
 
     def __init__(self, mountpoint: Path, *, blob_address: str | None = None,
@@ -174,13 +179,32 @@ class MountServer:
         if self._stderr_task is not None:
             await asyncio.wait([self._stderr_task], timeout=1.0)
 
-    async def _request(self, message: dict) -> dict:
+    @property
+    def content_root(self) -> Path:
+        """The content directory: ``<mountpoint>/.by-digest``."""
+        return self.mountpoint / CONTENT_DIR
+
+    def content_path(self, node: Node) -> Path:
+        """Where a directory's or file's content is in the mount (no request needed).
+
+        Valid once :meth:`ensure_running` returned; a symlink has no content
+        path (ValueError).
+        """
+        return self.content_root / content_name(node)
+
+    async def ensure_running(self) -> None:
+        """Return once the mount is live; MountError if the server is not running."""
         if self._ready is not None and not self._ready.done():
             await self.wait_ready()
         proc = self._proc
         if proc is None or proc.returncode is not None:
             raise MountError(self.mountpoint, "the mount server is not running",
                              stderr_tail=self.stderr_tail())
+
+    async def _request(self, message: dict) -> dict:
+        await self.ensure_running()
+        proc = self._proc
+        assert proc is not None
         async with self._lock:
             try:
                 proc.stdin.write(json.dumps(message).encode() + b"\n")

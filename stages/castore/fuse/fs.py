@@ -5,6 +5,14 @@ run time: in the mount server it holds one synthetic directory per build key,
 and each of those holds the build's input nodes by name; in the single-tree
 mode (``ocibuild castore mount``) the nodes sit at the root itself.
 
+With ``content=True`` (the mount server) the root also holds the content
+directory, ``.by-digest`` (:mod:`stages.castore.fuse.content`): any
+directory or file of the store, looked up by a name that gives its digest,
+with nothing added first. It lists as empty. A name that is not a content
+name, or a directory that is not in the store, is ENOENT; a file's blob is
+checked when it is opened, as everywhere. Its entries are immutable, so the
+kernel keeps them (and whatever it cached below them) from build to build.
+
 Caveats:
 
 - Lazy: a castore Directory is fetched from the store the first time one of
@@ -16,9 +24,10 @@ Caveats:
   that appears in many builds' inputs (a compiler, a shell) shares one
   inode and its page cache (like a hard link; st_nlink stays 1). Memory
   grows with the number of distinct paths looked up (about 200 bytes each).
-- Everything under a key is immutable, so the kernel may cache entries and
-  attributes for a day; the root's own entries (the keys) are given a zero
-  timeout so an added or removed key is seen at once.
+- Everything under a key or in the content directory is immutable, so the
+  kernel may cache entries and attributes for a day; the root's own entries
+  (the keys) are given a zero timeout so an added or removed key is seen at
+  once.
 - Each blob is verified (hashed) once per server lifetime, the first time a
   file with it is opened; a corrupt or missing blob makes open() fail with
   EIO and logs a line naming the digest. Later reads are unverified.
@@ -67,6 +76,7 @@ import pyfuse3
 import trio
 
 from stages.castore.errors import CorruptionError
+from stages.castore.fuse.content import CONTENT_DIR, parse_content_name
 from stages.castore.fuse.store import StoreReader
 from stages.castore.nodes import (
     Directory,
@@ -156,7 +166,8 @@ class CastoreFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, reader: StoreReader, *, uid: int = 0, gid: int = 0) -> None:
+    def __init__(self, reader: StoreReader, *, uid: int = 0, gid: int = 0,
+                 content: bool = False) -> None:
         super().__init__()
         for what, value in (("uid", uid), ("gid", gid)):
             if not isinstance(value, int) or isinstance(value, bool) or not (
@@ -188,6 +199,14 @@ class CastoreFS(pyfuse3.Operations):
         # Fill the kernel's page cache while verifying (off after one refusal).
         self.fill_on_verify = True
         self.fill_max = FILL_MAX
+        # The content directory's inode (0: none) and the nodes looked up in
+        # it, by name (one object per name: their inodes are stable).
+        self._content_ino = 0
+        self._content: dict[bytes, Node] = {}
+        if content:
+            self._content_ino = self._alloc(Synthetic())
+            self._parent[self._content_ino] = pyfuse3.ROOT_INODE
+            self.root.entries[os.fsencode(CONTENT_DIR)] = self._content_ino
 
     # --- editing the namespace (called by the server, not the kernel) -------
 
@@ -199,6 +218,8 @@ class CastoreFS(pyfuse3.Operations):
 
     def add_key(self, key: bytes, nodes: list[Node]) -> None:
         """Make ``/<key>/<node.name>`` visible; nodes must be named and unique."""
+        if self._content_ino and key == os.fsencode(CONTENT_DIR):
+            raise KeyError(f"key {key!r} is reserved for the content directory")
         if key in self.root.entries:
             raise KeyError(f"key {key!r} is already mounted")
         Directory.from_nodes(nodes)  # validates names and uniqueness
@@ -211,6 +232,8 @@ class CastoreFS(pyfuse3.Operations):
 
     def remove_key(self, key: bytes) -> None:
         """Hide ``/<key>``. Files already open stay readable."""
+        if self._content_ino and key == os.fsencode(CONTENT_DIR):
+            raise KeyError(f"key {key!r} is reserved for the content directory")
         if self.root.entries.pop(key, None) is None:
             raise KeyError(f"key {key!r} is not mounted")
 
@@ -222,7 +245,11 @@ class CastoreFS(pyfuse3.Operations):
 
     # --- lookups -------------------------------------------------------------
 
-    def _directory(self, digest: bytes) -> tuple[Directory, dict[bytes, Node]]:
+    def _directory(self, digest: bytes, *,
+                   absent: int = errno.EIO) -> tuple[Directory, dict[bytes, Node]]:
+        """The directory and its entries by name; ``absent`` is the errno
+        when the store has no such directory (EIO is logged: a referenced
+        directory is missing)."""
         cached = self._dirs.get(digest)
         if cached is not None:
             return cached
@@ -232,8 +259,9 @@ class CastoreFS(pyfuse3.Operations):
             log.error("directory %s cannot be read from the store: %s", digest.hex(), exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
         if directory is None:
-            log.error("directory %s is not in the store", digest.hex())
-            raise pyfuse3.FUSEError(errno.EIO)
+            if absent == errno.EIO:
+                log.error("directory %s is not in the store", digest.hex())
+            raise pyfuse3.FUSEError(absent)
         if directory.digest != digest:
             log.error("directory %s is corrupt: it hashes to %s",
                       digest.hex(), directory.digest.hex())
@@ -256,9 +284,28 @@ class CastoreFS(pyfuse3.Operations):
             return [(n.name, n) for n in directory.entries()]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
+    def _content_node(self, name: bytes) -> Node:
+        """The node a content-directory name stands for (ENOENT if none)."""
+        node = self._content.get(name)
+        if node is not None:
+            return node
+        ref = parse_content_name(name)
+        if ref is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        kind, digest, size = ref
+        if kind == "d":
+            directory, _ = self._directory(digest, absent=errno.ENOENT)
+            node = DirectoryNode(name=name, digest=digest, size=directory.size)
+        else:
+            node = FileNode(name=name, digest=digest, size=size, executable=kind == "x")
+        self._content[name] = node
+        return node
+
     def _child(self, parent: int, name: bytes) -> int:
         entry = self._entry(parent)
-        if isinstance(entry, Synthetic):
+        if parent == self._content_ino:
+            found: Union[Node, int, None] = self._content_node(name)
+        elif isinstance(entry, Synthetic):
             found = entry.entries.get(name)
         elif isinstance(entry, DirectoryNode):
             found = self._directory(entry.digest)[1].get(name)
@@ -322,7 +369,7 @@ class CastoreFS(pyfuse3.Operations):
         return attrs
 
     def _lookup_timeout(self, parent: int, attrs: pyfuse3.EntryAttributes) -> None:
-        if parent == pyfuse3.ROOT_INODE:
+        if parent == pyfuse3.ROOT_INODE and attrs.st_ino != self._content_ino:
             attrs.entry_timeout = attrs.attr_timeout = 0.0
 
     # --- pyfuse3 operations --------------------------------------------------

@@ -11,6 +11,10 @@ control channel is the process's stdin/stdout, one JSON object per line:
     server -> owner   {"ready": true, "pid": N}             once, after mounting
                       {"ok": true} | {"ok": false, "error": "..."}   one per request
 
+Besides the keys, the mount's root holds ``.by-digest``, the content
+directory (:mod:`stages.castore.fuse.content`): anything in the store, by
+digest, without a request.
+
 Log lines go to stderr. The server unmounts and exits when its stdin closes,
 on SIGTERM/SIGINT, and (through PR_SET_PDEATHSIG) when its owner dies; if it
 is itself SIGKILLed, fusermount3's ``auto_unmount`` removes the mount.
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_owner(args.owner_pid)
     try:
         fs = CastoreFS(open_reader(args.blob_address, args.directory_address),
-                       uid=args.uid, gid=args.gid)
+                       uid=args.uid, gid=args.gid, content=True)
     except ValueError as exc:
         print(f"ocibuild-fuse: error: {exc}", file=sys.stderr)
         return 2
