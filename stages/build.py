@@ -62,6 +62,10 @@ __all__ = ["STAGE_NAMES", "BuildHost", "BuildSpec", "build_caps", "build_graph",
 STAGE_NAMES = ("validate", "spec", "bundle", "mount", "run", "ingest", "teardown")
 GRAPH_VERSION = "ocibuild-build-1"
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: Shared root file systems a service keeps at most (each a few dozen
+#: inodes on the runtime tmpfs, kept until the service stops); a build with
+#: a root not among them when the cap is reached gets its own.
+MAX_SHARED_ROOTS = 512
 
 Keep = Literal["never", "failed", "always"]
 
@@ -116,7 +120,9 @@ class BuildHost:
     bundle is a few dozen small files and directories made and removed per
     build; on a disk file system that churn costs more CPU than the rest of
     the build's bookkeeping (ext4 without a journal scans recently freed
-    inodes on every allocation).
+    inodes on every allocation). Such bundles share their root file systems
+    where they can (:func:`stages.bundle.shared_rootfs_key`), in
+    ``runtime_dir/rootfs``, at most MAX_SHARED_ROOTS of them.
     """
 
     castore: Castore
@@ -127,11 +133,12 @@ class BuildHost:
     busybox: Path = Path("/bin/busybox")
     #: Where discarded bundles wait to be deleted; None deletes them in place.
     trash_dir: Path | None = None
-    #: A directory on a tmpfs for ephemeral bundles (bundles/, trash/), or None.
+    #: A directory on a tmpfs for ephemeral bundles (bundles/, rootfs/, trash/), or None.
     runtime_dir: Path | None = None
     #: On disk: the scratch roots of ephemeral bundles (with runtime_dir).
     scratch_dir: Path | None = None
     _deleting: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
+    _shared_roots: set[str] = attrs.field(factory=set, init=False)
 
     def on_runtime(self, build: BuildSpec) -> bool:
         """Whether the build's bundle lives in the runtime directory (a tmpfs)."""
@@ -180,11 +187,33 @@ class BuildHost:
             return self.runtime_dir / "bundles" / build.key  # type: ignore[operator]
         return self.bundles_dir / build.key
 
-    def layout(self, build: BuildSpec) -> BundleLayout:
+    def layout(self, build: BuildSpec, req: BuildRequest | None = None) -> BundleLayout:
+        """Where the build's bundle is; with ``req``, its shared root file
+        system too (:meth:`shared_rootfs`), if it has one."""
         if not self.on_runtime(build):
             return BundleLayout(self.bundle_dir(build))
         assert self.scratch_dir is not None
-        return BundleLayout(self.bundle_dir(build), self.scratch_dir / build.key)
+        shared = self.shared_rootfs(build, req) if req is not None else None
+        return BundleLayout(self.bundle_dir(build), self.scratch_dir / build.key, shared)
+
+    def shared_rootfs(self, build: BuildSpec, req: BuildRequest) -> Path | None:
+        """The root file system the build shares with others, or None (its own).
+
+        Only ephemeral bundles on the runtime tmpfs share roots. The same
+        build and request give the same answer on every call.
+        """
+        from stages.bundle import shared_rootfs_key
+
+        if not self.on_runtime(build):
+            return None
+        key = shared_rootfs_key(req, self.idmap)
+        if key is None:
+            return None
+        if key not in self._shared_roots:
+            if len(self._shared_roots) >= MAX_SHARED_ROOTS:
+                return None
+            self._shared_roots.add(key)
+        return self.runtime_dir / "rootfs" / key  # type: ignore[operator]
 
     def input_link(self, build: BuildSpec) -> Path:
         """The bind sources of the build's inputs: ``<bundle>/inputs/<content name>``.

@@ -10,6 +10,16 @@
 - the request's additional_files, and its symlink inputs (which are not
   mounted: a bind mount cannot carry a symlink).
 
+A root file system can also be *shared* (``shared_rootfs``): builds whose
+roots would come out the same (:func:`shared_rootfs_key`) run from one
+directory, written by the first of them; the bundle then holds no
+``rootfs/`` and config.json names the shared one. The build service does
+this for bundles that go with their build, on its runtime tmpfs: writing
+and deleting a root is most of a bundle's cost, and runc mounts over it in
+the container's own mount namespace only. The root is read-only in the
+container and every mount point in it exists already, so nothing writes to
+it while builds run.
+
 Where a build-root path lands: in the scratch directory of its longest
 scratch-path prefix when it lies in a scratch path (so an additional file
 in ``build/`` is writable and visible at /build), otherwise in the rootfs
@@ -46,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -62,8 +73,8 @@ from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_poin
 from stages.validate import is_under, validate_request
 
 __all__ = ["INPUTS_DIR_MODE", "NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "ROOT_MODE", "WORKDIR_MODE",
-           "check_traversable", "linked_scratch", "remove_bundle", "remove_if_small", "stage",
-           "trash_bundle", "write_bundle"]
+           "check_traversable", "linked_scratch", "remove_bundle", "remove_if_small",
+           "shared_rootfs_key", "stage", "trash_bundle", "write_bundle"]
 
 # Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
 # sandboxUid 1000, sandboxGid 100, build dir /build. The integration test
@@ -78,6 +89,34 @@ NIX_HOSTS = b"127.0.0.1 localhost\n::1 localhost\n"
 ROOT_MODE = 0o750
 WORKDIR_MODE = 0o700
 INPUTS_DIR_MODE = 0o1775
+
+
+#: Part of every shared root's key: change it whenever the writer lays out a
+#: root differently, so that no root of the old layout is shared.
+ROOTFS_LAYOUT = 1
+
+
+def shared_rootfs_key(req: BuildRequest, idmap: IdMap) -> str | None:
+    """The name of the shared root file system for ``req``, or None if it needs its own.
+
+    Two requests with the same key get byte-identical roots from the
+    writer: the key covers everything the root is made from (its mount
+    points, which of them lie in scratch paths, the working directory, the
+    symlink inputs, the builder's host ids). A request with an additional
+    file outside its scratch paths, or with available_ro_paths (whose
+    mount points take the kind of a host path, which may change), gets its
+    own root.
+    """
+    if req.available_ro_paths or any(
+            not any(is_under(f.path, sp) for sp in req.scratch_paths)
+            for f in req.additional_files):
+        return None
+    material = json.dumps([
+        ROOTFS_LAYOUT, idmap.host_uid(BUILD_UID), idmap.host_gid(BUILD_GID),
+        mount_points(req), list(req.scratch_paths), req.working_dir, req.inputs_dir,
+        [[n.name.hex(), n.target.hex()] for n in req.inputs if isinstance(n, SymlinkNode)],
+    ])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 def _umask() -> int | None:
@@ -97,7 +136,8 @@ class _Writer:
     bundle's CPU, and a service writes one per build)."""
 
     def __init__(self, tmp: Path, final: Path, req: BuildRequest, idmap: IdMap,
-                 scratch_root: Path | None = None, pretty: bool = True) -> None:
+                 scratch_root: Path | None = None, pretty: bool = True,
+                 shared_rootfs: Path | None = None) -> None:
         self.tmp = BundleLayout(tmp, scratch_root)
         self.final = BundleLayout(final, scratch_root)
         self.req = req
@@ -106,8 +146,26 @@ class _Writer:
         self.pretty = pretty
         self.umask = _umask()
         self.rootfs = str(self.tmp.rootfs)
+        # A shared root that exists is used as it is (nothing of the root is
+        # written); one that does not is written beside it, then renamed.
+        self.shared_rootfs = str(shared_rootfs) if shared_rootfs is not None else None
+        self.rootfs_exists = False
+        if self.shared_rootfs is not None:
+            self.rootfs_exists = os.path.isdir(self.shared_rootfs)
+            if not self.rootfs_exists:
+                self.rootfs = f"{os.path.dirname(self.shared_rootfs)}/." \
+                              f"{os.path.basename(self.shared_rootfs)}.partial-{uuid.uuid4().hex[:8]}"
         self.scratch = {s: str(d) for s, d in self.tmp.scratch_dirs(req).items()}
         self.existing: set[str] = set()  # directories known to exist
+        if self.rootfs_exists:
+            self.existing.add(self.rootfs)
+
+    def in_rootfs(self, path: str) -> bool:
+        return path == self.rootfs or path.startswith(self.rootfs + "/")
+
+    def skip(self, path: str) -> bool:
+        """Whether ``path`` is in a shared root that exists already (left as it is)."""
+        return self.rootfs_exists and self.in_rootfs(path)
 
     def kept(self, mode: int) -> bool:
         """Whether creating with ``mode`` gives exactly it (no chmod needed after)."""
@@ -137,6 +195,8 @@ class _Writer:
 
     def mkdirs(self, path: str) -> None:
         """mkdir -p, 0755, the new directories owned by the builder."""
+        if self.skip(path):
+            return
         missing = []
         p = path
         while p not in self.existing and not os.path.exists(p):
@@ -149,6 +209,8 @@ class _Writer:
         self.existing.add(path)
 
     def touch(self, path: str) -> None:
+        if self.skip(path):
+            return
         self.mkdirs(os.path.dirname(path))
         if not os.path.exists(path):
             self.write_file(path, b"")
@@ -167,6 +229,8 @@ class _Writer:
             os.close(fd)
 
     def set_dir(self, path: str, mode: int) -> None:
+        if self.skip(path):
+            return
         os.chmod(path, mode)
         os.chown(path, self.uid, self.gid)
         self.existing.add(path)
@@ -177,12 +241,14 @@ class _Writer:
         os.mkdir(root, 0o711)
         os.chmod(root, 0o711)
         rootfs = self.rootfs
-        os.mkdir(rootfs, 0o700)
-        self.set_dir(rootfs, ROOT_MODE)
-        etc = os.path.join(rootfs, "etc")
-        self.mkdirs(etc)
-        for name, data in (("passwd", NIX_PASSWD), ("group", NIX_GROUP), ("hosts", NIX_HOSTS)):
-            self.write_file(os.path.join(etc, name), data)
+        if not self.rootfs_exists:
+            os.mkdir(rootfs, 0o700)
+            self.set_dir(rootfs, ROOT_MODE)
+            etc = os.path.join(rootfs, "etc")
+            self.mkdirs(etc)
+            for name, data in (("passwd", NIX_PASSWD), ("group", NIX_GROUP),
+                               ("hosts", NIX_HOSTS)):
+                self.write_file(os.path.join(etc, name), data)
 
         if self.req.scratch_paths:
             base = str(self.tmp.scratch_base)
@@ -209,19 +275,25 @@ class _Writer:
                 self.touch(host)
 
         # runc gives a tmpfs the mode of its mount point: /tmp must be 1777.
-        os.chmod(os.path.join(rootfs, "tmp"), 0o1777)
+        if not self.rootfs_exists:
+            os.chmod(os.path.join(rootfs, "tmp"), 0o1777)
         # The working directory exists now (it is a mount point), wherever it lies.
         self.set_dir(self.backing(self.req.working_dir, strict=False), WORKDIR_MODE)
 
         for node in self.req.inputs:
             if isinstance(node, SymlinkNode):
                 host = self.backing(f"{self.req.inputs_dir}/{node.name.decode()}", strict=False)
+                if self.skip(host):
+                    continue
                 self.mkdirs(os.path.dirname(host))
                 os.symlink(node.target, os.fsencode(host))
                 os.lchown(host, self.uid, self.gid)
 
         for f in self.req.additional_files:
             host = self.backing(f.path, strict=False)
+            if self.shared_rootfs is not None and self.in_rootfs(host):
+                raise BundleError(self.final.root, f"additional file {f.path} would be written "
+                                                   f"into a shared root file system")
             self.mkdirs(os.path.dirname(host))
             self.write_file(host, f.contents)
 
@@ -233,11 +305,32 @@ class _Writer:
         with open(self.tmp.config, "w") as f:
             f.write(text + "\n")
 
+    def publish_rootfs(self) -> None:
+        """Rename a newly written shared root into place (once the bundle is whole).
+
+        Another build may have published the same root meanwhile: then this
+        copy, identical, is dropped.
+        """
+        if self.shared_rootfs is None or self.rootfs_exists:
+            return
+        try:
+            os.rename(self.rootfs, self.shared_rootfs)
+        except OSError:
+            if not os.path.isdir(self.shared_rootfs):
+                raise
+            shutil.rmtree(self.rootfs, ignore_errors=True)
+        self.rootfs_exists = True
+
+    def discard_partial_rootfs(self) -> None:
+        if self.shared_rootfs is not None and not self.rootfs_exists:
+            shutil.rmtree(self.rootfs, ignore_errors=True)
+
 
 def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                  input_paths: Mapping[bytes, object] | None = None,
                  config: dict | None = None, scratch_root: Path | str | None = None,
                  check_parents: bool = True, pretty: bool = True,
+                 shared_rootfs: Path | str | None = None,
                  **spec_options: object) -> BundleLayout:
     """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
 
@@ -250,7 +343,10 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     must not exist, its parent must. ``check_parents=False`` skips
     :func:`check_traversable` of the parents, for a caller that checked
     them once for many bundles; ``pretty=False`` writes config.json on one
-    line (for a bundle nobody will read). Returns the bundle's layout.
+    line (for a bundle nobody will read). ``shared_rootfs`` is a root file
+    system shared by bundles of the same :func:`shared_rootfs_key` (its
+    parent must exist): used as it is when it exists, else written (as
+    part of this bundle, then published). Returns the bundle's layout.
     """
     validate_request(req)
     final = Path(bundle_dir).absolute()
@@ -265,13 +361,21 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
         if check_parents:
             check_traversable(path.parent)
     tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
-    layout = BundleLayout(final, scratch)
+    shared = Path(shared_rootfs).absolute() if shared_rootfs is not None else None
+    if shared is not None and shared_rootfs_key(req, idmap) is None:
+        raise BundleError(final, "this request's root file system cannot be shared "
+                                 "(available_ro_paths, or an additional file outside "
+                                 "the scratch paths)")
+    layout = BundleLayout(final, scratch, shared)
     opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
                        input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
+    writer = _Writer(tmp, final, req, idmap, scratch, pretty, shared)
     try:
-        _Writer(tmp, final, req, idmap, scratch, pretty).write(opts, config)
+        writer.write(opts, config)
+        writer.publish_rootfs()
         os.rename(tmp, final)
     except BaseException as exc:
+        writer.discard_partial_rootfs()
         shutil.rmtree(tmp, ignore_errors=True)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -379,13 +483,14 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
     from stages.build import request_of
     from stages.spec import build_spec_options
 
-    planned = host.layout(build)
+    req = request_of(build, ctx)
+    planned = host.layout(build, req)
     planned.root.parent.mkdir(parents=True, exist_ok=True)
     await host.discard_bundle(build)
-    req = request_of(build, ctx)
     opts = build_spec_options(build, host, req)
     write = functools.partial(
         write_bundle, planned.root, req, idmap=host.idmap, scratch_root=planned.scratch_root,
+        shared_rootfs=planned.shared_rootfs,
         check_parents=False,  # the service checked its directories when it started
         input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox)
     if host.on_runtime(build):

@@ -24,6 +24,7 @@ The state directory::
     instances/<id>/runc/    its runc --root (its containers only)
     instances/<id>/runtime  symlink to its runtime directory, on a tmpfs:
                             the bundles of its ephemeral builds (see below)
+                            and the root file systems they share
     instances/<id>/scratch/<key>/  their scratch directories
     bundles/<key>/          bundles that may be kept; kept ones hold .ocibuild-kept
     trash/                  discarded bundles, deleted in the background
@@ -260,6 +261,7 @@ class _Instance:
             os.symlink(runtime, inst / "runtime")
             runtime.mkdir(mode=0o711)
             (runtime / "bundles").mkdir(mode=0o711)
+            (runtime / "rootfs").mkdir(mode=0o711)
         return cls(inst, fd, runtime)
 
     def record_key(self, key: str) -> None:

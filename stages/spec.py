@@ -263,7 +263,7 @@ def build_spec_options(build, host, req: BuildRequest) -> SpecOptions:  # noqa: 
 
     from stages.castore.fuse.content import content_name
 
-    layout = host.layout(build)
+    layout = host.layout(build, req)
     # Through the link, stable across service instances (resume), to the
     # mount server's content directory.
     inputs = os.fspath(host.input_link(build))

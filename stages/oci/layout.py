@@ -53,6 +53,10 @@ class BundleLayout:
     #: Where the scratch directories are, when not in ``<root>/scratch``.
     scratch_root: Path | None = attrs.field(
         default=None, converter=attrs.converters.optional(Path))
+    #: A root file system shared with other bundles, used instead of
+    #: ``<root>/rootfs`` (see :mod:`stages.bundle`).
+    shared_rootfs: Path | None = attrs.field(
+        default=None, converter=attrs.converters.optional(Path))
 
     @property
     def scratch_base(self) -> Path:
@@ -65,7 +69,7 @@ class BundleLayout:
 
     @property
     def rootfs(self) -> Path:
-        return self.root / "rootfs"
+        return self.shared_rootfs if self.shared_rootfs is not None else self.root / "rootfs"
 
     @property
     def log(self) -> Path:

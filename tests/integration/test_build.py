@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -229,6 +230,8 @@ def assert_clean(env: Env, keys: set[str], fds_before: set[str], fuse_before: li
     # Builds bind their inputs from the content directory: nothing else is
     # ever added at the mount's root.
     assert os.listdir(env.host.mounts.mountpoint) == [".by-digest"]
+    if env.host.runtime_dir is not None:  # no half-written shared root
+        assert not [n for n in os.listdir(env.host.runtime_dir / "rootfs") if n.startswith(".")]
     for key in keys:
         assert key not in info, f"a mount of build {key} survived"
         assert f"ocibuild-{key}" not in _runc_ids(), f"container of {key} in the global runc list"
@@ -530,6 +533,10 @@ async def test_cancel_while_the_builder_runs(env: Env) -> None:
     assert (env.host.scratch_dir / key).is_dir()
     link = env.host.runtime_dir / "bundles" / key / "inputs"
     assert os.readlink(link) == str(env.host.mounts.content_root)
+    # Its root file system is shared, on the runtime tmpfs, not in the bundle.
+    config = json.loads((link.parent / "config.json").read_text())
+    assert Path(config["root"]["path"]).parent == env.host.runtime_dir / "rootfs"
+    assert not (link.parent / "rootfs").exists()
     # The busybox input, through the link, as the container binds it.
     busybox = env.inputs[BB_NAME]
     assert (link / content_name(busybox) / "busybox").is_file()

@@ -346,3 +346,141 @@ def test_remove_if_small_leaves_a_large_tree(base_dir: Path) -> None:
         (large / str(i)).write_text("x")
     assert not bundle_mod.remove_if_small(large, limit=4)
     assert len(list(large.iterdir())) == 5
+
+
+# --- shared root file systems ------------------------------------------------------------
+
+
+def _snapshot(top: Path) -> dict[str, tuple]:
+    """Everything a container could tell about a tree: kinds, modes, owners, bytes."""
+    out = {}
+    for p in _tree(top):
+        st_ = p.lstat()
+        kind = stat.S_IFMT(st_.st_mode)
+        what = (p.read_bytes() if stat.S_ISREG(st_.st_mode)
+                else os.readlink(p) if stat.S_ISLNK(st_.st_mode) else None)
+        out[str(p.relative_to(top))] = (kind, _mode(p), st_.st_uid, st_.st_gid, what)
+    return out
+
+
+def _shareable(req: BuildRequest) -> BuildRequest:
+    """The request, less what makes a root unshareable."""
+    in_scratch = [f for f in req.additional_files
+                  if any(f.path.startswith(s + "/") for s in req.scratch_paths)]
+    constraints = attrs.evolve(req.constraints or BuildConstraints(system="x86_64-linux"),
+                               available_ro_paths=[])
+    return attrs.evolve(req, additional_files=in_scratch, constraints=constraints)
+
+
+def _write_three(base: Path, req: BuildRequest):
+    """The same request as a bundle with its own root, then twice with a shared one."""
+    own = write_bundle(base / "own", req, idmap=IDMAP, input_paths=inputs_for(req))
+    shared = base / "roots" / bundle_mod.shared_rootfs_key(req, IDMAP)
+    (base / "roots").mkdir(mode=0o711, exist_ok=True)
+    first = write_bundle(base / "first", req, idmap=IDMAP, input_paths=inputs_for(req),
+                         shared_rootfs=shared)
+    second = write_bundle(base / "second", req, idmap=IDMAP, input_paths=inputs_for(req),
+                          shared_rootfs=shared)
+    return own, first, second, shared
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(req=valid_requests(ro_paths=False))
+def test_a_shared_root_is_the_root_the_bundle_would_have_had(base_dir: Path,
+                                                           req: BuildRequest) -> None:
+    req = _shareable(req)
+    base = Path(tempfile.mkdtemp(dir=base_dir))
+    os.chmod(base, 0o711)
+    own, first, second, shared = _write_three(base, req)
+    assert _snapshot(shared) == _snapshot(own.rootfs)
+    for lay in (first, second):
+        assert lay.rootfs == shared and not (lay.root / "rootfs").exists()
+        config = json.loads(lay.config.read_text())
+        validate_config(config)
+        assert config["root"]["path"] == str(shared)
+        assert _snapshot(lay.root / "scratch") == _snapshot(own.root / "scratch")
+    # Published whole, nothing partial beside it.
+    assert os.listdir(shared.parent) == [shared.name]
+
+
+def _mutations(req: BuildRequest) -> dict[str, tuple[BuildRequest, bool]]:
+    """Changed requests, each with whether its root may differ from ``req``'s."""
+    c = req.constraints
+    out = {
+        "env": (attrs.evolve(req, environment_vars=[EnvVar(key="ZZZ", value=b"2")]), False),
+        "args": (attrs.evolve(req, command_args=["/bin/sh", "-c", "exit 3"]), False),
+        "outputs": (attrs.evolve(req, outputs=[]), False),
+        "needles": (attrs.evolve(req, refscan_needles=["abc"]), False),
+        "input digests": (attrs.evolve(req, inputs=[
+            attrs.evolve(n, digest=b"\x09" * 32) if not isinstance(n, SymlinkNode) else n
+            for n in req.inputs]), False),
+        "scratch files": (attrs.evolve(req, additional_files=[
+            attrs.evolve(f, contents=f.contents + b"!") for f in req.additional_files]), False),
+        "bin sh": (attrs.evolve(req, constraints=attrs.evolve(
+            c, provide_bin_sh=not c.provide_bin_sh)), True),
+        "network": (attrs.evolve(req, constraints=attrs.evolve(
+            c, network_access=not c.network_access)), True),
+        "working dir": (attrs.evolve(req, working_dir="w-elsewhere"), True),
+        "input names": (attrs.evolve(req, inputs=[
+            attrs.evolve(n, name=b"z" + n.name) for n in req.inputs]), True),
+        "symlink targets": (attrs.evolve(req, inputs=[
+            attrs.evolve(n, target=n.target + b"x") if isinstance(n, SymlinkNode) else n
+            for n in req.inputs]), True),
+    }
+    return out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(req=valid_requests(ro_paths=False))
+def test_requests_share_a_root_exactly_when_their_roots_are_the_same(
+        base_dir: Path, req: BuildRequest) -> None:
+    req = _shareable(req)
+    base = Path(tempfile.mkdtemp(dir=base_dir))
+    os.chmod(base, 0o711)
+    key = bundle_mod.shared_rootfs_key(req, IDMAP)
+    ref = _snapshot(write_bundle(base / "ref", req, idmap=IDMAP,
+                                 input_paths=inputs_for(req)).rootfs)
+    for what, (other, may_differ) in _mutations(req).items():
+        try:
+            lay = write_bundle(base / what.replace(" ", "-"), other, idmap=IDMAP,
+                               input_paths=inputs_for(other))
+        except RequestError:
+            continue  # the change made the request invalid (a path clash)
+        same_key = bundle_mod.shared_rootfs_key(other, IDMAP) == key
+        same_root = _snapshot(lay.rootfs) == ref
+        # Equal keys must mean equal roots; a change that leaves the root
+        # alone must leave the key alone (or nothing would be shared).
+        assert same_root or not same_key, what
+        if not may_differ:
+            assert same_key, what
+        elif not same_root:
+            assert not same_key, what
+
+
+def test_a_root_that_cannot_be_shared_is_refused_and_nothing_is_written(base_dir: Path) -> None:
+    req = request()  # available_ro_paths, and a file in /opt/conf (the root)
+    assert bundle_mod.shared_rootfs_key(req, IDMAP) is None
+    no_ro = attrs.evolve(req, constraints=attrs.evolve(req.constraints, available_ro_paths=[]))
+    assert bundle_mod.shared_rootfs_key(no_ro, IDMAP) is None  # the file in the root
+    assert bundle_mod.shared_rootfs_key(_shareable(req), IDMAP) is not None
+    with pytest.raises(BundleError, match="cannot be shared"):
+        write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
+                     shared_rootfs=base_dir / "root")
+    assert list(base_dir.iterdir()) == []
+
+
+def test_a_failed_bundle_publishes_no_root(base_dir: Path, monkeypatch) -> None:
+    req = _shareable(request())
+    shared = base_dir / "root"
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bundle_mod, "make_spec", boom)
+    with pytest.raises(BundleError, match="No space left"):
+        write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
+                     shared_rootfs=shared)
+    assert list(base_dir.iterdir()) == []
+    monkeypatch.undo()
+    lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
+                       shared_rootfs=shared)
+    assert lay.rootfs == shared and (shared / "etc" / "passwd").is_file()
