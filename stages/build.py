@@ -139,6 +139,10 @@ class BuildHost:
     scratch_dir: Path | None = None
     _deleting: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
     _shared_roots: set[str] = attrs.field(factory=set, init=False)
+    # (build key, on the runtime tmpfs, with the shared root) -> its layout:
+    # stages ask for a build's paths a dozen times; a build's paths never change.
+    _layouts: dict[tuple[str, bool, bool], BundleLayout] = attrs.field(factory=dict,
+                                                                      init=False)
 
     def on_runtime(self, build: BuildSpec) -> bool:
         """Whether the build's bundle lives in the runtime directory (a tmpfs)."""
@@ -183,18 +187,27 @@ class BuildHost:
             await asyncio.gather(*list(self._deleting), return_exceptions=True)
 
     def bundle_dir(self, build: BuildSpec) -> Path:
-        if self.on_runtime(build):
-            return self.runtime_dir / "bundles" / build.key  # type: ignore[operator]
-        return self.bundles_dir / build.key
+        return self.layout(build).root
 
     def layout(self, build: BuildSpec, req: BuildRequest | None = None) -> BundleLayout:
-        """Where the build's bundle is; with ``req``, its shared root file
-        system too (:meth:`shared_rootfs`), if it has one."""
-        if not self.on_runtime(build):
-            return BundleLayout(self.bundle_dir(build))
-        assert self.scratch_dir is not None
-        shared = self.shared_rootfs(build, req) if req is not None else None
-        return BundleLayout(self.bundle_dir(build), self.scratch_dir / build.key, shared)
+        """Where the build's bundle is; with ``req`` (the build's request),
+        its shared root file system too (:meth:`shared_rootfs`), if it has one."""
+        runtime = self.on_runtime(build)
+        memo = (build.key, runtime, req is not None)
+        found = self._layouts.get(memo)
+        if found is not None:
+            return found
+        if not runtime:
+            found = BundleLayout(self.bundles_dir / build.key)
+        else:
+            assert self.runtime_dir is not None and self.scratch_dir is not None
+            shared = self.shared_rootfs(build, req) if req is not None else None
+            found = BundleLayout(self.runtime_dir / "bundles" / build.key,
+                                 self.scratch_dir / build.key, shared)
+        if len(self._layouts) >= 4096:
+            self._layouts.clear()
+        self._layouts[memo] = found
+        return found
 
     def shared_rootfs(self, build: BuildSpec, req: BuildRequest) -> Path | None:
         """The root file system the build shares with others, or None (its own).

@@ -59,6 +59,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -119,16 +120,17 @@ def shared_rootfs_key(req: BuildRequest, idmap: IdMap) -> str | None:
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
+_UMASK_LINE = re.compile(rb"^Umask:\s*([0-7]+)$", re.MULTILINE)
+
+
 def _umask() -> int | None:
     """The process's umask (Linux: without changing it), or None if unknown."""
     try:
         with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return None
+            m = _UMASK_LINE.search(f.read())
+    except OSError:
+        return None
+    return int(m.group(1), 8) if m else None
 
 
 class _Writer:
@@ -330,7 +332,7 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                  input_paths: Mapping[bytes, object] | None = None,
                  config: dict | None = None, scratch_root: Path | str | None = None,
                  check_parents: bool = True, pretty: bool = True,
-                 shared_rootfs: Path | str | None = None,
+                 shared_rootfs: Path | str | None = None, validated: bool = False,
                  **spec_options: object) -> BundleLayout:
     """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
 
@@ -346,9 +348,12 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     line (for a bundle nobody will read). ``shared_rootfs`` is a root file
     system shared by bundles of the same :func:`shared_rootfs_key` (its
     parent must exist): used as it is when it exists, else written (as
-    part of this bundle, then published). Returns the bundle's layout.
+    part of this bundle, then published). ``validated=True`` skips
+    validating ``req``, for a caller that did (the service's validate stage).
+    Returns the bundle's layout.
     """
-    validate_request(req)
+    if not validated:
+        validate_request(req)
     final = Path(bundle_dir).absolute()
     scratch = Path(scratch_root).absolute() if scratch_root is not None else None
     for path in (final, scratch):
@@ -385,20 +390,22 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     return layout
 
 
-def _mounts_under(path: Path) -> list[str]:
+def _mounts_under(paths: list[Path]) -> list[str]:
+    """The mount points at or below any of ``paths`` (one read of mountinfo)."""
     with open("/proc/self/mountinfo", "rb") as f:
         info = f.read()
-    # mountinfo escapes space, tab, newline and backslash as octal: a path
-    # free of them appears as itself, and most paths are (a quick test first).
-    text = os.fsencode(path).rstrip(b"/")
-    if text not in info and not any(c in text for c in b" \t\n\\"):
-        return []
-    prefix = str(path).rstrip("/") + "/"
     found = []
-    for line in info.decode("utf-8", "surrogateescape").splitlines():
-        mnt = line.split()[4].encode("utf-8", "surrogateescape").decode("unicode_escape")
-        if mnt == str(path) or mnt.startswith(prefix):
-            found.append(mnt)
+    for path in paths:
+        # mountinfo escapes space, tab, newline and backslash as octal: a path
+        # free of them appears as itself, and most paths are (a quick test first).
+        text = os.fsencode(path).rstrip(b"/")
+        if text not in info and not any(c in text for c in b" \t\n\\"):
+            continue
+        prefix = str(path).rstrip("/") + "/"
+        for line in info.decode("utf-8", "surrogateescape").splitlines():
+            mnt = line.split()[4].encode("utf-8", "surrogateescape").decode("unicode_escape")
+            if mnt == str(path) or mnt.startswith(prefix):
+                found.append(mnt)
     return found
 
 
@@ -411,7 +418,7 @@ def linked_scratch(bundle_dir: Path | str) -> Path | None:
 
 
 def _refuse_mounted(bundle: Path, parts: list[Path]) -> None:
-    mounted = [m for p in parts for m in _mounts_under(p)]
+    mounted = _mounts_under(parts)
     if mounted:
         raise BundleError(bundle, f"still mounted inside: {', '.join(mounted)}; unmount first")
 
@@ -492,6 +499,7 @@ async def stage(build, host, ctx) -> dict:  # noqa: ANN001
         write_bundle, planned.root, req, idmap=host.idmap, scratch_root=planned.scratch_root,
         shared_rootfs=planned.shared_rootfs,
         check_parents=False,  # the service checked its directories when it started
+        validated=True,  # by the validate stage
         input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox)
     if host.on_runtime(build):
         # On the tmpfs a bundle takes a millisecond of CPU: cheaper here than
