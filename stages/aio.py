@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import subprocess
 from typing import Any, Awaitable
 
-__all__ = ["Child", "PipeReader", "finish_then_cancel"]
+__all__ = ["AdoptedProcess", "Child", "ExitWatch", "PipeReader", "finish_then_cancel"]
 
 
 async def finish_then_cancel(aw: Awaitable[Any]) -> Any:
@@ -71,14 +72,46 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class ExitWatch:
+    """The exit of a ``Popen``'s child, on the event loop: a pidfd, reaped when readable.
+
+    Where the kernel has no pidfd_open (before Linux 5.3, or under
+    valgrind), a worker thread waits for the exit instead. :attr:`exited`
+    resolves with the status (negative: killed by that signal).
+    """
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        loop = asyncio.get_running_loop()
+        self.popen = popen
+        self.exited: asyncio.Future[int] = loop.create_future()
+        try:
+            self._pidfd = os.pidfd_open(popen.pid)
+        except OSError as exc:  # Linux < 5.3, or a sandbox (valgrind) without it
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            self._pidfd = -1
+            waiter = loop.run_in_executor(None, popen.wait)
+            waiter.add_done_callback(lambda _f: self._reap())
+        else:
+            loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        code = self.popen.wait()  # it has exited: does not block
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+
 class Child:
     """A child process, stdout and stderr on pipes, its exit watched through a pidfd.
 
     What asyncio's subprocess support does, for one use, with less: no
     transports or protocols, no watcher thread per child (Python 3.11's
-    default), one ``Popen`` (vfork) and three fds on the loop. Where the
-    kernel has no pidfd_open (before Linux 5.3, or under valgrind), a worker
-    thread waits for the exit instead.
+    default), one ``Popen`` (vfork) and three fds on the loop
+    (:class:`ExitWatch`).
 
     The child starts in its own session, stdin from /dev/null. :meth:`close`
     closes the pipes; the pidfd stays on the loop until the child has exited
@@ -86,7 +119,6 @@ class Child:
     """
 
     def __init__(self, argv: list[str]) -> None:
-        loop = asyncio.get_running_loop()
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -100,34 +132,70 @@ class Child:
             os.close(out_w)
             os.close(err_w)
         self.pid = self._popen.pid
-        self.returncode: int | None = None
         self.stdout = PipeReader(out_r)
         self.stderr = PipeReader(err_r)
-        self._exited: asyncio.Future[int] = loop.create_future()
-        try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except OSError as exc:  # Linux < 5.3, or a sandbox (valgrind) without it
-            if exc.errno not in (errno.ENOSYS, errno.EPERM):
-                raise
-            self._pidfd = -1
-            waiter = loop.run_in_executor(None, self._popen.wait)
-            waiter.add_done_callback(lambda _f: self._reap())
-        else:
-            loop.add_reader(self._pidfd, self._reap)
+        self._watch = ExitWatch(self._popen)
 
-    def _reap(self) -> None:
-        if self._pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        self.returncode = self._popen.wait()  # it has exited: does not block
-        if not self._exited.done():
-            self._exited.set_result(self.returncode)
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it has exited and been reaped, else None."""
+        return self._watch.exited.result() if self._watch.exited.done() else None
 
     async def wait(self) -> int:
         """The exit status (negative: killed by that signal), once it has exited."""
-        return await asyncio.shield(self._exited)
+        return await asyncio.shield(self._watch.exited)
 
     def close(self) -> None:
         self.stdout.close()
         self.stderr.close()
+
+
+class AdoptedProcess:
+    """A running ``Popen`` with pipes on all three streams, seen from asyncio.
+
+    What ``asyncio.create_subprocess_exec`` returns, for a child started
+    before the event loop ran: ``stdin`` a StreamWriter, ``stdout`` and
+    ``stderr`` StreamReaders, :meth:`wait`, ``returncode`` and the signals.
+    Make one with :meth:`adopt`, inside the loop.
+    """
+
+    def __init__(self, popen: subprocess.Popen, stdin: asyncio.StreamWriter,
+                 stdout: asyncio.StreamReader, stderr: asyncio.StreamReader) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self._watch = ExitWatch(popen)
+
+    @classmethod
+    async def adopt(cls, popen: subprocess.Popen) -> AdoptedProcess:
+        if popen.stdin is None or popen.stdout is None or popen.stderr is None:
+            raise ValueError("only a child with pipes on stdin, stdout and stderr")
+        loop = asyncio.get_running_loop()
+        readers = []
+        for pipe in (popen.stdout, popen.stderr):
+            reader = asyncio.StreamReader(loop=loop)
+            await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+            readers.append(reader)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                            popen.stdin)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        return cls(popen, writer, readers[0], readers[1])
+
+    @property
+    def returncode(self) -> int | None:
+        return self._watch.exited.result() if self._watch.exited.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._watch.exited)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self._popen.send_signal(sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)

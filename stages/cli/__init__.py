@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -42,7 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mounts_inputs(argv: Sequence[str]) -> bool:
+    """Whether the command will run builds here (a FUSE mount server to start)."""
+    if "-h" in argv or "--help" in argv:
+        return False
+    if argv[:2] == ["nix", "build"]:
+        return True
+    address = os.environ.get("BUILD_SERVICE_ADDR", "")
+    return argv[:1] == ["build"] and (not address or address.startswith("oci://"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if _mounts_inputs(words):
+        # Its ~0.3 s of start-up, while this process imports and plans.
+        from stages.castore.fuse import spare
+
+        spare.prestart()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

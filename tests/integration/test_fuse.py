@@ -365,6 +365,59 @@ async def test_content_directory_serves_anything_stored_by_digest(
     assert find_mount(mountpoint) is None
 
 
+async def test_a_prestarted_spare_server_is_taken_and_serves(
+        tmp_path, mountpoint, store_address):
+    from stages.castore.fuse import spare
+
+    data = await ingest(store_address, _write(tmp_path / "data", b"spare\n"))
+    spare.prestart()
+    waiting = spare._spare
+    assert waiting is not None
+    spare.prestart()  # one spare at a time
+    assert spare._spare is waiting
+    async with MountServer(mountpoint, blob_address=store_address,
+                           directory_address=store_address) as server:
+        assert server.pid == waiting.pid  # taken, not a new process
+        assert spare.take() is None
+        assert server.content_path(data).read_bytes() == b"spare\n"
+        top = await server.add("k", [data])
+        assert (top / "data").read_bytes() == b"spare\n"
+    assert find_mount(mountpoint) is None
+    assert waiting.poll() is not None  # stopped and reaped with the mount
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_spare_nobody_takes_exits_with_its_owner(tmp_path) -> None:
+    script = textwrap.dedent("""
+        from stages.castore.fuse import spare
+        spare.prestart()
+        print(spare._spare.pid, flush=True)
+    """)
+    owner = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           cwd=REPO, timeout=60)
+    assert owner.returncode == 0, owner.stderr
+    assert _pid_gone(int(owner.stdout)), "the unused spare outlived its owner"
+    assert owner.stderr == ""
+
+
+def test_a_spare_refuses_bad_settings_naming_them(tmp_path) -> None:
+    cmd = [sys.executable, "-m", "stages.castore.fuse.server", "--owner-pid", str(os.getpid()),
+           "--settings-from-stdin"]
+    for line, message in [(b"not json\n", "bad settings line"),
+                          (b'{"mountpoint": "/x", "colour": 1}\n', "keys among"),
+                          (b'{"uid": 5}\n', "no mountpoint")]:
+        proc = subprocess.run(cmd, input=line, capture_output=True, cwd=REPO, timeout=60)
+        assert proc.returncode == 2, proc
+        assert message in proc.stderr.decode(), proc.stderr
+    # No settings at all (its owner went away): a quiet exit.
+    proc = subprocess.run(cmd, input=b"", capture_output=True, cwd=REPO, timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+
+
 async def test_corrupt_blob_reads_as_eio_and_names_the_digest(
         tmp_path, mountpoint, store_address):
     (tmp_path / "victim").write_bytes(b"precious bytes " * 1000)

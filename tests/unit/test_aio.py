@@ -74,3 +74,40 @@ async def test_without_pidfd_a_thread_waits(monkeypatch) -> None:
     out = await _read_all(child.stdout)
     assert (out, await asyncio.wait_for(child.wait(), 10)) == (b"hi\n", 3)
     child.close()
+
+
+async def test_an_adopted_popen_streams_and_exits() -> None:
+    import subprocess
+
+    from stages.aio import AdoptedProcess
+
+    popen = subprocess.Popen(["/bin/sh", "-c", "read line; echo got $line; echo oops >&2; "
+                              "exit 3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    proc = await AdoptedProcess.adopt(popen)
+    assert proc.pid == popen.pid and proc.returncode is None
+    proc.stdin.write(b"hello\n")
+    await proc.stdin.drain()
+    assert await proc.stdout.readline() == b"got hello\n"
+    assert await proc.stderr.readline() == b"oops\n"
+    assert await proc.wait() == 3
+    assert proc.returncode == 3
+    proc.kill()  # after the exit: nothing to signal, no error
+    proc.stdin.close()
+
+
+async def test_an_adopted_popen_can_be_killed() -> None:
+    import subprocess
+
+    from stages.aio import AdoptedProcess
+
+    popen = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    proc = await AdoptedProcess.adopt(popen)
+    proc.terminate()
+    assert await asyncio.wait_for(proc.wait(), 10) == -signal.SIGTERM
+    proc.stdin.close()
+    bare = subprocess.Popen(["true"])
+    with pytest.raises(ValueError, match="pipes"):
+        await AdoptedProcess.adopt(bare)
+    bare.wait()

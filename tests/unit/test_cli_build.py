@@ -206,3 +206,19 @@ def test_shell_names_the_builds_of_a_run(capsys: pytest.CaptureFixture, tmp_path
                 None)
     line = one_error_line(capsys, main(["shell", "--build", "r1.7", "r1", "--", "/bin/true"]))
     assert "no build 'r1.7' in this run; builds: r1.0, r1.1" in line
+
+
+def test_only_commands_that_build_here_prestart_a_mount_server(monkeypatch) -> None:
+    from stages.cli import _mounts_inputs
+
+    monkeypatch.delenv("BUILD_SERVICE_ADDR", raising=False)
+    assert _mounts_inputs(["build", "r.json"])
+    assert _mounts_inputs(["nix", "build", "/nix/store/x.drv"])
+    for argv in (["build", "--help", "r.json"], ["nix", "build", "-h"], ["runs"],
+                 ["castore", "import", "x"], ["nix", "export", "p", "d"], []):
+        assert not _mounts_inputs(argv), argv
+    monkeypatch.setenv("BUILD_SERVICE_ADDR", "grpc+http://[::1]:8000")
+    assert not _mounts_inputs(["build", "r.json"])  # builds on the server
+    assert _mounts_inputs(["nix", "build", "/nix/store/x.drv"])
+    monkeypatch.setenv("BUILD_SERVICE_ADDR", "oci:///var/lib/ocibuild")
+    assert _mounts_inputs(["build", "r.json"])

@@ -15,6 +15,12 @@ Besides the keys, the mount's root holds ``.by-digest``, the content
 directory (:mod:`stages.castore.fuse.content`): anything in the store, by
 digest, without a request.
 
+A spare server (``--settings-from-stdin``, see :mod:`stages.castore.fuse.spare`)
+takes ``--owner-pid`` only, imports everything, then reads the other
+options as the first line on stdin, ``{"mountpoint": ..., "blob_address":
+..., "directory_address": ..., "uid": N, "gid": N}``; it exits quietly
+when stdin ends before that line.
+
 Log lines go to stderr. The server unmounts and exits when its stdin closes,
 on SIGTERM/SIGINT, and (through PR_SET_PDEATHSIG) when its owner dies; if it
 is itself SIGKILLed, fusermount3's ``auto_unmount`` removes the mount.
@@ -180,18 +186,59 @@ async def serve(fs: CastoreFS, mountpoint: Path, *, control: bool) -> None:
         pyfuse3.close(unmount=True)
 
 
+#: The settings a spare server (``--settings-from-stdin``) reads as its
+#: first line: the options of the same names.
+SETTINGS = ("mountpoint", "blob_address", "directory_address", "uid", "gid")
+
+
+def _read_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """Fill ``args`` from the first line on stdin; False if stdin ended first.
+
+    Read a byte at a time: what follows the line is the control channel's.
+    """
+    import json
+
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            return False
+        line += byte
+    try:
+        settings = json.loads(line)
+        if not isinstance(settings, dict) or not set(settings) <= set(SETTINGS):
+            raise ValueError(f"settings must be an object with keys among {SETTINGS}")
+    except ValueError as exc:
+        parser.error(f"bad settings line: {exc}")
+    for key, value in settings.items():
+        setattr(args, key, Path(value) if key == "mountpoint" else value)
+    if args.mountpoint is None:
+        parser.error("the settings name no mountpoint")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.castore.fuse.server")
-    parser.add_argument("--mountpoint", required=True, type=Path)
+    parser.add_argument("--mountpoint", type=Path)
     parser.add_argument("--owner-pid", required=True, type=int)
     parser.add_argument("--blob-address")
     parser.add_argument("--directory-address")
     parser.add_argument("--uid", type=int, default=0, help="owner of every entry (default 0)")
     parser.add_argument("--gid", type=int, default=0, help="group of every entry (default 0)")
+    parser.add_argument("--settings-from-stdin", action="store_true",
+                        help="a spare: read the settings above as a JSON line first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="ocibuild-fuse[%(process)d] %(levelname)s %(message)s")
     _die_with_owner(args.owner_pid)
+    if args.settings_from_stdin:
+        # The store's modules now, while the owner has not decided on them.
+        import stages.castore.local  # noqa: F401
+
+        if not _read_settings(parser, args):
+            return 0  # nobody took this spare
+    elif args.mountpoint is None:
+        parser.error("--mountpoint is required (or --settings-from-stdin)")
     try:
         fs = CastoreFS(open_reader(args.blob_address, args.directory_address),
                        uid=args.uid, gid=args.gid, content=True)
