@@ -21,14 +21,13 @@ found in it, in the order of ``request.outputs``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.castore.ingest import ingest_path
-from stages.castore.nodes import Node, node_from_json, node_to_json
+from stages.castore.nodes import Node, node_from_json_value, node_to_json_value
 from stages.errors import OutputError
 from stages.request import Build, BuildRequest, OutputNeedles
 from stages.validate import longest_scratch_prefix
@@ -94,12 +93,12 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
         _one(host, path, out, scanner) for path, out in zip(paths, req.outputs)))
     for out, (node, found) in zip(req.outputs, results):
         ctx.log(f"output {out}: {type(node).__name__} needles {found}")
-    return {"outputs": [json.loads(node_to_json(node)) for node, _ in results],
+    return {"outputs": [node_to_json_value(node) for node, _ in results],
             "needles": [found for _, found in results]}
 
 
 def build_from_result(request: BuildRequest, result: dict) -> Build:
     """The Build message of a finished ingest stage's result."""
     return Build(build_request=request,
-                 outputs=[node_from_json(json.dumps(n)) for n in result["outputs"]],
+                 outputs=[node_from_json_value(n) for n in result["outputs"]],
                  outputs_needles=[OutputNeedles(needles=n) for n in result["needles"]])

@@ -15,12 +15,14 @@ Caveats:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import json
 from typing import Iterable, Union
 
 import attrs
 import blake3
-from google.protobuf import json_format
 
 from stages.castore.errors import ValidationError
 from stages.proto import castore_pb2
@@ -37,8 +39,10 @@ __all__ = [
     "directory_from_proto",
     "directory_to_proto",
     "node_from_json",
+    "node_from_json_value",
     "node_from_proto",
     "node_to_json",
+    "node_to_json_value",
     "node_to_proto",
     "validate_digest",
     "validate_name",
@@ -289,13 +293,104 @@ def node_from_proto(msg: castore_pb2.Node) -> Node:
     raise ValidationError("node-empty", "a Node must hold a directory, file or symlink")
 
 
+def node_to_json_value(node: Node) -> dict:
+    """A node's proto-JSON as a JSON value: what json_format gives, made directly.
+
+    Build stages keep nodes in their results this way, once or twice per
+    output; json_format takes ~10x longer for the same dict.
+    """
+    b64 = base64.b64encode
+    fields: dict = {}
+    if node.name:
+        fields["name"] = b64(node.name).decode()
+    if isinstance(node, SymlinkNode):
+        if node.target:
+            fields["target"] = b64(node.target).decode()
+        return {"symlink": fields}
+    fields["digest"] = b64(node.digest).decode()
+    if node.size:
+        fields["size"] = str(node.size)
+    if isinstance(node, DirectoryNode):
+        return {"directory": fields}
+    if node.executable:
+        fields["executable"] = True
+    return {"file": fields}
+
+
+_CANONICAL_KEYS = {"directory": {"name", "digest", "size"},
+                   "file": {"name", "digest", "size", "executable"},
+                   "symlink": {"name", "target"}}
+
+
+def _canonical(value: object) -> tuple[str, dict] | None:
+    """(kind, fields) of a value in exactly the form node_to_json_value makes, else None."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return None
+    kind, fields = next(iter(value.items()))
+    keys = _CANONICAL_KEYS.get(kind)
+    if keys is None or not isinstance(fields, dict) or not set(fields) <= keys:
+        return None
+    for key, v in fields.items():
+        if key == "executable":
+            if v is not True:
+                return None
+        elif key == "size":
+            if not isinstance(v, str) or not v.isdigit() or v[0] == "0":
+                return None
+        elif not isinstance(v, str):
+            return None
+    return kind, fields
+
+
+def node_from_json_value(value: object) -> Node:
+    """The node of a proto-JSON value; malformed input raises ValidationError.
+
+    The form node_to_json_value makes is read directly; any other (other
+    spellings proto-JSON allows, or mistakes) goes through json_format.
+    """
+    canonical = _canonical(value)
+    if canonical is not None:
+        kind, f = canonical
+        try:
+            name = base64.b64decode(f.get("name", ""), validate=True)
+            other = base64.b64decode(f.get("target" if kind == "symlink" else "digest", ""),
+                                     validate=True)
+        except binascii.Error:
+            pass  # another base64 alphabet, or a mistake: json_format tells
+        else:
+            if kind == "symlink":
+                return SymlinkNode(name=name, target=other)
+            size = int(f.get("size", "0"))
+            if kind == "directory":
+                return DirectoryNode(name=name, digest=other, size=size)
+            return FileNode(name=name, digest=other, size=size,
+                            executable=f.get("executable", False))
+    if not isinstance(value, dict):
+        raise ValidationError("node-json", f"not a proto-JSON tvix.castore.v1.Node: "
+                                           f"{value!r} is not an object")
+    from google.protobuf import json_format
+
+    msg = castore_pb2.Node()
+    try:
+        json_format.ParseDict(value, msg)
+    except json_format.ParseError as exc:
+        raise ValidationError("node-json", f"not a proto-JSON tvix.castore.v1.Node: {exc}") from exc
+    return node_from_proto(msg)
+
+
 def node_to_json(node: Node) -> str:
     """One line of proto-JSON (google.protobuf.json_format) for a node."""
-    return json_format.MessageToJson(node_to_proto(node), indent=None)
+    return json.dumps(node_to_json_value(node))
 
 
 def node_from_json(text: str) -> Node:
-    """Parse one proto-JSON Node; malformed input raises ValidationError."""
+    """Parse one proto-JSON Node; malformed input raises ValidationError.
+
+    Strict as json_format is (duplicate keys, JSON null): for text from
+    outside; stage results use :func:`node_from_json_value`.
+    """
+    from google.protobuf import json_format
+
     msg = castore_pb2.Node()
     try:
         json_format.Parse(text, msg)

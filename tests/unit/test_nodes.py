@@ -392,3 +392,33 @@ def test_from_nodes_refuses_duplicates_across_kinds(entry_names: list[bytes]) ->
                               SymlinkNode(name=dup, target=b"t"),
                               *[FileNode(name=n, digest=D1, size=0) for n in entry_names[1:]]])
     _check(info.value, "name-duplicate", name=dup)
+
+
+@given(cst.nodes(cst.root_names))
+def test_node_json_value_is_what_json_format_makes(node) -> None:
+    from stages.castore.nodes import node_from_json_value, node_to_json_value
+
+    proto = node_to_proto(node)
+    value = node_to_json_value(node)
+    assert value == json.loads(json_format.MessageToJson(proto, indent=None))
+    assert node_to_json(node) == json_format.MessageToJson(proto, indent=None)
+    assert node_from_json_value(value) == node
+    # Other spellings proto-JSON allows are read as json_format reads them.
+    assert node_from_json_value(json_format.MessageToDict(
+        proto, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)) == node
+    urlsafe = json.loads(json.dumps(value).replace("+", "-").replace("/", "_"))
+    assert node_from_json_value(urlsafe) == node
+
+
+def test_node_json_value_refuses_what_json_format_refuses() -> None:
+    from stages.castore.nodes import node_from_json_value
+
+    digest = base64.b64encode(b"\x01" * 32).decode()
+    for bad in [[1], "x", {"directory": 5}, {"nope": {}},
+                {"file": {"digest": digest, "size": "-1"}},
+                {"file": {"digest": digest, "size": "1x"}},
+                {"file": {"digest": digest, "executable": "yes"}},
+                {"file": {"digest": "!!!"}},
+                {"directory": {"digest": digest}, "file": {"digest": digest}}]:
+        with pytest.raises(ValidationError):
+            node_from_json_value(bad)

@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from google.protobuf import json_format
-
 from stages.aio import AdoptedProcess
 from stages.castore.errors import CastoreError
 from stages.castore.fuse import spare
@@ -22,7 +20,7 @@ from stages.castore.fuse.content import CONTENT_DIR, content_name
 from stages.castore.fuse.errors import MountError
 from stages.castore.fuse.mounts import find_mount, lazy_unmount
 from stages.castore.fuse.store import check_servable, resolve_addresses
-from stages.castore.nodes import Node, node_to_proto, validate_name
+from stages.castore.nodes import Node, node_to_json_value, validate_name
 
 __all__ = ["MountServer", "serve_until_signal"]
 
@@ -238,7 +236,7 @@ class MountServer:
         validate_name(os.fsencode(key))
         reply = await self._request({
             "op": "add", "key": key,
-            "nodes": [json_format.MessageToDict(node_to_proto(n)) for n in nodes]})
+            "nodes": [node_to_json_value(n) for n in nodes]})
         if not reply.get("ok"):
             raise MountError(self.mountpoint, f"cannot add key {key!r}: {reply.get('error')}")
         self._keys.add(key)

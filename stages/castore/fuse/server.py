@@ -53,7 +53,7 @@ from stages.castore.errors import CastoreError
 from stages.castore.fuse.fs import CastoreFS
 from stages.castore.fuse.mounts import find_mount
 from stages.castore.fuse.store import open_reader
-from stages.castore.nodes import node_from_json, validate_name
+from stages.castore.nodes import node_from_json_value, validate_name
 
 __all__ = ["MOUNT_OPTIONS", "main", "serve"]
 
@@ -117,7 +117,7 @@ class _Control:
             raw_key = os.fsencode(key)
             validate_name(raw_key)
             if op == "add":
-                nodes = [node_from_json(json.dumps(n)) for n in request.get("nodes", [])]
+                nodes = [node_from_json_value(n) for n in request.get("nodes", [])]
                 self.fs.add_key(raw_key, nodes)
                 return {"ok": True}
             if op == "remove":
