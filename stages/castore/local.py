@@ -82,10 +82,8 @@ Measured here (2 cores shared with other work, so noisy; rerun with
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import mmap
 import os
@@ -163,9 +161,18 @@ CREATE TABLE IF NOT EXISTS directories (
 """
 
 
+async def _in_thread(fn: Callable, /, *args: object) -> object:
+    """``asyncio.to_thread``. asyncio is imported at the first call: the FUSE
+    mount server reads stores through this module and never needs it."""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
+
+
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The C library this process runs on (find_library would run ldconfig).
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
     except (OSError, AttributeError):
         return None
@@ -1066,7 +1073,7 @@ class _LocalReader(BlobReader):
         elif n <= INLINE_READ:
             data = self._read_sync(n)
         else:
-            data = await asyncio.to_thread(self._read_sync, n)
+            data = await _in_thread(self._read_sync, n)
         if self._pos == self.size and not self._checked:
             if self._hasher.digest() != self.digest:
                 raise CorruptionError("blob", self.digest, self._store.where(self.digest))
@@ -1076,10 +1083,10 @@ class _LocalReader(BlobReader):
     async def pread(self, offset: int, n: int) -> bytes:
         if n <= INLINE_READ:
             return self._store.read_blob_at(self.digest, offset, n)
-        return await asyncio.to_thread(self._store.read_blob_at, self.digest, offset, n)
+        return await _in_thread(self._store.read_blob_at, self.digest, offset, n)
 
     async def verify(self) -> None:
-        await asyncio.to_thread(self._store.verify_blob, self.digest)
+        await _in_thread(self._store.verify_blob, self.digest)
 
 
 class _LocalWriter(BlobWriter):
@@ -1142,6 +1149,8 @@ class _LocalWriter(BlobWriter):
                 and self._batched < WRITE_BEHIND:
             return
         await self._settle()
+        import asyncio
+
         self._pending = asyncio.ensure_future(
             asyncio.to_thread(self._write_batch, self._take_batch()))
 
@@ -1151,7 +1160,7 @@ class _LocalWriter(BlobWriter):
         except BaseException:
             await self.abort()
             raise
-        digest = await asyncio.to_thread(self._write_batch, self._take_batch(), True)
+        digest = await _in_thread(self._write_batch, self._take_batch(), True)
         self.closed = True
         return digest
 
@@ -1168,7 +1177,7 @@ class _LocalWriter(BlobWriter):
             with self._lock:
                 self._writer.abort()
 
-        await asyncio.to_thread(abort)
+        await _in_thread(abort)
 
 
 class LocalBlobService(BlobService):
@@ -1190,7 +1199,7 @@ class LocalBlobService(BlobService):
         return _LocalWriter(self.store)
 
     async def put_files(self, paths: Sequence[bytes]) -> list[StoredFile]:
-        return await asyncio.to_thread(self.store.put_files, paths)
+        return await _in_thread(self.store.put_files, paths)
 
 
 class _LocalPutter(ValidatingPutter):
@@ -1199,7 +1208,7 @@ class _LocalPutter(ValidatingPutter):
         self._local = store
 
     async def _store(self, directories: list[Directory]) -> None:
-        await asyncio.to_thread(self._local.put_directories, directories)
+        await _in_thread(self._local.put_directories, directories)
 
 
 class LocalDirectoryService(DirectoryService):

@@ -20,7 +20,6 @@ the same way.
 from __future__ import annotations
 
 import abc
-import asyncio
 import collections
 import os
 import stat
@@ -148,7 +147,7 @@ class BlobService(abc.ABC):
                 size = 0
                 writer = self.open_write()
                 async with writer:
-                    while chunk := await asyncio.to_thread(os.read, fd, READ_CHUNK):
+                    while chunk := await _read_in_thread(fd):
                         size += len(chunk)
                         await writer.write(chunk)
                     digest = await writer.close()
@@ -319,3 +318,9 @@ class ClosureValidator:
 def verify_bytes(kind: str, digest: bytes, data: bytes, where: str = "") -> None:
     if blake3.blake3(data).digest() != digest:
         raise CorruptionError(kind, digest, where)
+
+
+async def _read_in_thread(fd: int) -> bytes:
+    import asyncio  # here: the FUSE mount server imports this module, not asyncio
+
+    return await asyncio.to_thread(os.read, fd, READ_CHUNK)
