@@ -368,11 +368,16 @@ def node_from_json_value(value: object) -> Node:
     if not isinstance(value, dict):
         raise ValidationError("node-json", f"not a proto-JSON tvix.castore.v1.Node: "
                                            f"{value!r} is not an object")
+    return _parsed_by_json_format("ParseDict", value)
+
+
+def _parsed_by_json_format(how: str, source: object) -> Node:
+    """The node json_format's ``Parse`` (text) or ``ParseDict`` (value) reads."""
     from google.protobuf import json_format
 
     msg = castore_pb2.Node()
     try:
-        json_format.ParseDict(value, msg)
+        getattr(json_format, how)(source, msg)
     except json_format.ParseError as exc:
         raise ValidationError("node-json", f"not a proto-JSON tvix.castore.v1.Node: {exc}") from exc
     return node_from_proto(msg)
@@ -389,11 +394,4 @@ def node_from_json(text: str) -> Node:
     Strict as json_format is (duplicate keys, JSON null): for text from
     outside; stage results use :func:`node_from_json_value`.
     """
-    from google.protobuf import json_format
-
-    msg = castore_pb2.Node()
-    try:
-        json_format.Parse(text, msg)
-    except json_format.ParseError as exc:
-        raise ValidationError("node-json", f"not a proto-JSON tvix.castore.v1.Node: {exc}") from exc
-    return node_from_proto(msg)
+    return _parsed_by_json_format("Parse", text)
