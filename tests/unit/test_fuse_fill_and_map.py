@@ -13,6 +13,7 @@ import threading
 
 import pytest
 import pyfuse3
+import trio
 
 from stages.castore import local
 from stages.castore.fuse import fs as fsmod
@@ -257,8 +258,6 @@ async def test_read_without_map_blob_falls_back_to_read_blob_at(store) -> None:
 def test_open_entries_and_mappings_go_with_the_last_release(store) -> None:
     import os
 
-    import trio
-
     data = pattern(10_000, seed=13)
     node = FileNode(name=b"f", digest=store.put_blob(data), size=len(data))
     fs = CastoreFS(store)
@@ -277,3 +276,26 @@ def test_open_entries_and_mappings_go_with_the_last_release(store) -> None:
         assert bytes(await fs.read(inode, 9_990, 100)) == data[9_990:]
 
     trio.run(scenario)
+
+
+def test_a_bug_in_one_request_is_eio_for_it_not_the_end_of_the_mount(store, caplog) -> None:
+    fs = CastoreFS(store, content=True)
+
+    def broken(name: bytes):
+        raise TypeError("a bug")
+
+    fs._content_node = broken
+    content_ino = fs._content_ino
+
+    async def scenario() -> None:
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fs.lookup(content_ino, b"d-" + b"0" * 64, None)
+        assert info.value.errno == errno.EIO
+        # Requests with nothing to answer swallow it; the others still work.
+        fs._open_count = None  # breaks release
+        assert await fs.release(5) is None
+        attrs = await fs.getattr(pyfuse3.ROOT_INODE, None)
+        assert attrs.st_ino == pyfuse3.ROOT_INODE
+
+    trio.run(scenario)
+    assert "lookup" in caplog.text and "a bug" in caplog.text and "Traceback" in caplog.text

@@ -55,6 +55,9 @@ Caveats:
   at its last release, so mappings of a pack that has since grown do not
   pile up. Readers without ``map_blob`` are read with ``read_blob_at``.
 - Write operations are refused with EROFS (the mount is also ``ro``).
+- A request that fails unexpectedly (a bug) is answered EIO and logged with
+  its traceback; left to pyfuse3, any exception but FUSEError would end the
+  session and unmount every build's inputs.
 - Every entry belongs to one uid/gid, root's unless the filesystem is given
   others (the build service gives the host ids of the sandbox's build user,
   so inputs show as nixbld's, as in Nix 2.8's sandbox).
@@ -66,6 +69,7 @@ Caveats:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -580,3 +584,33 @@ class CastoreFS(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse  # type: ignore[assignment]
     create = write = setxattr = removexattr = fsync = _refuse  # type: ignore[assignment]
+
+
+def _contained(op, *, answers: bool):  # noqa: ANN001, ANN202
+    """``op``, with an unexpected exception logged (with its traceback) and
+    answered with EIO; or swallowed, for a request with no answer to give.
+
+    pyfuse3 ends the whole session on any exception but FUSEError: one bug
+    met by one request would unmount every build's inputs at once.
+    """
+    @functools.wraps(op)
+    async def guarded(self, *args):  # noqa: ANN001, ANN002, ANN202
+        try:
+            return await op(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any bug: this request only
+            log.error("%s%r failed unexpectedly: %s", op.__name__, args[:2], exc, exc_info=exc)
+            if answers:
+                raise pyfuse3.FUSEError(errno.EIO) from exc
+            return None
+
+    return guarded
+
+
+for _name in ("lookup", "getattr", "readlink", "opendir", "readdir", "open", "read", "flush",
+              "access", "statfs", "listxattr", "getxattr"):
+    setattr(CastoreFS, _name, _contained(getattr(CastoreFS, _name), answers=True))
+for _name in ("release", "releasedir", "forget"):
+    setattr(CastoreFS, _name, _contained(getattr(CastoreFS, _name), answers=False))
+del _name
