@@ -34,6 +34,9 @@ Caveats:
 - ``KeyboardInterrupt``/``SystemExit`` raised by a stage function fail that
   stage and cancel the run; they are not re-raised.
 - ``durability="fsync"`` fsyncs each journal batch on the event loop thread.
+- ``limiters`` lends kinds' limiters shared with other runs in the same event
+  loop: a service running many graphs caps, say, its containers across all of
+  them. Their tokens are borrowed per runner, never mixed up between runs.
 """
 
 from __future__ import annotations
@@ -287,6 +290,7 @@ class Runner:
         subscribers: Iterable[Subscriber] = (),
         durability: str = "flush",
         fail_fast: bool = False,
+        limiters: Mapping[str, CapacityLimiter] | None = None,
     ) -> None:
         if not isinstance(graph, Graph):
             raise DefinitionError(f"Runner needs a Graph, not {graph!r}")
@@ -305,6 +309,13 @@ class Runner:
             self.running_limiter if self.caps.running is not None else None)
         self.kind_limiters: dict[str, CapacityLimiter] = {
             k: CapacityLimiter(v, name=k) for k, v in self.caps.kinds.items()}
+        for kind, limiter in (limiters or {}).items():
+            if not isinstance(limiter, CapacityLimiter):
+                raise DefinitionError(f"limiters[{kind!r}] must be a CapacityLimiter, "
+                                      f"not {limiter!r}", field="limiters")
+            self.kind_limiters[kind] = limiter  # shared: wins over caps.kinds
+        # Borrower keys start with this, so runs sharing a limiter never mix.
+        self._borrower = id(self)
         self._nodes: dict[str, _Node] = {}
         self._shared: dict[str, _Shared] = {}
         self._held: list[_Shared] = []
@@ -740,7 +751,7 @@ class Runner:
             for res in local:
                 lim = self.kind_limiters.get(res.kind)
                 if lim is not None:
-                    key = (node.name, res.name)
+                    key = (self._borrower, node.name, res.name)
                     await lim.acquire(key)
                     stack.callback(lim.release, key)
             if running is not None:
@@ -804,7 +815,7 @@ class Runner:
         decl = shared.decl
         assert shared.ready is not None and shared.release is not None
         lim = self.kind_limiters.get(decl.kind)
-        key = ("shared", decl.name)
+        key = (self._borrower, "shared", decl.name)
         try:
             if lim is not None:
                 await lim.acquire(key)
@@ -983,6 +994,7 @@ async def resume(
     subscribers: Iterable[Subscriber] = (),
     durability: str = "flush",
     fail_fast: bool = False,
+    limiters: Mapping[str, CapacityLimiter] | None = None,
 ) -> Run:
     """Continue a run in its directory.
 
@@ -992,7 +1004,7 @@ async def resume(
     """
     reused, attempt = plan_resume(run_dir, graph, from_stage)
     runner = Runner(graph, run_dir=run_dir, caps=caps, subscribers=subscribers,
-                    durability=durability, fail_fast=fail_fast)
+                    durability=durability, fail_fast=fail_fast, limiters=limiters)
     return await runner._execute(stop_after=stop_after, reused=reused, attempt=attempt,
                                  from_stage=from_stage)
 

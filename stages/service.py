@@ -2,8 +2,11 @@
 
 :class:`OciBuildService` runs each build as the seven-stage pipeline graph
 of :mod:`stages.build`, in runc containers, with inputs served by one FUSE
-mount server. It caps concurrent builds (``jobs``, default: the number of
-cores) and containers (the ``container`` resource kind).
+mount server. It caps the containers running at once (``jobs``, default:
+the number of cores) and the builds between bundle and ingest (twice that),
+across all its runs: concurrent ``do_build`` calls, each its own graph,
+share those caps (:attr:`OciBuildService.limiters`) as the builds of one
+graph do.
 
 Addresses, as tvix spells them (``BUILD_SERVICE_ADDR``):
 
@@ -302,7 +305,7 @@ class OciBuildService(BuildService):
         self._instance: _Instance | None = None
         self._castore: Castore | None = None
         self._mounts = None
-        self._slots = asyncio.Semaphore(self.jobs)
+        self._limiters: dict | None = None
         self.cleaned: list[str] = []
 
     # -- lifetime ---------------------------------------------------------------
@@ -405,7 +408,7 @@ class OciBuildService(BuildService):
         _save_specs(run_dir, specs, sources)
         self.record_keys(spec.key for spec in specs)
         runner = Runner(graph, run_dir=run_dir, caps=build_caps(self.jobs),
-                        subscribers=[*self.subscribers, *subscribers])
+                        subscribers=[*self.subscribers, *subscribers], limiters=self.limiters)
         run = await runner.run(stop_after=_stop_points(specs, stop_after))
         self._mark_paused(run, specs)
         return run, specs
@@ -422,7 +425,7 @@ class OciBuildService(BuildService):
         graph = graph_for_requests(specs, host)
         run = await resume(run_dir, graph, from_stage=_full_stage(specs, from_stage),
                            stop_after=_stop_points(specs, stop_after),
-                           caps=build_caps(self.jobs),
+                           caps=build_caps(self.jobs), limiters=self.limiters,
                            subscribers=[*self.subscribers, *subscribers])
         self._mark_paused(run, specs)
         return run, specs
@@ -454,10 +457,28 @@ class OciBuildService(BuildService):
             if bundle.exists() and (outcome is None or outcome.state is StageState.PENDING):
                 (bundle / KEPT_MARKER).write_text("paused\n")
 
+    @property
+    def limiters(self) -> dict:
+        """The service's caps on containers and workspaces, shared by all its runs.
+
+        Concurrent runs (do_build calls, each its own graph) then run at most
+        ``jobs`` containers between them, and prepare the next builds while
+        those run, as one graph of many builds does.
+        """
+        if self._limiters is None:
+            from pipeline import CapacityLimiter
+            from stages.build import build_caps
+
+            self._limiters = {kind: CapacityLimiter(cap, name=kind)
+                              for kind, cap in build_caps(self.jobs).kinds.items()}
+        return self._limiters
+
     async def do_build(self, request: BuildRequest) -> Build:
-        """Build one request; BuildFailed (a BuildError) when it does not succeed."""
-        async with self._slots:
-            run, specs = await self.run_builds([request])
+        """Build one request; BuildFailed (a BuildError) when it does not succeed.
+
+        Concurrent calls share the service's :attr:`limiters`.
+        """
+        run, specs = await self.run_builds([request])
         return build_result(run, specs[0])
 
 

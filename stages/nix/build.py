@@ -505,7 +505,10 @@ async def _run(service: OciBuildService, graph: object, specs: list, nonce: str,
     # So that crash recovery (a later service) removes their bundles.
     service.record_keys(spec.key for spec in specs)
     runner = Runner(graph, run_dir=run_dir, caps=build_caps(jobs),  # type: ignore[arg-type]
-                    subscribers=[*service.subscribers, *subscribers])
+                    subscribers=[*service.subscribers, *subscribers],
+                    # The service's own caps, shared with its other runs, unless
+                    # this build asked for another number of containers.
+                    limiters=service.limiters if jobs == service.jobs else None)
     return await runner.run()
 
 

@@ -93,6 +93,42 @@ async def test_running_cap_and_kind_caps_are_respected():
     assert sorted(t.acquired) == sorted(t.released) and len(t.acquired) == 10
 
 
+async def test_runs_sharing_a_limiter_share_its_tokens_not_their_names():
+    from pipeline import CapacityLimiter
+
+    held, peak = set(), [0]
+
+    def graph(tag: str) -> Graph:
+        @contextlib.asynccontextmanager
+        async def box(_ctx):
+            held.add(tag)
+            peak[0] = max(peak[0], len(held))
+            try:
+                yield tag
+            finally:
+                held.discard(tag)
+
+        async def use(ctx):
+            await asyncio.sleep(0.01)
+            return ctx.resources["box"]
+
+        # The same stage and resource names in every run, as many runs of
+        # one graph have: tokens must not be mixed up between them.
+        return Graph(stages=[Stage(name="s", fn=use,
+                                   resources=[Resource(name="box", kind="box", factory=box)])])
+
+    shared = CapacityLimiter(1, name="box")
+    runners = [Runner(graph(f"run{i}"), caps=Caps(kinds={"box": 5}), limiters={"box": shared})
+               for i in range(4)]
+    runs = await asyncio.gather(*(r.run() for r in runners))
+    assert [r.status for r in runs] == [RunStatus.FINISHED] * 4
+    assert [r.results["s"] for r in runs] == ["run0", "run1", "run2", "run3"]
+    assert peak[0] == 1  # the shared cap, not each run's own 5
+    assert shared.borrowed_tokens == 0 and shared.statistics().max_borrowed == 1
+    with pytest.raises(DefinitionError, match="CapacityLimiter"):
+        Runner(graph("x"), limiters={"box": 1})
+
+
 async def test_failure_abandons_dependents_and_teardown_sees_it():
     t = Tracker()
     seen = {}
