@@ -409,7 +409,9 @@ def test_a_spare_refuses_bad_settings_naming_them(tmp_path) -> None:
            "--settings-from-stdin"]
     for line, message in [(b"not json\n", "bad settings line"),
                           (b'{"mountpoint": "/x", "colour": 1}\n', "keys among"),
-                          (b'{"uid": 5}\n', "no mountpoint")]:
+                          (b'{"uid": 5}\n', "no mountpoint"),
+                          (b'{"mountpoint": 5}\n', "mountpoint must be a string"),
+                          (b'{"mountpoint": "/x", "uid": "0"}\n', "uid must be an integer")]:
         proc = subprocess.run(cmd, input=line, capture_output=True, cwd=REPO, timeout=60)
         assert proc.returncode == 2, proc
         assert message in proc.stderr.decode(), proc.stderr

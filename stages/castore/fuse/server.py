@@ -208,6 +208,10 @@ def _read_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         settings = json.loads(line)
         if not isinstance(settings, dict) or not set(settings) <= set(SETTINGS):
             raise ValueError(f"settings must be an object with keys among {SETTINGS}")
+        for key, value in settings.items():
+            wanted, what = (int, "an integer") if key in ("uid", "gid") else (str, "a string")
+            if not isinstance(value, wanted) or isinstance(value, bool):
+                raise ValueError(f"{key} must be {what}, not {value!r}")
     except ValueError as exc:
         parser.error(f"bad settings line: {exc}")
     for key, value in settings.items():
