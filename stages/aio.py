@@ -105,7 +105,22 @@ class ExitWatch:
             self.exited.set_result(code)
 
 
-class Child:
+class _Watched:
+    """``returncode`` and :meth:`wait` of a process whose exit an ExitWatch sees."""
+
+    _watch: ExitWatch
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it has exited and been reaped, else None."""
+        return self._watch.exited.result() if self._watch.exited.done() else None
+
+    async def wait(self) -> int:
+        """The exit status (negative: killed by that signal), once it has exited."""
+        return await asyncio.shield(self._watch.exited)
+
+
+class Child(_Watched):
     """A child process, stdout and stderr on pipes, its exit watched through a pidfd.
 
     What asyncio's subprocess support does, for one use, with less: no
@@ -136,21 +151,12 @@ class Child:
         self.stderr = PipeReader(err_r)
         self._watch = ExitWatch(self._popen)
 
-    @property
-    def returncode(self) -> int | None:
-        """The exit status once it has exited and been reaped, else None."""
-        return self._watch.exited.result() if self._watch.exited.done() else None
-
-    async def wait(self) -> int:
-        """The exit status (negative: killed by that signal), once it has exited."""
-        return await asyncio.shield(self._watch.exited)
-
     def close(self) -> None:
         self.stdout.close()
         self.stderr.close()
 
 
-class AdoptedProcess:
+class AdoptedProcess(_Watched):
     """A running ``Popen`` with pipes on all three streams, seen from asyncio.
 
     What ``asyncio.create_subprocess_exec`` returns, for a child started
@@ -182,13 +188,6 @@ class AdoptedProcess:
                                                             popen.stdin)
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
         return cls(popen, writer, readers[0], readers[1])
-
-    @property
-    def returncode(self) -> int | None:
-        return self._watch.exited.result() if self._watch.exited.done() else None
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._watch.exited)
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:

@@ -64,7 +64,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import AsyncIterator, Callable, Iterator, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import attrs
 import blake3
@@ -301,14 +301,20 @@ class _Connection:
                     digest: bytes) -> T:
         """Run an idempotent call with deadline and retries on UNAVAILABLE."""
         await self.ready()
-        attempt = 0
+        return await self._retrying(call, kind, digest)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], kind: str,
+                        digest: bytes) -> T:
+        """``attempt()``, again with backoff while it fails UNAVAILABLE (up to
+        ``options.retries`` times); other gRPC errors translated."""
+        tries = 0
         while True:
             try:
-                return await call()
+                return await attempt()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in _RETRYABLE and attempt < self.options.retries:
-                    await asyncio.sleep(_backoff(self.options, attempt))
-                    attempt += 1
+                if exc.code() in _RETRYABLE and tries < self.options.retries:
+                    await asyncio.sleep(_backoff(self.options, tries))
+                    tries += 1
                     continue
                 raise translate_error(exc, self.address, kind, digest) from exc
 
@@ -320,8 +326,7 @@ class _Connection:
         Retried with backoff on UNAVAILABLE only until that first message:
         nothing has been handed to the caller yet, so a retry is safe.
         """
-        attempt = 0
-        while True:
+        async def attempt() -> tuple[grpc.aio.UnaryStreamCall, object]:
             call = start()
             try:
                 return call, await asyncio.wait_for(call.read(), timeout)
@@ -329,12 +334,8 @@ class _Connection:
                 call.cancel()
                 raise StoreError(self.address, f"no answer within {timeout:g} s "
                                                f"to {what}") from None
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _RETRYABLE and attempt < self.options.retries:
-                    await asyncio.sleep(_backoff(self.options, attempt))
-                    attempt += 1
-                    continue
-                raise translate_error(exc, self.address, kind, digest) from exc
+
+        return await self._retrying(attempt, kind, digest)
 
     async def next_message(self, call: grpc.aio.Call, kind: str, digest: bytes) -> object:
         """The next message of a response stream (EOF at the end), with the idle timeout."""

@@ -520,3 +520,51 @@ async def test_copy_node_to_a_remote_store(served: Served) -> None:
     single = FileNode(name=b"f", digest=b3(big), size=len(big))
     assert await copy_node(src, client, single) == 0
     await client.aclose()
+
+
+def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details=f"{code.name} for the test")
+
+
+async def test_idempotent_calls_and_stream_opens_retry_only_unavailable() -> None:
+    # The retry policy on its own: a server that is UNAVAILABLE a set number
+    # of times cannot be staged on demand, so the calls fail as gRPC would.
+    from stages.castore.grpc_client import _Connection
+
+    conn = _Connection("grpc+unix:///nonexistent.sock",
+                       GrpcOptions(retries=2, backoff=0.001))
+    tries = []
+
+    def flaky(failures: int, code=grpc.StatusCode.UNAVAILABLE):  # noqa: ANN001, ANN202
+        async def attempt() -> str:
+            tries.append(code)
+            if len(tries) <= failures:
+                raise _rpc_error(code)
+            return "answer"
+        return attempt
+
+    assert await conn._retrying(flaky(2), "blob", b"\x01" * 32) == "answer"
+    assert len(tries) == 3
+    tries.clear()
+    with pytest.raises(StoreError):  # retries spent: translated, naming the address
+        await conn._retrying(flaky(3), "blob", b"\x01" * 32)
+    assert len(tries) == 3
+    tries.clear()
+    with pytest.raises(NotFoundError):  # not retried
+        await conn._retrying(flaky(1, grpc.StatusCode.NOT_FOUND), "blob", b"\x01" * 32)
+    assert len(tries) == 1
+
+    class Stream:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        async def read(self) -> str:
+            if self.fail:
+                raise _rpc_error(grpc.StatusCode.UNAVAILABLE)
+            return "first"
+
+    starts = iter([Stream(True), Stream(False)])
+    call, first = await conn.open_stream(lambda: next(starts), timeout=5, what="a read",
+                                         kind="blob", digest=b"\x01" * 32)
+    assert first == "first" and not call.fail
