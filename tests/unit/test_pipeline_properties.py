@@ -103,9 +103,13 @@ def test_random_dags_keep_every_invariant(spec, running, kind_a, cancel_after):
                 assert name in start and name in end
             if state in (StageState.ABANDONED, StageState.PENDING):
                 assert name not in start
-        if cancelled:
+        if cancelled and run.status is not RunStatus.FINISHED:
             assert run.status in (RunStatus.CANCELLED, RunStatus.FAILED)
         else:
+            # Not cancelled, or the cancel reached the awaiting task only
+            # after the last stage had settled (run() still raises
+            # CancelledError, with the finished run as last_run): the run
+            # is then exactly what it would have been.
             assert states == expected_states(spec)
             assert run.status is (RunStatus.FAILED if any(
                 s is StageState.FAILED for s in states.values()) else RunStatus.FINISHED)
