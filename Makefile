@@ -5,7 +5,13 @@ SHELL := /bin/bash
 PY_SYS ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := runc fuse3 libfuse3-dev pkg-config busybox-static nix-bin b3sum graphviz
+# golang-github-opencontainers-specs-dev: the OCI runtime-spec JSON schema
+# (stages/oci/schema.py reads it from /usr/share/gocode/...).
+APT_PACKAGES := runc fuse3 libfuse3-dev pkg-config busybox-static nix-bin b3sum graphviz \
+  golang-github-opencontainers-specs-dev
+# pip: errors only. Machines with find-links or extra indexes that do not exist
+# would print a warning per package; `make` prints what it does instead.
+PIP := $(PY) -m pip --disable-pip-version-check -qq
 # Nix for tests and the demo: single-user root, sandbox on. The config lives in
 # the repo (.nix/nix.conf) and is selected with NIX_CONF_DIR, so nothing else
 # on the machine changes.
@@ -13,7 +19,7 @@ NIX_CONF_DIR := $(CURDIR)/.nix
 export NIX_CONF_DIR
 export NIX_REMOTE := local
 
-.PHONY: install apt venv bytecode nix-setup demo test proto bench clean
+.PHONY: install apt venv bytecode nix-setup demo test test-reverse proto bench clean
 
 install: apt venv bytecode nix-setup
 
@@ -22,32 +28,36 @@ install: apt venv bytecode nix-setup
 # every ocibuild command would compile ~40 modules at start, ~0.2 s. Up-to-date
 # files are skipped.
 bytecode: venv
-	$(PY) -m compileall -q -j 0 pipeline stages
+	@$(PY) -m compileall -q -j 0 pipeline stages
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  echo "apt: installing$$missing"; \
+	  log=$$(mktemp); \
+	  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; } >$$log 2>&1; \
+	  then cat $$log; rm -f $$log; exit 1; fi; rm -f $$log; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $@
+	@echo "venv: installing ocibuild (editable, with test extras) into $(VENV)"
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
+	@$(PIP) install -e '.[test]'
+	@touch $@
 
 venv: apt $(VENV)/.installed
 
 nix-setup: $(NIX_CONF_DIR)/nix.conf
 
 $(NIX_CONF_DIR)/nix.conf:
-	mkdir -p $(NIX_CONF_DIR)
-	printf '%s\n' 'sandbox = true' 'build-users-group =' 'substituters =' \
+	@echo "nix: writing $@ (single-user root, sandbox on)"
+	@mkdir -p $(NIX_CONF_DIR)
+	@printf '%s\n' 'sandbox = true' 'build-users-group =' 'substituters =' \
 	  'experimental-features = nix-command' 'max-jobs = 2' > $@.tmp
-	mv $@.tmp $@
+	@mv $@.tmp $@
 
 # The castore demo, then a real build on the embedded store (default state dir),
 # then a chain of Nix derivations built by ocibuild and by Nix, NAR hashes compared.
@@ -61,6 +71,11 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests dag_examples
 
+# The same suite in reverse order: a test that passes only after another one
+# made its state fails here.
+test-reverse: install
+	$(PY) -m pytest -q --reverse tests dag_examples
+
 proto: venv
 	$(PY) -m grpc_tools.protoc -I . \
 	  --python_out=. --grpc_python_out=. \
@@ -70,7 +85,7 @@ proto: venv
 	  stages/proto/*.proto
 
 bench: install
-	$(PY) -m pip install -q -e '.[test,bench]'
+	@$(PIP) install -e '.[test,bench]'
 	$(PY) -m bench
 
 clean:

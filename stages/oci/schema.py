@@ -1,10 +1,12 @@
 """Validation of config.json against the OCI runtime-spec JSON schema.
 
-The schema (runtime-spec v1.0.2, what runc 1.1 implements) is not shipped in
-the package: it is read from ``$OCI_RUNTIME_SPEC_SCHEMA_DIR`` or else from
-``../shared/oci-runtime-spec-v1.0.2`` beside the repository. Its files
-``$ref`` each other by relative name (``defs.json#/...``), so all of them are
-loaded into one ``referencing.Registry`` under ``file://`` URIs.
+The schema (runtime-spec 1.0.2 with the later fixes that runc 1.1
+implements) is not shipped in the package: it is read from
+``$OCI_RUNTIME_SPEC_SCHEMA_DIR`` or else from where Debian's
+``golang-github-opencontainers-specs-dev`` installs it (``make install``
+does). Its files ``$ref`` each other by relative name
+(``defs.json#/...``), so all of them are loaded into one
+``referencing.Registry`` under ``file://`` URIs.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from referencing.jsonschema import DRAFT4
 
 from stages.errors import SpecError
 
-__all__ = ["config_validator", "default_schema_dir", "validate_config"]
+__all__ = ["DEBIAN_SCHEMA_DIR", "config_validator", "default_schema_dir", "validate_config"]
+
+DEBIAN_SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/runtime-spec/schema")
 
 
 def default_schema_dir() -> Path:
     env = os.environ.get("OCI_RUNTIME_SPEC_SCHEMA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "oci-runtime-spec-v1.0.2"
+    return DEBIAN_SCHEMA_DIR
 
 
 @functools.cache
@@ -36,7 +40,9 @@ def config_validator(schema_dir: Path | None = None) -> jsonschema.Draft4Validat
     d = (schema_dir or default_schema_dir()).resolve()
     if not (d / "config-schema.json").exists():
         raise SpecError("schema", "schema-missing",
-                        f"no config-schema.json in {d}; set OCI_RUNTIME_SPEC_SCHEMA_DIR")
+                        f"no config-schema.json in {d}: install the Debian package "
+                        "golang-github-opencontainers-specs-dev (make install) "
+                        "or set OCI_RUNTIME_SPEC_SCHEMA_DIR")
     registry: Registry = Registry()
     for f in sorted(d.glob("*.json")):
         registry = registry.with_resource(

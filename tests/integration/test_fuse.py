@@ -772,3 +772,12 @@ async def test_cancellation_inside_the_block_still_unmounts(mountpoint, store_ad
     with pytest.raises(asyncio.CancelledError):
         await task
     assert find_mount(mountpoint) is None
+
+
+@pytest.mark.root
+def test_lazy_unmount_of_a_mount_already_gone_is_not_an_error(tmp_path: Path) -> None:
+    # What the owner sees when fusermount3's auto_unmount removed the mount of
+    # a killed server between its mountinfo check and its umount2 (EINVAL).
+    from stages.castore.fuse.mounts import lazy_unmount
+
+    lazy_unmount(tmp_path)  # a plain directory: nothing mounted there

@@ -53,12 +53,3 @@ def test_unservable_addresses_are_refused_by_name(address: str, match: str) -> N
 
 def test_local_address_gives_its_directory() -> None:
     assert check_address("local:///var/lib/store") == Path("/var/lib/store")
-
-
-@pytest.mark.root
-def test_lazy_unmount_of_a_mount_already_gone_is_not_an_error(tmp_path: Path) -> None:
-    # What the owner sees when fusermount3's auto_unmount removed the mount of
-    # a killed server between its mountinfo check and its umount2 (EINVAL).
-    from stages.castore.fuse.mounts import lazy_unmount
-
-    lazy_unmount(tmp_path)  # a plain directory: nothing mounted there
