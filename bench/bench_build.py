@@ -61,7 +61,7 @@ NIX_ENV = dict(os.environ, NIX_CONF_DIR=str(REPO / ".nix"), NIX_REMOTE="local")
 STAGES = ("validate", "spec", "bundle", "mount", "run", "ingest", "teardown")
 
 
-def _request(tools, n: int):  # noqa: ANN001, ANN202
+def _request(tools, n: int):
     from stages.request import BuildConstraints, BuildRequest, EnvVar
 
     return BuildRequest(
@@ -84,7 +84,7 @@ def _make_tools(work: Path) -> Path:
 # --- bare runc -------------------------------------------------------------------
 
 
-def _bare_bundles(work: Path, tools_dir: Path, tools_node, count: int) -> list[Path]:  # noqa: ANN001
+def _bare_bundles(work: Path, tools_dir: Path, tools_node, count: int) -> list[Path]:
     """Bundles as the service writes them, the input bound from a plain directory."""
     from stages.bundle import write_bundle
     from stages.oci.idmap import load_idmap
@@ -188,7 +188,7 @@ def _stage_times(runs_dir: Path, run_dirs: list[Path]) -> dict[str, list[float]]
     return out
 
 
-async def _ocibuild(work: Path, tools_node, store: str, args, bare=None) -> dict:  # noqa: ANN001
+async def _ocibuild(work: Path, tools_node, store: str, args, bare=None) -> dict:
     from stages.service import OciBuildService
 
     res: dict = {}

@@ -8,7 +8,7 @@ in one run, interleaved so that load drifts hit both columns alike:
 - remote: ``GrpcBuildService.do_build`` against ``ocibuild serve`` in a
   subprocess on a unix socket (same kind of local store, inputs already
   there), median of ``--runs``;
-- remote + upload check: :func:`stages.remote.remote_build` (asks the
+- remote + upload check: :func:`stages.grpc.remote.remote_build` (asks the
   server's castore for each input first, nothing to send), median.
 
 Target (issue 6): remote <= 1.3x local. Rerun:
@@ -40,7 +40,7 @@ BB_NAME = "0bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox"
 BB = f"/nix/store/{BB_NAME}"
 
 
-def _request(bb_node, n: int):  # noqa: ANN001, ANN202
+def _request(bb_node, n: int):
     from stages.request import BuildConstraints, BuildRequest, EnvVar
 
     return BuildRequest(
@@ -67,10 +67,10 @@ def _start_server(base: Path, sock: Path, store: str) -> subprocess.Popen:
 
 
 async def _measure(base: Path, runs: int, warmup: int) -> dict:
-    from stages.build_grpc import GrpcBuildService
     from stages.castore.addresses import open_castore
     from stages.castore.ingest import ingest_path
-    from stages.remote import remote_build
+    from stages.grpc.build_service import GrpcBuildService
+    from stages.grpc.remote import remote_build
     from stages.service import OciBuildService
 
     bb = base / "inputs" / BB_NAME

@@ -1,6 +1,6 @@
 """Blob upload and download over gRPC on a unix socket, beside the local store.
 
-The server is ``python -m stages.castore.grpc_server`` in its own process
+The server is ``python -m stages.grpc.castore_server`` in its own process
 (as ``ocibuild serve`` would be); the client streams one blob of ``--size-mib``
 (default 512) through :class:`GrpcBlobService` (upload: ``open_write`` in
 ``--write-mib`` writes, 4 by default; download: a verified ``open_read``).
@@ -97,7 +97,7 @@ async def _through(castore, data: bytes, step: int, server_pid: int | None) -> d
 
 _BARE_SERVER = r"""
 import asyncio, sys, grpc
-from stages.castore.grpc_wire import SERVER_OPTIONS, tune_malloc
+from stages.grpc.wire import SERVER_OPTIONS, tune_malloc
 
 async def put(it, context):
     n = 0
@@ -129,7 +129,7 @@ asyncio.run(main())
 async def _bare(sock: Path, data: bytes, chunk: int, server_pid: int) -> dict:
     import grpc
 
-    from stages.castore.grpc_wire import CHANNEL_OPTIONS, tune_malloc
+    from stages.grpc.wire import CHANNEL_OPTIONS, tune_malloc
 
     tune_malloc()
     async with grpc.aio.insecure_channel(f"unix://{sock}", options=CHANNEL_OPTIONS) as ch:
@@ -161,7 +161,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
 
 
 def _castore_server(backend: str, sock: Path) -> subprocess.Popen:
-    return _start(["-m", "stages.castore.grpc_server", "--listen", f"unix://{sock}",
+    return _start(["-m", "stages.grpc.castore_server", "--listen", f"unix://{sock}",
                    "--blob-service-addr", backend, "--directory-service-addr", backend])
 
 
@@ -176,7 +176,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 async def _run(size: int, runs: int, step: int, work: Path, only: set[str]) -> dict:
     from stages.castore.addresses import open_castore
-    from stages.castore.grpc_wire import CHUNK
+    from stages.grpc.wire import CHUNK
 
     data = os.urandom(size)
     results: dict[str, list[dict]] = {}

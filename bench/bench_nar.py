@@ -48,7 +48,7 @@ async def _ours(store: str, tree: Path, runs: int) -> tuple[list[float], str, in
 
 
 def _nix(tree: Path, runs: int) -> tuple[list[float], str]:
-    from stages.nix.nixbase32 import encode
+    from stages.castore.nixbase32 import encode
 
     env = dict(os.environ, NIX_CONF_DIR=str(REPO / ".nix"), NIX_REMOTE="local")
     times = []

@@ -27,8 +27,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline import Collector, Graph, Runner, Stage
 

@@ -37,8 +37,14 @@ import tempfile
 from pathlib import Path
 
 from pipeline import Graph, Resource, Runner, Stage, to_text
-from stages.castore import (DirectoryNode, Node, ingest_path, node_from_json, node_to_json,
-                            open_castore)
+from stages.castore import (
+    DirectoryNode,
+    Node,
+    ingest_path,
+    node_from_json,
+    node_to_json,
+    open_castore,
+)
 from stages.castore.addresses import Castore
 from stages.request import BuildConstraints, BuildRequest
 from stages.service import OciBuildService
@@ -73,23 +79,23 @@ BB = "/nix/store/tools/busybox"
 
 
 def make_graph(castore: Castore, tools_dir: Path) -> Graph:
-    async def tools(ctx) -> dict:  # noqa: ANN001
+    async def tools(ctx) -> dict:
         return node_json(await ingest_path(castore, tools_dir))
 
-    async def words(ctx) -> dict:  # noqa: ANN001
+    async def words(ctx) -> dict:
         tools_node = from_json(ctx.results["tools"], "tools")
         script = f"for w in {' '.join(WORDS)}; do {BB} echo $w; done > out"
         build = await ctx.resources["builder"].do_build(request(script, [tools_node]))
         return node_json(build.outputs[0])
 
-    async def sorted_(ctx) -> dict:  # noqa: ANN001
+    async def sorted_(ctx) -> dict:
         inputs = [from_json(ctx.results["tools"], "tools"),
                   from_json(ctx.results["words"], "words")]
         build = await ctx.resources["builder"].do_build(
             request(f"{BB} sort -u /nix/store/words > out", inputs))
         return node_json(build.outputs[0])
 
-    async def report(ctx) -> dict:  # noqa: ANN001
+    async def report(ctx) -> dict:
         inputs = [from_json(ctx.results["tools"], "tools"),
                   from_json(ctx.results["words"], "words"),
                   from_json(ctx.results["sorted"], "sorted")]

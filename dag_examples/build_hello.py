@@ -30,7 +30,14 @@ import tempfile
 from pathlib import Path
 
 from pipeline import Event, EventKind
-from stages.castore import FileNode, Node, format_nar_hash, ingest_path, nar_hash_and_size, open_castore
+from stages.castore import (
+    FileNode,
+    Node,
+    format_nar_hash,
+    ingest_path,
+    nar_hash_and_size,
+    open_castore,
+)
 from stages.request import BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService, default_state_dir
 

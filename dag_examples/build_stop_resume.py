@@ -39,7 +39,7 @@ from stages.request import BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService, build_result
 
 
-def request_for(tools_name: str, tools_node) -> BuildRequest:  # noqa: ANN001
+def request_for(tools_name: str, tools_node) -> BuildRequest:
     bb = f"/nix/store/{tools_name}/busybox"
     return BuildRequest(
         inputs=[tools_node],

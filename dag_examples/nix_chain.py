@@ -76,7 +76,7 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), check=check, capture_output=True, text=True, env=NIX_ENV)
 
 
-async def build_with_ocibuild(drvs: list[str]):  # noqa: ANN201
+async def build_with_ocibuild(drvs: list[str]):
     address = default_address()
     async with OciBuildService() as service:
         with open_pathinfo(address) as pathinfo:

@@ -56,26 +56,36 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
-from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
+from stages.castore.nodes import SymlinkNode
+from stages.context import BuildHost, BuildSpec, StageContext, request_of
 from stages.errors import BundleError
 from stages.oci.idmap import IdMap
-from stages.oci.layout import BundleLayout, check_traversable
+from stages.oci.layout import BundleLayout, check_traversable, is_under
 from stages.request import BuildRequest
-from stages.spec import BUILD_GID, BUILD_UID, SpecOptions, make_spec, mount_points
-from stages.validate import is_under, validate_request
+from stages.spec import (
+    BUILD_GID,
+    BUILD_UID,
+    SpecOptions,
+    build_layout,
+    build_spec_options,
+    make_spec,
+    mount_points,
+    shared_rootfs_key,
+)
+from stages.util.aio import finish_then_cancel
+from stages.validate import validate_request
 
 __all__ = ["INPUTS_DIR_MODE", "NIX_GROUP", "NIX_HOSTS", "NIX_PASSWD", "ROOT_MODE", "WORKDIR_MODE",
-           "check_traversable", "linked_scratch", "remove_bundle", "remove_if_small",
-           "shared_rootfs_key", "stage", "trash_bundle", "write_bundle"]
+           "stage", "write_bundle"]
 
 # Nix 2.8's sandbox files (libstore/build/local-derivation-goal.cc), for
 # sandboxUid 1000, sandboxGid 100, build dir /build. The integration test
@@ -90,34 +100,6 @@ NIX_HOSTS = b"127.0.0.1 localhost\n::1 localhost\n"
 ROOT_MODE = 0o750
 WORKDIR_MODE = 0o700
 INPUTS_DIR_MODE = 0o1775
-
-
-#: Part of every shared root's key: change it whenever the writer lays out a
-#: root differently, so that no root of the old layout is shared.
-ROOTFS_LAYOUT = 1
-
-
-def shared_rootfs_key(req: BuildRequest, idmap: IdMap) -> str | None:
-    """The name of the shared root file system for ``req``, or None if it needs its own.
-
-    Two requests with the same key get byte-identical roots from the
-    writer: the key covers everything the root is made from (its mount
-    points, which of them lie in scratch paths, the working directory, the
-    symlink inputs, the builder's host ids). A request with an additional
-    file outside its scratch paths, or with available_ro_paths (whose
-    mount points take the kind of a host path, which may change), gets its
-    own root.
-    """
-    if req.available_ro_paths or any(
-            not any(is_under(f.path, sp) for sp in req.scratch_paths)
-            for f in req.additional_files):
-        return None
-    material = json.dumps([
-        ROOTFS_LAYOUT, idmap.host_uid(BUILD_UID), idmap.host_gid(BUILD_GID),
-        mount_points(req), list(req.scratch_paths), req.working_dir, req.inputs_dir,
-        [[n.name.hex(), n.target.hex()] for n in req.inputs if isinstance(n, SymlinkNode)],
-    ])
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 _UMASK_LINE = re.compile(rb"^Umask:\s*([0-7]+)$", re.MULTILINE)
@@ -157,7 +139,7 @@ class _Writer:
             if not self.rootfs_exists:
                 self.rootfs = f"{os.path.dirname(self.shared_rootfs)}/." \
                               f"{os.path.basename(self.shared_rootfs)}.partial-{uuid.uuid4().hex[:8]}"
-        self.scratch = {s: str(d) for s, d in self.tmp.scratch_dirs(req).items()}
+        self.scratch = {s: str(d) for s, d in self.tmp.scratch_dirs(req.scratch_paths).items()}
         self.existing: set[str] = set()  # directories known to exist
         if self.rootfs_exists:
             self.existing.add(self.rootfs)
@@ -372,7 +354,7 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                                  "(available_ro_paths, or an additional file outside "
                                  "the scratch paths)")
     layout = BundleLayout(final, scratch, shared)
-    opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
+    opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                        input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
     writer = _Writer(tmp, final, req, idmap, scratch, pretty, shared)
     try:
@@ -390,108 +372,14 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     return layout
 
 
-def _mounts_under(paths: list[Path]) -> list[str]:
-    """The mount points at or below any of ``paths`` (one read of mountinfo)."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        info = f.read()
-    found = []
-    for path in paths:
-        # mountinfo escapes space, tab, newline and backslash as octal: a path
-        # free of them appears as itself, and most paths are (a quick test first).
-        text = os.fsencode(path).rstrip(b"/")
-        if text not in info and not any(c in text for c in b" \t\n\\"):
-            continue
-        prefix = str(path).rstrip("/") + "/"
-        for line in info.decode("utf-8", "surrogateescape").splitlines():
-            mnt = line.split()[4].encode("utf-8", "surrogateescape").decode("unicode_escape")
-            if mnt == str(path) or mnt.startswith(prefix):
-                found.append(mnt)
-    return found
-
-
-def linked_scratch(bundle_dir: Path | str) -> Path | None:
-    """The scratch root of a bundle whose scratch directories live elsewhere."""
-    link = Path(bundle_dir) / "scratch"
-    if not link.is_symlink():
-        return None
-    return Path(os.readlink(link))
-
-
-def _refuse_mounted(bundle: Path, parts: list[Path]) -> None:
-    mounted = _mounts_under(parts)
-    if mounted:
-        raise BundleError(bundle, f"still mounted inside: {', '.join(mounted)}; unmount first")
-
-
-def trash_bundle(bundle_dir: Path | str, trash_dir: Path | str, *,
-                 scratch_trash_dir: Path | str | None = None) -> list[Path]:
-    """Move a bundle into ``trash_dir`` (same filesystem) for later deletion.
-
-    A scratch root kept elsewhere (:func:`linked_scratch`) goes into
-    ``scratch_trash_dir`` (default: ``trash_dir``), on its own filesystem.
-    Returns where things went (nothing when there was no bundle). Refuses,
-    like :func:`remove_bundle`, while anything is mounted inside.
-    """
-    path = Path(bundle_dir).absolute()
-    if not path.exists():
-        return []
-    scratch = linked_scratch(path)
-    parts = [path] if scratch is None or not scratch.exists() else [path, scratch]
-    _refuse_mounted(path, parts)
-    dests = [Path(trash_dir), Path(scratch_trash_dir or trash_dir)]
-    moved = []
-    for part, trash in zip(parts, dests):
-        trash.mkdir(parents=True, exist_ok=True)
-        target = trash / f"{part.name}.{uuid.uuid4().hex[:8]}"
-        os.rename(part, target)
-        moved.append(target)
-    return moved
-
-
-def remove_if_small(path: Path, limit: int = 64) -> bool:
-    """Remove the tree at ``path`` if it has at most ``limit`` entries; say if it did.
-
-    Counting stops at ``limit``, so a large tree costs only that much
-    listing before it is left to the caller (for a worker thread).
-    """
-    count = 0
-    stack = [path]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                count += 1
-                if count > limit:
-                    return False
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-    shutil.rmtree(path)
-    return True
-
-
-def remove_bundle(bundle_dir: Path | str) -> None:
-    """Remove a bundle (and its linked scratch root); refuses while anything is mounted inside."""
-    path = Path(bundle_dir).absolute()
-    if not path.exists():
-        return
-    scratch = linked_scratch(path)
-    parts = [path] if scratch is None or not scratch.exists() else [path, scratch]
-    _refuse_mounted(path, parts)
-    for part in parts:
-        shutil.rmtree(part)
-
-
-async def stage(build, host, ctx) -> dict:  # noqa: ANN001
+async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
     """Pipeline stage: write the bundle, config.json from the spec stage.
 
     A bundle left by an earlier attempt of the same build (resume) is
     replaced.
     """
-    from stages.aio import finish_then_cancel
-    from stages.build import request_of
-    from stages.spec import build_spec_options
-
     req = request_of(build, ctx)
-    planned = host.layout(build, req)
+    planned = build_layout(build, host, req)
     planned.root.parent.mkdir(parents=True, exist_ok=True)
     await host.discard_bundle(build)
     opts = build_spec_options(build, host, req)

@@ -4,7 +4,7 @@ Outputs are read from the host side of the bundle (the scratch directory
 holding them, see :class:`~stages.oci.layout.BundleLayout`), imported with
 :func:`~stages.castore.ingest.ingest_path` (symlinks stored, never
 followed), and scanned for the request's ``refscan_needles`` (file contents
-and symlink targets, :mod:`stages.refscan`). Outputs are handled in
+and symlink targets, :mod:`stages.castore.refscan`). Outputs are handled in
 parallel. A missing output fails the build naming it.
 
 Caveat: an output is found on the host by walking its path from the host
@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from stages.castore.ingest import ingest_path
 from stages.castore.nodes import Node, node_from_json_value, node_to_json_value
+from stages.context import BuildHost, BuildSpec, StageContext, request_of
 from stages.errors import OutputError
+from stages.oci.layout import longest_scratch_prefix
 from stages.request import Build, BuildRequest, OutputNeedles
-from stages.validate import longest_scratch_prefix
 
 if TYPE_CHECKING:
-    from stages.build import BuildHost, BuildSpec
+    from stages.castore.refscan import NeedleScanner
     from stages.oci.layout import BundleLayout
-    from stages.refscan import NeedleScanner
 
 __all__ = ["build_from_result", "output_host_path", "stage"]
 
@@ -49,7 +49,7 @@ def output_host_path(layout: BundleLayout, req: BuildRequest, output: str) -> Pa
     scratch = longest_scratch_prefix(output, req.scratch_paths)
     if scratch is None:  # validation keeps outputs in scratch paths; be safe anyway
         raise OutputError(output, "lies in no scratch path")
-    path = layout.scratch_dir(req, scratch)
+    path = layout.scratch_dir(req.scratch_paths, scratch)
     parts = output[len(scratch) + 1:].split("/") if output != scratch else []
     for i, part in enumerate(parts):
         path = path / part
@@ -78,14 +78,12 @@ async def _one(host: BuildHost, path: Path, output: str,
     return node.renamed(b""), found
 
 
-async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
-    from stages.build import request_of
-
+async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
     req = request_of(build, ctx)
     layout = host.layout(build)
     scanner = None
     if req.refscan_needles:
-        from stages.refscan import NeedleScanner
+        from stages.castore.refscan import NeedleScanner
 
         scanner = NeedleScanner(req.refscan_needles)
     paths = [output_host_path(layout, req, out) for out in req.outputs]

@@ -7,7 +7,7 @@ bind-mounts each input from there, read-only, at ``/<inputs_dir>/<name>``
 in the container. A build sees only what it binds: its own inputs.
 
 The ``inputs`` resource makes the symlink ``<bundle>/inputs``
-(:meth:`~stages.build.BuildHost.input_link`) point at the content directory
+(:meth:`~stages.context.BuildHost.input_link`) point at the content directory
 of the running mount server when acquired, and removes it when released
 (after ``run``, or on failure or cancellation). config.json binds inputs
 through it (``<bundle>/inputs/d-<digest>`` and the like), so a stopped run
@@ -22,22 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from stages.castore.fuse.content import content_name
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
+from stages.context import BuildHost, BuildSpec, StageContext, request_of
 from stages.errors import RequestError
 
 if TYPE_CHECKING:
-    from stages.build import BuildHost, BuildSpec
     from stages.request import BuildRequest
 
 __all__ = ["inputs_mounted", "stage"]
 
 
 @contextlib.asynccontextmanager
-async def inputs_mounted(build: BuildSpec, host: BuildHost, ctx: Any) -> AsyncIterator[Path]:
+async def inputs_mounted(build: BuildSpec, host: BuildHost, ctx: StageContext) -> AsyncIterator[Path]:
     """Resource factory: the link to the inputs in the mount server, for as long as held."""
     await host.mounts.ensure_running()
     path = host.mounts.content_root
@@ -77,9 +78,7 @@ async def _check_in_store(req: BuildRequest, host: BuildHost) -> None:
                                f"import it first (ocibuild castore import)")
 
 
-async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
-    from stages.build import request_of
-
+async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
     req = request_of(build, ctx)
     path = ctx.resources["inputs"]
     await _check_in_store(req, host)

@@ -20,8 +20,9 @@ Caveats:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import attrs
 from google.protobuf import json_format, text_format
@@ -105,7 +106,7 @@ class BuildRequest:
     outputs: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_tuple_of(str))
     environment_vars: tuple[EnvVar, ...] = attrs.field(default=(), converter=tuple,
                                                        validator=_tuple_of(EnvVar))
-    constraints: Optional[BuildConstraints] = None
+    constraints: BuildConstraints | None = None
     additional_files: tuple[AdditionalFile, ...] = attrs.field(
         default=(), converter=tuple, validator=_tuple_of(AdditionalFile))
     refscan_needles: tuple[str, ...] = attrs.field(default=(), converter=tuple,

@@ -13,19 +13,18 @@ killed, deleted and reaped before the stage ends
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any
 
+from stages.context import BuildHost, BuildSpec, StageContext
 from stages.oci.runc import RuncContainer
-
-if TYPE_CHECKING:
-    from stages.build import BuildHost, BuildSpec
 
 __all__ = ["container", "log_path", "stage"]
 
 
 @contextlib.asynccontextmanager
-async def container(build: BuildSpec, host: BuildHost, _ctx: Any) -> AsyncIterator[RuncContainer]:
+async def container(build: BuildSpec, host: BuildHost, _ctx: StageContext) -> AsyncIterator[RuncContainer]:
     """Resource factory: one container of the build's bundle, deleted on release."""
     async with RuncContainer(host.bundle_dir(build), f"ocibuild-{build.key}",
                              state_root=host.runc_root) as c:
@@ -38,7 +37,7 @@ def log_path(build: BuildSpec, host: BuildHost, run_dir: Path | None) -> Path:
     return run_dir / "logs" / f"{build.key}.log"
 
 
-async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
+async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
     c: RuncContainer = ctx.resources["container"]
     log = log_path(build, host, ctx.run_dir)
     log.parent.mkdir(parents=True, exist_ok=True)

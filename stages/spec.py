@@ -51,14 +51,21 @@ Caveats:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import attrs
 
+from stages.castore.fuse.content import content_name
 from stages.castore.nodes import FileNode, SymlinkNode
+from stages.context import BuildHost, BuildSpec, StageContext, request_of
 from stages.errors import SpecError
 from stages.oci.idmap import BUILD_GID, BUILD_UID, IdMap
+from stages.oci.layout import BundleLayout, is_under
 from stages.request import BuildRequest
 
 __all__ = ["BUILD_GID", "BUILD_UID", "MASKED_PATHS", "READONLY_PATHS", "SpecOptions",
@@ -243,40 +250,68 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
     }
 
 
+#: Part of every shared root's key: change it whenever the bundle writer
+#: (:mod:`stages.bundle`) lays out a root differently, so that no root of
+#: the old layout is shared.
+ROOTFS_LAYOUT = 1
+
+
+def shared_rootfs_key(req: BuildRequest, idmap: IdMap) -> str | None:
+    """The name of the shared root file system for ``req``, or None if it needs its own.
+
+    Two requests with the same key get byte-identical roots from the
+    writer: the key covers everything the root is made from (its mount
+    points, which of them lie in scratch paths, the working directory, the
+    symlink inputs, the builder's host ids). A request with an additional
+    file outside its scratch paths, or with available_ro_paths (whose
+    mount points take the kind of a host path, which may change), gets its
+    own root.
+    """
+    if req.available_ro_paths or any(
+            not any(is_under(f.path, sp) for sp in req.scratch_paths)
+            for f in req.additional_files):
+        return None
+    material = json.dumps([
+        ROOTFS_LAYOUT, idmap.host_uid(BUILD_UID), idmap.host_gid(BUILD_GID),
+        mount_points(req), list(req.scratch_paths), req.working_dir, req.inputs_dir,
+        [[n.name.hex(), n.target.hex()] for n in req.inputs if isinstance(n, SymlinkNode)],
+    ])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
 def spec_options(layout_root: Path | str, req: BuildRequest, idmap: IdMap,
                  input_paths: Mapping[bytes, object], **kw: object) -> SpecOptions:
     """SpecOptions for a bundle laid out by :class:`stages.oci.layout.BundleLayout`."""
-    from stages.oci.layout import BundleLayout
     layout = BundleLayout(layout_root)
-    return SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
+    return SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                        input_paths=input_paths, **kw)  # type: ignore[arg-type]
 
 
-def build_spec_options(build, host, req: BuildRequest) -> SpecOptions:  # noqa: ANN001
+def build_layout(build: BuildSpec, host: BuildHost, req: BuildRequest) -> BundleLayout:
+    """Where the build's bundle is, with the root file system it shares, if any."""
+    key = shared_rootfs_key(req, host.idmap) if host.on_runtime(build) else None
+    return host.layout(build, key)
+
+
+def build_spec_options(build: BuildSpec, host: BuildHost, req: BuildRequest) -> SpecOptions:
     """SpecOptions of one build on its host: bundle layout, FUSE paths, id map.
 
     Each input is bound from ``<bundle>/inputs/<content name>``
     (:mod:`stages.castore.fuse.content`), the link made by the ``inputs``
     resource.
     """
-    import os
-
-    from stages.castore.fuse.content import content_name
-
-    layout = host.layout(build, req)
+    layout = build_layout(build, host, req)
     # Through the link, stable across service instances (resume), to the
     # mount server's content directory.
     inputs = os.fspath(host.input_link(build))
     return SpecOptions(idmap=host.idmap, rootfs=layout.rootfs,
-                       scratch_dirs=layout.scratch_dirs(req),
+                       scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                        input_paths={n.name: f"{inputs}/{content_name(n)}" for n in req.inputs
                                     if not isinstance(n, SymlinkNode)},
                        busybox=host.busybox)
 
 
-async def stage(build, host, ctx) -> dict:  # noqa: ANN001
+async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
     """Pipeline stage: the config.json of the build (pure; written by ``bundle``)."""
-    from stages.build import request_of
-
     req = request_of(build, ctx)
     return make_spec(req, build_spec_options(build, host, req))

@@ -10,17 +10,16 @@ restarting service does not remove it as stale.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from stages.build import BuildHost, BuildSpec
+from stages.context import BuildHost, BuildSpec, StageContext
 
 __all__ = ["KEPT_MARKER", "stage"]
 
 KEPT_MARKER = ".ocibuild-kept"
 
 
-async def stage(build: BuildSpec, host: BuildHost, ctx: Any) -> dict:
+async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
     bundle = host.bundle_dir(build)
     # ctx.outcomes holds every other stage of the build.
     ok = all(o.state.ok for o in ctx.outcomes.values())

@@ -28,11 +28,20 @@ Caveats:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from stages.castore.errors import ValidationError
 from stages.castore.nodes import validate_name
+from stages.context import (
+    BuildHost,
+    BuildSpec,
+    StageContext,
+    request_from_result,
+    request_to_result,
+)
 from stages.errors import RequestError
+from stages.oci.layout import is_under, longest_scratch_prefix
 from stages.request import BuildRequest
 
 __all__ = ["RESERVED_FILES", "RESERVED_TOP", "RULES", "is_under", "longest_scratch_prefix",
@@ -65,20 +74,6 @@ RULES = {
     "collision": "two things would occupy the same place in the build root",
     "needle-empty": "a refscan needle must not be empty",
 }
-
-
-def is_under(path: str, root: str) -> bool:
-    """``path`` equals ``root`` or lies below it (clean relative paths)."""
-    return path == root or path.startswith(root + "/")
-
-
-def longest_scratch_prefix(path: str, scratch_paths: Iterable[str]) -> str | None:
-    """The scratch path holding ``path``, the longest when several do."""
-    best = None
-    for s in scratch_paths:
-        if is_under(path, s) and (best is None or len(s) > len(best)):
-            best = s
-    return best
 
 
 def _fail(field: str, rule: str, message: str) -> RequestError:
@@ -284,14 +279,12 @@ def _check_layout(req: BuildRequest) -> None:
                 raise _fail(field, rule, f"{p!r} is written {what}")
 
 
-async def stage(build, host, ctx) -> dict:  # noqa: ANN001
+async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
     """Pipeline stage: refuse a bad request before anything touches the disk.
 
     A request made by another stage (``build.request_from``) is taken from
     that stage's result and kept in this one's, for the stages after it.
     """
-    from stages.build import request_from_result, request_to_result
-
     if build.request is not None:
         req = validate_request(build.request)
         return {"inputs": len(req.inputs), "outputs": list(req.outputs),

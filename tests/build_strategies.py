@@ -12,8 +12,14 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
-from stages.request import (AdditionalFile, Build, BuildConstraints, BuildRequest, EnvVar,
-                            OutputNeedles)
+from stages.request import (
+    AdditionalFile,
+    Build,
+    BuildConstraints,
+    BuildRequest,
+    EnvVar,
+    OutputNeedles,
+)
 
 _ALPHA = "abcdefghijklmnopqrstuvwxyz0123456789_+.-"
 digests = st.binary(min_size=32, max_size=32)

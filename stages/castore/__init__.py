@@ -21,7 +21,7 @@ Caveats:
 
 from __future__ import annotations
 
-from stages.lazy import lazy_exports
+from stages.util.lazy import lazy_exports
 
 # Where each public name lives. Loaded on first use (PEP 562): a process that
 # needs one corner of the package (the FUSE mount server needs nodes and the

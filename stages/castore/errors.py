@@ -7,7 +7,9 @@
     ├── NotFoundError               a blob or directory is not in the store (digest=)
     ├── CorruptionError             stored bytes no longer match their digest (digest=, where=)
     ├── IngestError                 a path cannot be imported (path=)
-    └── StoreError                  a store cannot be opened or used (address=)
+    ├── StoreError                  a store cannot be opened or used (address=)
+    └── RefScanError                an output cannot be scanned for references
+                                    (path=; in stages.castore.refscan)
 
 Every error carries what it is about, so a message can name it.
 """

@@ -91,13 +91,14 @@ import queue
 import sqlite3
 import threading
 import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import blake3
 
-from stages.castore import addresses
+from stages.castore.addresses import Backend
 from stages.castore.errors import (
     CastoreError,
     CorruptionError,
@@ -118,6 +119,9 @@ from stages.castore.services import (
     open_regular_file,
 )
 from stages.proto import castore_pb2
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = [
     "LocalBlobService",
@@ -1227,9 +1231,8 @@ class LocalDirectoryService(DirectoryService):
 # --- addresses ---------------------------------------------------------------
 
 def _store_from_url(url: urllib.parse.SplitResult, address: str) -> LocalStore:
+    _check(address)
     path = urllib.parse.unquote(url.path)
-    if url.netloc or not path.startswith("/") or url.query or url.fragment:
-        raise StoreError(address, "a local store address is local:///absolute/dir")
     try:
         return open_local_store(Path(path))
     except StoreError:
@@ -1238,6 +1241,22 @@ def _store_from_url(url: urllib.parse.SplitResult, address: str) -> LocalStore:
         raise StoreError(address, str(exc)) from exc
 
 
-addresses.BLOB_BACKENDS["local"] = lambda url, addr: LocalBlobService(_store_from_url(url, addr))
-addresses.DIRECTORY_BACKENDS["local"] = (
-    lambda url, addr: LocalDirectoryService(_store_from_url(url, addr)))
+def _reader(blob_address: str | None, directory_address: str | None) -> LocalStore:
+    # One store serves both sides; open_reader gives one address at a time
+    # when they differ.
+    address = blob_address or directory_address
+    assert address is not None
+    return _store_from_url(urllib.parse.urlsplit(address), address)
+
+
+def _check(address: str) -> None:
+    url = urllib.parse.urlsplit(address)
+    path = urllib.parse.unquote(url.path)
+    if url.netloc or not path.startswith("/") or url.query or url.fragment:
+        raise StoreError(address, "a local store address is local:///absolute/dir")
+
+
+BACKEND = Backend(
+    blobs=lambda url, addr: LocalBlobService(_store_from_url(url, addr)),
+    directories=lambda url, addr: LocalDirectoryService(_store_from_url(url, addr)),
+    reader=_reader, check=_check)

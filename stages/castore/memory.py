@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import blake3
 
+from stages.castore.addresses import Backend
 from stages.castore.errors import CorruptionError, NotFoundError
 from stages.castore.nodes import Directory, validate_digest
 from stages.castore.services import (
@@ -116,3 +117,10 @@ class MemoryDirectoryService(DirectoryService):
 
     def put_multiple_start(self) -> DirectoryPutter:
         return _MemoryPutter(self.directories)
+
+
+BACKEND = Backend(
+    blobs=lambda url, addr: MemoryBlobService(),
+    directories=lambda url, addr: MemoryDirectoryService(),
+    not_servable="a memory:// store lives inside one process and cannot be served by "
+                 "the FUSE mount server")

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import AsyncIterator, BinaryIO
+from collections.abc import AsyncIterator
+from typing import BinaryIO
 
 from stages.castore.addresses import Castore
 from stages.castore.errors import CorruptionError, NotFoundError, ValidationError
+from stages.castore.hashes import format_sha256
 from stages.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, blob_digest
 from stages.castore.services import READ_CHUNK
-from stages.nix.hashes import format_sha256
 
 __all__ = [
     "NAR_MAGIC",

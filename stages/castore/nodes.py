@@ -19,7 +19,8 @@ import base64
 import binascii
 import functools
 import json
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 import attrs
 import blake3
@@ -205,7 +206,7 @@ class Directory:
                 files.append(node)
             else:
                 links.append(node)
-        key = lambda n: n.name  # noqa: E731
+        key = lambda n: n.name
         return cls(directories=sorted(dirs, key=key), files=sorted(files, key=key),
                    symlinks=sorted(links, key=key))
 

@@ -23,7 +23,7 @@ import abc
 import collections
 import os
 import stat
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import attrs
 import blake3

@@ -17,8 +17,9 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from stages.cli import UserError
 
@@ -64,7 +65,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return svc.state_dir
 
 
-def _service(args: argparse.Namespace, **kw: Any):  # noqa: ANN202
+def _service(args: argparse.Namespace, **kw: Any):
     from stages.service import OciBuildService
 
     return OciBuildService(_state_dir(args), blob_address=args.blob_service_addr,
@@ -113,11 +114,10 @@ def _subscribers(args: argparse.Namespace) -> list[Any]:
 
 
 def _report(run: Any, specs: list[Any], sources: list[str], *, as_json: bool) -> int:
+    from pipeline import RunStatus
     from stages.errors import BuildError
     from stages.request import build_to_json
     from stages.service import build_result
-
-    from pipeline import RunStatus
 
     failed = 0
     if run.status is RunStatus.STOPPED:
@@ -148,7 +148,7 @@ def _report(run: Any, specs: list[Any], sources: list[str], *, as_json: bool) ->
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from stages.build import STAGE_NAMES
+    from stages.graph import STAGE_NAMES
     from stages.request import read_request_file
 
     if args.stop_after is not None and args.stop_after.split("/")[-1] not in STAGE_NAMES:
@@ -223,7 +223,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     from pipeline import render_image, to_dot, to_mermaid, to_text
-    from stages.build import BuildSpec, build_graph
+    from stages.context import BuildSpec
+    from stages.graph import build_graph
     from stages.request import read_request_file
 
     req = read_request_file(args.request)
@@ -245,7 +246,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    from stages.shell import open_shell
+    from stages.cli.shell import open_shell
 
     run_dir = _find_run(args, args.run)
     return open_shell(run_dir, args, command=args.command or None)

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=_run_export)
 
 
-def _pathinfo(args: argparse.Namespace):  # noqa: ANN202
+def _pathinfo(args: argparse.Namespace):
     from stages.nix.pathinfo import open_pathinfo
 
     return open_pathinfo(args.blob_service_addr)

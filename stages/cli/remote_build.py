@@ -42,10 +42,10 @@ def remote_address(args: argparse.Namespace) -> str | None:
 
 def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
                sources: list[str]) -> int:
-    from stages.build_grpc import GrpcBuildService
     from stages.castore.addresses import open_castore
     from stages.cli.build_cmd import _run_cancellable
-    from stages.remote import remote_builds
+    from stages.grpc.build_service import GrpcBuildService
+    from stages.grpc.remote import remote_builds
 
     for flag, value in (("--stop-after", args.stop_after), ("--keep", args.keep),
                         ("--keep-failed", args.keep_failed)):

@@ -9,7 +9,7 @@ ADDR is ``unix:///abs/path`` or ``host:port``. Clients reach it as
 ``grpc+unix:///abs/path`` or ``grpc+http://host:port`` (BLOB_SERVICE_ADDR,
 DIRECTORY_SERVICE_ADDR, BUILD_SERVICE_ADDR). One line on stdout says when it
 is ready; SIGTERM or SIGINT shut it down cleanly (exit 0). See
-:mod:`stages.serve`.
+:mod:`stages.grpc.serve`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["register"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from stages.serve import parse_listen_address, serve
+    from stages.grpc.serve import parse_listen_address, serve
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, not {args.jobs}")

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.castore.hashes import format_sha256, parse_sha256
+from stages.castore.nixbase32 import NixBase32Error, decode, encode, encoded_length
 from stages.nix.derivation import (
     Derivation,
     DerivationOutput,
@@ -43,8 +45,6 @@ from stages.nix.errors import (
     StorePathError,
     UnsupportedDerivation,
 )
-from stages.nix.hashes import format_sha256, parse_sha256
-from stages.nix.nixbase32 import NixBase32Error, decode, encode, encoded_length
 from stages.nix.storepath import STORE_DIR, basename, check_store_path, hash_part
 
 __all__ = [

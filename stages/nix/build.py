@@ -52,14 +52,15 @@ import secrets
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
+from stages.castore.hashes import format_sha256
 from stages.nix.derivation import Derivation, read_derivation
 from stages.nix.errors import NixError
-from stages.nix.hashes import format_sha256
 from stages.nix.pathinfo import PathInfo, PathInfoDB, node_present
 from stages.nix.storepath import check_store_path, hash_part, name_part
 
@@ -173,7 +174,7 @@ class _NixStore:
 
     @staticmethod
     def _query_cli(path: str) -> tuple[list[str], bytes]:
-        from stages.nix.hashes import parse_sha256
+        from stages.castore.hashes import parse_sha256
 
         def ask(flag: str) -> str:
             try:
@@ -192,7 +193,7 @@ class _NixStore:
 
 def _parse_nix_db_hash(path: str, text: str) -> bytes:
     """Nix's ValidPaths.hash: ``sha256:<base16>`` (older) or ``sha256:<nixbase32>``."""
-    from stages.nix.hashes import parse_sha256
+    from stages.castore.hashes import parse_sha256
 
     if not text.startswith("sha256:"):
         raise NixStoreError(path, f"Nix's database has a NAR hash {text!r} that is not sha256")
@@ -377,11 +378,12 @@ def _make_request(plan: _Plan, drv_path: str, cores: int) -> DerivationRequest:
     return dreq
 
 
-def _graph(plan: _Plan, host: object, cores: int):  # noqa: ANN202
+def _graph(plan: _Plan, host: object, cores: int):
     """The builds and the graph; a derivation whose inputs are all there already gets its
     request now (no request stage: one less JSON round trip per stage of its build)."""
     from pipeline import Stage
-    from stages.build import BuildSpec, graph_for_requests
+    from stages.context import BuildSpec
+    from stages.graph import graph_for_requests
 
     specs: list[BuildSpec] = []
     extra: list[Stage] = []
@@ -416,9 +418,9 @@ def _graph(plan: _Plan, host: object, cores: int):  # noqa: ANN202
     return specs, graph_for_requests(specs, host, stages=extra)  # type: ignore[arg-type]
 
 
-def _request_fn(plan: _Plan, drv_path: str, cores: int):  # noqa: ANN202
+def _request_fn(plan: _Plan, drv_path: str, cores: int):
     async def request(ctx: object) -> dict:
-        from stages.build import request_to_result
+        from stages.context import request_to_result
 
         dreq = await asyncio.to_thread(_make_request, plan, drv_path, cores)
         return request_to_result(dreq.request)
@@ -426,8 +428,8 @@ def _request_fn(plan: _Plan, drv_path: str, cores: int):  # noqa: ANN202
     return request
 
 
-def _register_fn(plan: _Plan, drv_path: str):  # noqa: ANN202
-    async def register(ctx) -> dict:  # noqa: ANN001
+def _register_fn(plan: _Plan, drv_path: str):
+    async def register(ctx) -> dict:
         from stages.castore.nar import nar_hash_and_size
         from stages.ingest import build_from_result
         from stages.nix.fixed_output import check_fixed_output
@@ -498,7 +500,7 @@ def _failure(run: Run, plan: _Plan, drv_path: str) -> str:
 async def _run(service: OciBuildService, graph: object, specs: list, nonce: str, jobs: int,
                subscribers: Iterable[Subscriber]) -> Run:
     from pipeline import Runner
-    from stages.build import build_caps
+    from stages.graph import build_caps
 
     run_dir = service.runs_dir / (time.strftime("%Y%m%d-%H%M%S") + f"-nix-{nonce}")
     run_dir.mkdir(parents=True)

@@ -38,8 +38,8 @@ Caveats:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import attrs
 
@@ -238,7 +238,7 @@ class _Parser:
         except StorePathError as exc:
             raise self.error(f"{what}: {exc}", start) from exc
 
-    def items(self, item, what: str) -> list:  # noqa: ANN001 - a bound method
+    def items(self, item, what: str) -> list:
         """``[item,item,...]``."""
         self.expect("[", f"start of the list of {what}")
         result = []
@@ -304,8 +304,8 @@ class _Parser:
         self.expect(")", "end of an input derivation")
         return start, path, tuple(n for _, n, _ in names)
 
-    def positioned(self, item):  # noqa: ANN001, ANN202
-        def wrapped():  # noqa: ANN202
+    def positioned(self, item):
+        def wrapped():
             pos = self.pos
             return pos, item()
         return wrapped

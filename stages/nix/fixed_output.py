@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import hashlib
 
+from stages.castore import nixbase32
 from stages.castore.addresses import Castore
 from stages.castore.nar import nar_chunks, nar_hash_and_size
 from stages.castore.nodes import FileNode, Node
 from stages.castore.services import READ_CHUNK
-from stages.nix import nixbase32
 from stages.nix.derivation import Derivation
 from stages.nix.errors import FixedOutputError, FixedOutputMismatch
 

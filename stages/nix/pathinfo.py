@@ -48,14 +48,14 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import attrs
 
+from stages.castore.hashes import format_sha256
 from stages.castore.nodes import DirectoryNode, FileNode, Node, node_from_proto, node_to_proto
 from stages.nix.errors import NixError
-from stages.nix.hashes import format_sha256
 from stages.nix.storepath import check_store_path
 
 __all__ = [

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 
+from stages.castore.nixbase32 import ALPHABET
 from stages.nix.errors import StorePathError
-from stages.nix.nixbase32 import ALPHABET
 
 __all__ = ["HASH_PART_LEN", "MAX_NAME_LEN", "STORE_DIR", "basename", "check_store_path",
            "hash_part", "name_part"]

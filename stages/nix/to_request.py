@@ -58,12 +58,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 
+from stages.castore import nixbase32
 from stages.castore.nodes import Node
-from stages.nix import nixbase32
 from stages.nix.derivation import Derivation, read_derivation
 from stages.nix.errors import MissingInputError, NixError, UnsupportedDerivation
 from stages.nix.storepath import STORE_DIR, basename, check_store_path, hash_part

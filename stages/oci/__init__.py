@@ -6,7 +6,7 @@ The spec and bundle stages themselves live in ``stages.spec`` and
 
 from __future__ import annotations
 
-from stages.lazy import lazy_exports
+from stages.util.lazy import lazy_exports
 
 __all__ = [
     "FALLBACK_START",

@@ -38,17 +38,18 @@ import inspect
 import json
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Optional
 
-from stages.aio import Child, PipeReader, finish_then_cancel
 from stages.errors import RuncError, RuncTimeoutError
+from stages.util.aio import Child, PipeReader, finish_then_cancel
 
 __all__ = ["LineCallback", "RuncContainer", "cleanup_stale_containers", "list_containers"]
 
 #: on_line(stream, line): stream is "stdout" or "stderr", line ends with b"\n"
 #: unless it is the last piece of output. May be a coroutine function.
-LineCallback = Callable[[str, bytes], Optional[Awaitable[None]]]
+LineCallback = Callable[[str, bytes], Awaitable[None] | None]
 
 _CHUNK = 65536
 TAIL_LINES = 25

@@ -27,13 +27,13 @@ from pathlib import Path
 import blake3
 import pytest
 import pytest_asyncio
-
 from integration_helpers import processes_with
-import stages.build
+
+import stages.graph
 from pipeline import Collector, EventKind, RunStatus, StageState, load_run
 from stages.castore.fuse.content import content_name
-from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.castore.ingest import ingest_path
+from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import BuildFailed
 from stages.oci.schema import validate_config
 from stages.request import AdditionalFile, BuildConstraints, BuildRequest, EnvVar
@@ -82,7 +82,7 @@ class Env:
         self.inputs = inputs
 
     @property
-    def host(self):  # noqa: ANN201
+    def host(self):
         assert self.svc.host is not None
         return self.svc.host
 
@@ -210,7 +210,7 @@ def _keys_of(run_dir: Path) -> list[str]:
 
     try:
         return [s.key for s in load_build_specs(run_dir)]
-    except Exception:  # noqa: BLE001 - a run that never started its builds has no keys
+    except Exception:
         return []
 
 
@@ -341,7 +341,7 @@ async def test_inputs_visible_with_exact_bytes_modes_and_symlinks(env: Env) -> N
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = b"served from the host\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -511,7 +511,7 @@ async def _start_and_wait_for(env: Env, req: BuildRequest, line: str, **kw):
     seen = asyncio.Event()
     collector = Collector()
 
-    def watch(event) -> None:  # noqa: ANN001
+    def watch(event) -> None:
         collector(event)
         if event.kind is EventKind.LOG and event.message == line:
             seen.set()
@@ -549,16 +549,16 @@ async def test_cancel_while_the_builder_runs(env: Env) -> None:
     # The autouse leak check verifies mounts, containers, bundle and fds.
 
 
-@pytest.mark.parametrize("stage", stages.build.STAGE_NAMES)
+@pytest.mark.parametrize("stage", stages.graph.STAGE_NAMES)
 async def test_cancel_as_each_stage_starts(env: Env, stage: str) -> None:
     """Cancel the build the moment ``stage`` starts; nothing survives (leak check)."""
     task: asyncio.Task | None = None
 
-    def cancel_at(event) -> None:  # noqa: ANN001
+    def cancel_at(event) -> None:
         if event.kind is EventKind.STAGE_STARTED and event.stage == stage and task is not None:
             task.cancel()
 
-    before_ingest = stages.build.STAGE_NAMES.index(stage) < STAGE_NAMES_INGEST
+    before_ingest = stages.graph.STAGE_NAMES.index(stage) < STAGE_NAMES_INGEST
     # Up to run, the builder would sleep 30 s: a cancelled build must not wait for it.
     req = env.request("echo ran > /nix/store/out" + ("; sleep 30" if before_ingest else ""))
     task = asyncio.create_task(env.svc.run_builds([req], subscribers=[cancel_at]))
@@ -569,7 +569,7 @@ async def test_cancel_as_each_stage_starts(env: Env, stage: str) -> None:
     assert loop.time() - t0 < 15, "the sleeping builder was not cut short"
 
 
-STAGE_NAMES_INGEST = stages.build.STAGE_NAMES.index("ingest")
+STAGE_NAMES_INGEST = stages.graph.STAGE_NAMES.index("ingest")
 
 
 async def test_queued_builds_prepare_their_bundles_just_in_time(env: Env) -> None:
@@ -578,7 +578,7 @@ async def test_queued_builds_prepare_their_bundles_just_in_time(env: Env) -> Non
     most = 0
     bundles_seen = 0
 
-    def watch(event) -> None:  # noqa: ANN001
+    def watch(event) -> None:
         nonlocal held, most, bundles_seen
         if event.message.endswith("workspace"):
             if event.kind is EventKind.RESOURCE_ACQUIRED:
@@ -602,19 +602,20 @@ async def test_chain_of_builds_in_one_graph(env: Env) -> None:
     import attrs as _attrs
 
     from pipeline import Runner, Stage
-    from stages.build import BuildSpec, graph_for_requests, request_to_result
+    from stages.context import BuildSpec, request_to_result
+    from stages.graph import graph_for_requests
     from stages.service import build_result
 
     a = BuildSpec(request=env.request("echo from-a > /nix/store/out"), key="chain-a")
     b_template = env.request("cat /nix/store/a-out > /nix/store/out; echo +b >> /nix/store/out")
 
-    async def make_b(ctx) -> dict:  # noqa: ANN001
+    async def make_b(ctx) -> dict:
         built = build_result_of_a(ctx)
         out = built.outputs[0].renamed(b"a-out")
         inputs = sorted([*b_template.inputs, out], key=lambda n: n.name)
         return request_to_result(_attrs.evolve(b_template, inputs=inputs))
 
-    def build_result_of_a(ctx):  # noqa: ANN001, ANN202
+    def build_result_of_a(ctx):
         from stages.ingest import build_from_result
         return build_from_result(a.request, ctx.results["chain-a/ingest"])
 
@@ -631,7 +632,7 @@ async def test_chain_of_builds_in_one_graph(env: Env) -> None:
 
 
 # A teardown that fails before removing the bundle cannot remove it: only "after" there.
-INJECTIONS = [(s, w) for s in stages.build.STAGE_NAMES for w in ("before", "after")
+INJECTIONS = [(s, w) for s in stages.graph.STAGE_NAMES for w in ("before", "after")
               if (s, w) != ("teardown", "before")]
 
 
@@ -644,7 +645,7 @@ async def test_exception_injected_at_each_stage(env: Env, monkeypatch: pytest.Mo
     module = importlib.import_module(f"stages.{stage}")
     original = module.stage
 
-    async def failing(build, host, ctx):  # noqa: ANN001, ANN202
+    async def failing(build, host, ctx):
         if when == "after":
             await original(build, host, ctx)
         raise RuntimeError(f"injected at {stage}")
@@ -664,7 +665,7 @@ async def test_exception_injected_at_each_stage(env: Env, monkeypatch: pytest.Mo
 async def test_exception_in_a_stage_keeps_the_bundle_with_keep_failed(env: Env, monkeypatch):
     import stages.ingest
 
-    async def failing(build, host, ctx):  # noqa: ANN001, ANN202
+    async def failing(build, host, ctx):
         raise RuntimeError("injected at ingest")
 
     monkeypatch.setattr(stages.ingest, "stage", failing)
@@ -680,7 +681,7 @@ async def test_exception_in_a_stage_keeps_the_bundle_with_keep_failed(env: Env, 
         assert (bundle / ".ocibuild-kept").exists()
         assert_clean(env, {key}, fds_before, _fuse_mounts(env), kept={key})
     finally:
-        from stages.bundle import remove_bundle
+        from stages.oci.layout import remove_bundle
 
         remove_bundle(bundle)
 
@@ -701,7 +702,7 @@ async def test_two_concurrent_builds_see_only_their_own(env: Env) -> None:
     a, b = req(DATA_NAME), req(FILE_NAME)
     runs: list[tuple[str, float]] = []  # (start|end, time) of every run stage
 
-    def watch(event) -> None:  # noqa: ANN001
+    def watch(event) -> None:
         if event.stage == "run" and event.kind in (EventKind.STAGE_STARTED,
                                                    EventKind.STAGE_FINISHED):
             runs.append((event.kind.value, event.time))

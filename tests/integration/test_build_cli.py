@@ -21,13 +21,19 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
-
 from integration_helpers import processes_with, remove_state_tree
+
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
 from stages.proto import build_pb2
-from stages.request import (BuildConstraints, BuildRequest, EnvVar, read_request_file,
-                            request_to_json, write_request_file)
+from stages.request import (
+    BuildConstraints,
+    BuildRequest,
+    EnvVar,
+    read_request_file,
+    request_to_json,
+    write_request_file,
+)
 from stages.service import OciBuildService
 
 pytestmark = [pytest.mark.runc, pytest.mark.fuse, pytest.mark.timeout(120)]
@@ -39,7 +45,7 @@ APPLETS = ("sh", "cat", "echo", "id", "pwd", "sleep", "ls")
 
 
 class Cli:
-    def __init__(self, base: Path, bb_node) -> None:  # noqa: ANN001
+    def __init__(self, base: Path, bb_node) -> None:
         self.base = base
         self.state = base / "state"
         self.store = f"local://{base}/store"
@@ -85,7 +91,7 @@ class Cli:
         return sorted(os.listdir(self.state / "runs")) if (self.state / "runs").exists() else []
 
 
-async def _import(base: Path, path: Path):  # noqa: ANN202
+async def _import(base: Path, path: Path):
     store = f"local://{base}/store"
     castore = open_castore(store, store)
     try:
@@ -245,7 +251,7 @@ def test_keep_failed_then_shell_in_the_same_sandbox(cli: Cli) -> None:
             ["runc", "list", "-q"], capture_output=True, text=True).stdout.split()
         assert not list(cli.state.glob("instances/*"))
     finally:
-        from stages.bundle import remove_bundle
+        from stages.oci.layout import remove_bundle
 
         remove_bundle(bundle)
 

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import blake3
 import pytest
@@ -94,7 +94,7 @@ def nix_base32(digest: bytes) -> str:
     return "".join(out)
 
 
-def load_module(name: str):  # noqa: ANN201
+def load_module(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

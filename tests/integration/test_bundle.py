@@ -15,11 +15,14 @@ from pathlib import Path
 
 import attrs
 import pytest
+from build_strategies import valid_requests
 from hypothesis import HealthCheck, given, settings
 
-from build_strategies import valid_requests
 from stages import bundle as bundle_mod
-from stages.bundle import check_traversable, remove_bundle, write_bundle
+from stages import spec as spec_mod
+from stages.oci import layout as layout_mod
+from stages.bundle import write_bundle
+from stages.oci.layout import check_traversable, remove_bundle
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import BundleError, RequestError
 from stages.oci.idmap import IdMap
@@ -80,12 +83,12 @@ def test_layout(base_dir: Path) -> None:
     assert "127.0.0.1 localhost" in (rootfs / "etc/hosts").read_text()
     # scratch dirs: writable by the mapped build user
     for s in req.scratch_paths:
-        d = lay.scratch_dir(req, s)
+        d = lay.scratch_dir(req.scratch_paths, s)
         st_ = d.stat()
         assert (st_.st_uid, st_.st_gid) == (500000 + 1000, 600000 + 100)
         assert any(m["source"] == str(d) and m["destination"] == "/" + s
                    for m in config["mounts"])
-    store = lay.scratch_dir(req, "nix/store")
+    store = lay.scratch_dir(req.scratch_paths, "nix/store")
     # mount points: a directory for a directory input, a file for a file input
     assert (store / "aaa-dep").is_dir()
     assert stat.S_ISREG((store / "bbb-src.sh").lstat().st_mode)
@@ -97,14 +100,14 @@ def test_layout(base_dir: Path) -> None:
     assert not (rootfs / "sys").exists()  # no /sys without network access, as in Nix
     assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777  # runc copies it to the tmpfs
     # additional files: into the scratch dir or the (read-only) rootfs, the builder's
-    attrs_json = lay.scratch_dir(req, "build") / ".attrs.json"
+    attrs_json = lay.scratch_dir(req.scratch_paths, "build") / ".attrs.json"
     assert attrs_json.read_bytes() == b'{"a":1}'
     assert attrs_json.stat().st_uid == 501000
     assert (rootfs / "opt/conf/x.cfg").read_bytes() == b"cfg\n"
     assert (rootfs / "opt/conf/x.cfg").stat().st_uid == 501000
     # host_path: where an output is read back
-    assert lay.host_path(req, "nix/store/zzz-out") == store / "zzz-out"
-    assert lay.host_path(req, "opt/conf") == rootfs / "opt/conf"
+    assert lay.host_path(req.scratch_paths, "nix/store/zzz-out") == store / "zzz-out"
+    assert lay.host_path(req.scratch_paths, "opt/conf") == rootfs / "opt/conf"
     assert not [p for p in base_dir.iterdir() if p.name != "b"]
 
 
@@ -135,15 +138,15 @@ def test_modes_and_owners_are_nix_28s(base_dir: Path, umask: int) -> None:
         os.umask(old)
     rootfs = lay.rootfs
     assert _mode(rootfs) == 0o750
-    assert _mode(lay.scratch_dir(req, "build")) == 0o700
-    assert _mode(lay.scratch_dir(req, "nix/store")) == 0o1775
+    assert _mode(lay.scratch_dir(req.scratch_paths, "build")) == 0o700
+    assert _mode(lay.scratch_dir(req.scratch_paths, "nix/store")) == 0o1775
     assert _mode(rootfs / "tmp") == 0o1777
     for rel in ("etc", "proc", "dev", "nix", "opt/conf", "bin"):
         assert _mode(rootfs / rel) == 0o755, rel
     for rel in ("etc/passwd", "etc/group", "etc/hosts", "opt/conf/x.cfg", "bin/sh"):
         assert _mode(rootfs / rel) == 0o644, rel
     everything = _tree(rootfs) + [p for s in req.scratch_paths
-                                  for p in _tree(lay.scratch_dir(req, s))]
+                                  for p in _tree(lay.scratch_dir(req.scratch_paths, s))]
     assert len(everything) > 15
     for p in everything:
         st_ = p.lstat()
@@ -158,21 +161,21 @@ def test_working_dir_outside_scratch_paths_is_the_builders(base_dir: Path) -> No
     work = lay.rootfs / "work/here"
     assert _mode(work) == 0o700 and (work.stat().st_uid, work.stat().st_gid) == BUILDER
     assert _mode(lay.rootfs / "work") == 0o755
-    assert _mode(lay.scratch_dir(req, "build")) == 0o755  # a scratch path like any other
+    assert _mode(lay.scratch_dir(req.scratch_paths, "build")) == 0o755  # a scratch path like any other
 
 
 def test_inputs_dir_1775_only_as_a_scratch_path(base_dir: Path) -> None:
     # inputs_dir inside a scratch path, not one itself: an ordinary directory.
     req = request(scratch_paths=["build", "nix"], outputs=["nix/out"])
     lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req))
-    store = lay.scratch_dir(req, "nix") / "store"
+    store = lay.scratch_dir(req.scratch_paths, "nix") / "store"
     assert _mode(store) == 0o755 and (store.stat().st_uid, store.stat().st_gid) == BUILDER
-    assert _mode(lay.scratch_dir(req, "nix")) == 0o755
+    assert _mode(lay.scratch_dir(req.scratch_paths, "nix")) == 0o755
     # inputs_dir that is also the working directory: the working directory's 0700.
     req = request(working_dir="nix/store", additional_files=[])
     lay = write_bundle(base_dir / "c", req, idmap=IDMAP, input_paths=inputs_for(req))
-    assert _mode(lay.scratch_dir(req, "nix/store")) == 0o700
-    assert _mode(lay.scratch_dir(req, "build")) == 0o755
+    assert _mode(lay.scratch_dir(req.scratch_paths, "nix/store")) == 0o700
+    assert _mode(lay.scratch_dir(req.scratch_paths, "build")) == 0o755
 
 
 def test_bundle_dir_mode_lets_mapped_root_through(base_dir: Path) -> None:
@@ -192,7 +195,7 @@ def test_every_mount_point_exists(base_dir: Path, req: BuildRequest) -> None:
         host = _mount_point_host(lay, req, rel)
         assert host.is_dir() if kind == "dir" else host.is_file(), rel
     for f in req.additional_files:
-        assert lay.host_path(req, f.path).read_bytes() == f.contents
+        assert lay.host_path(req.scratch_paths, f.path).read_bytes() == f.contents
 
 
 def _mount_point_host(lay, req, rel):
@@ -200,7 +203,7 @@ def _mount_point_host(lay, req, rel):
     if not enclosing:
         return lay.rootfs / rel
     s = max(enclosing, key=len)
-    return lay.scratch_dir(req, s) / rel[len(s) + 1:]
+    return lay.scratch_dir(req.scratch_paths, s) / rel[len(s) + 1:]
 
 
 def test_existing_bundle_dir_is_refused(base_dir: Path) -> None:
@@ -244,7 +247,7 @@ def test_unreachable_parent_is_refused(base_dir: Path) -> None:
 
 def test_remove_bundle_refuses_while_mounted(base_dir: Path) -> None:
     lay = write_bundle(base_dir / "b", request(), idmap=IDMAP, input_paths=inputs_for(request()))
-    inside = lay.scratch_dir(request(), "build")
+    inside = lay.scratch_dir(request().scratch_paths, "build")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inside)], check=True)
     try:
         with pytest.raises(BundleError, match="still mounted"):
@@ -270,7 +273,7 @@ def test_scratch_root_apart(base_dir: Path) -> None:
     assert lay.scratch_root == base_dir / "disk" / "b"
     # config.json binds the real directories, not through the symlink
     for s in req.scratch_paths:
-        d = lay.scratch_dir(req, s)
+        d = lay.scratch_dir(req.scratch_paths, s)
         assert d.parent == base_dir / "disk" / "b" and d.is_dir() and not d.is_symlink()
         assert any(m["source"] == str(d) and m["destination"] == "/" + s
                    for m in config["mounts"])
@@ -280,7 +283,7 @@ def test_scratch_root_apart(base_dir: Path) -> None:
     assert os.readlink(base_dir / "disk/b/1/ccc-link") == "aaa-dep/bin"
     # people looking at the bundle find the scratch directories through a symlink
     assert os.readlink(lay.root / "scratch") == str(base_dir / "disk" / "b")
-    assert bundle_mod.linked_scratch(lay.root) == base_dir / "disk" / "b"
+    assert layout_mod.linked_scratch(lay.root) == base_dir / "disk" / "b"
     assert sorted(p.name for p in (base_dir / "rt").iterdir()) == ["b"]
 
     remove_bundle(lay.root)
@@ -311,23 +314,23 @@ def test_trash_bundle_moves_both_parts_each_to_its_trash(base_dir: Path) -> None
     req = request()
     lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
                        scratch_root=base_dir / "s")
-    moved = bundle_mod.trash_bundle(lay.root, base_dir / "trash",
+    moved = layout_mod.trash_bundle(lay.root, base_dir / "trash",
                                     scratch_trash_dir=base_dir / "strash")
     assert [p.parent.name for p in moved] == ["trash", "strash"]
     assert not lay.root.exists() and not (base_dir / "s").exists()
     assert (moved[1] / "0" / ".attrs.json").exists()
-    assert bundle_mod.trash_bundle(lay.root, base_dir / "trash") == []
+    assert layout_mod.trash_bundle(lay.root, base_dir / "trash") == []
 
 
 def test_trash_bundle_refuses_while_its_scratch_is_mounted(base_dir: Path) -> None:
     req = request()
     lay = write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
                        scratch_root=base_dir / "s")
-    inside = lay.scratch_dir(req, "build")
+    inside = lay.scratch_dir(req.scratch_paths, "build")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inside)], check=True)
     try:
         with pytest.raises(BundleError, match="still mounted"):
-            bundle_mod.trash_bundle(lay.root, base_dir / "trash")
+            layout_mod.trash_bundle(lay.root, base_dir / "trash")
         assert lay.root.exists() and inside.exists()
     finally:
         subprocess.run(["umount", str(inside)], check=True)
@@ -338,13 +341,13 @@ def test_remove_if_small_leaves_a_large_tree(base_dir: Path) -> None:
     (small / "a" / "b").mkdir(parents=True)
     (small / "a" / "f").write_text("x")
     (small / "link").symlink_to("/etc")  # removed, not followed
-    assert bundle_mod.remove_if_small(small, limit=4)
+    assert layout_mod.remove_if_small(small, limit=4)
     assert not small.exists() and Path("/etc/passwd").exists()
     large = base_dir / "large"
     large.mkdir()
     for i in range(5):
         (large / str(i)).write_text("x")
-    assert not bundle_mod.remove_if_small(large, limit=4)
+    assert not layout_mod.remove_if_small(large, limit=4)
     assert len(list(large.iterdir())) == 5
 
 
@@ -375,7 +378,7 @@ def _shareable(req: BuildRequest) -> BuildRequest:
 def _write_three(base: Path, req: BuildRequest):
     """The same request as a bundle with its own root, then twice with a shared one."""
     own = write_bundle(base / "own", req, idmap=IDMAP, input_paths=inputs_for(req))
-    shared = base / "roots" / bundle_mod.shared_rootfs_key(req, IDMAP)
+    shared = base / "roots" / spec_mod.shared_rootfs_key(req, IDMAP)
     (base / "roots").mkdir(mode=0o711, exist_ok=True)
     first = write_bundle(base / "first", req, idmap=IDMAP, input_paths=inputs_for(req),
                          shared_rootfs=shared)
@@ -437,7 +440,7 @@ def test_requests_share_a_root_exactly_when_their_roots_are_the_same(
     req = _shareable(req)
     base = Path(tempfile.mkdtemp(dir=base_dir))
     os.chmod(base, 0o711)
-    key = bundle_mod.shared_rootfs_key(req, IDMAP)
+    key = spec_mod.shared_rootfs_key(req, IDMAP)
     ref = _snapshot(write_bundle(base / "ref", req, idmap=IDMAP,
                                  input_paths=inputs_for(req)).rootfs)
     for what, (other, may_differ) in _mutations(req).items():
@@ -446,7 +449,7 @@ def test_requests_share_a_root_exactly_when_their_roots_are_the_same(
                                input_paths=inputs_for(other))
         except RequestError:
             continue  # the change made the request invalid (a path clash)
-        same_key = bundle_mod.shared_rootfs_key(other, IDMAP) == key
+        same_key = spec_mod.shared_rootfs_key(other, IDMAP) == key
         same_root = _snapshot(lay.rootfs) == ref
         # Equal keys must mean equal roots; a change that leaves the root
         # alone must leave the key alone (or nothing would be shared).
@@ -459,10 +462,10 @@ def test_requests_share_a_root_exactly_when_their_roots_are_the_same(
 
 def test_a_root_that_cannot_be_shared_is_refused_and_nothing_is_written(base_dir: Path) -> None:
     req = request()  # available_ro_paths, and a file in /opt/conf (the root)
-    assert bundle_mod.shared_rootfs_key(req, IDMAP) is None
+    assert spec_mod.shared_rootfs_key(req, IDMAP) is None
     no_ro = attrs.evolve(req, constraints=attrs.evolve(req.constraints, available_ro_paths=[]))
-    assert bundle_mod.shared_rootfs_key(no_ro, IDMAP) is None  # the file in the root
-    assert bundle_mod.shared_rootfs_key(_shareable(req), IDMAP) is not None
+    assert spec_mod.shared_rootfs_key(no_ro, IDMAP) is None  # the file in the root
+    assert spec_mod.shared_rootfs_key(_shareable(req), IDMAP) is not None
     with pytest.raises(BundleError, match="cannot be shared"):
         write_bundle(base_dir / "b", req, idmap=IDMAP, input_paths=inputs_for(req),
                      shared_rootfs=base_dir / "root")

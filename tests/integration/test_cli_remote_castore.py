@@ -1,6 +1,6 @@
 """`ocibuild castore import/nar/mount` against a remote store over grpc+unix.
 
-A castore server process (``python -m stages.castore.grpc_server``) serves a
+A castore server process (``python -m stages.grpc.castore_server``) serves a
 local store in a temp dir. The CLI imports a tree into it; its NAR must equal
 the NAR of the same tree imported into a separate local store (independent
 path); the mount must show the tree. A bad or dead address is a one-line
@@ -37,7 +37,7 @@ def workdir():
 def server(workdir: Path):
     sock = workdir / "c.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stages.castore.grpc_server", "--listen", f"unix://{sock}",
+        [sys.executable, "-m", "stages.grpc.castore_server", "--listen", f"unix://{sock}",
          "--blob-service-addr", f"local://{workdir}/remote",
          "--directory-service-addr", f"local://{workdir}/remote"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -86,7 +86,7 @@ def test_import_and_nar_against_a_remote_store(server: str, tree: Path, workdir:
 
 
 def test_bad_and_dead_addresses_are_one_line_errors(workdir: Path, tree: Path) -> None:
-    for address, fragment in ((f"grpc+unix://relative/sock", b"absolute"),
+    for address, fragment in (("grpc+unix://relative/sock", b"absolute"),
                               ("grpc+http://127.0.0.1", b"missing port"),
                               (f"grpc+unix://{workdir}/nobody.sock", b"does not exist")):
         start = time.monotonic()

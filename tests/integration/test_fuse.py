@@ -12,9 +12,9 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,7 +174,7 @@ async def test_mounted_tree_walks_identical_to_source(tmp_path, mountpoint, stor
         inos = {rel: os.lstat(os.path.join(os.fsencode(mounted), rel)).st_ino
                 for rel in expected}
 
-        def identity(rel):  # noqa: ANN001, ANN202
+        def identity(rel):
             info = expected[rel]
             if info[0] == "file":
                 return ("file", info[1], info[3])  # exec bit, contents

@@ -1,6 +1,6 @@
 """``serve()`` in-process with real runc and FUSE, driven over gRPC.
 
-One server for the module (stages.serve.serve, jobs=2) on a unix socket in a
+One server for the module (stages.grpc.serve.serve, jobs=2) on a unix socket in a
 traversable temp dir, over a local store holding a static busybox. Clients
 are GrpcBuildService (builds) and the gRPC castore client (reading outputs,
 remote builds); health and reflection are checked with grpc's own stubs.
@@ -22,13 +22,13 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from stages.build_grpc import GrpcBuildService
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
 from stages.castore.nodes import FileNode
 from stages.errors import BuildFailed, RequestError
+from stages.grpc.build_service import GrpcBuildService
+from stages.grpc.serve import serve
 from stages.request import BuildConstraints, BuildRequest, EnvVar
-from stages.serve import serve
 
 pytestmark = [pytest.mark.runc, pytest.mark.fuse,
               pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -41,14 +41,14 @@ SERVICE_NAMES = ("tvix.castore.v1.BlobService", "tvix.castore.v1.DirectoryServic
 
 
 class Env:
-    def __init__(self, base: Path, bb_node, sock: Path) -> None:  # noqa: ANN001
+    def __init__(self, base: Path, bb_node, sock: Path) -> None:
         self.base = base
         self.bb_node = bb_node
         self.sock = sock
         self.address = f"grpc+unix://{sock}"
         self.state = base / "state"
 
-    def request(self, script: str, inputs=None) -> BuildRequest:  # noqa: ANN001
+    def request(self, script: str, inputs=None) -> BuildRequest:
         return BuildRequest(
             inputs=[self.bb_node] if inputs is None else inputs,
             command_args=[f"{BB}/sh", "-c", script],
@@ -195,7 +195,7 @@ async def test_refused_and_failed_builds(env: Env) -> None:
     assert env.leftovers() == []
 
 
-async def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+async def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -219,7 +219,7 @@ async def test_remote_build_uploads_inputs_and_fetches_outputs(env: Env) -> None
     import attrs
     import blake3
 
-    from stages.remote import remote_build
+    from stages.grpc.remote import remote_build
 
     local = open_castore("memory://", "memory://")  # the client's own store
     remote = open_castore(env.address, env.address)

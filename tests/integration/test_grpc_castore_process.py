@@ -2,7 +2,7 @@
 256 MiB blob with bounded memory on both ends, parallel large uploads, and
 the FUSE mount reading a remote store.
 
-The server runs as ``python -m stages.castore.grpc_server`` over a local
+The server runs as ``python -m stages.grpc.castore_server`` over a local
 store in a temp dir, on a unix socket; every test stops what it started.
 """
 
@@ -38,7 +38,7 @@ class ServerProcess:
     def __init__(self, store: Path, sock: Path) -> None:
         self.address = f"grpc+unix://{sock}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.castore.grpc_server", "--listen", f"unix://{sock}",
+            [sys.executable, "-m", "stages.grpc.castore_server", "--listen", f"unix://{sock}",
              "--blob-service-addr", f"local://{store}",
              "--directory-service-addr", f"local://{store}"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -189,7 +189,7 @@ async def test_nar_hash_is_what_nix_store_query_hash_prints(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("algo, size", [("md5", 16), ("sha1", 20), ("sha256", 32), ("sha512", 64)])
 def test_nixbase32_agrees_with_nix_hash(algo: str, size: int) -> None:
-    from stages.nix import nixbase32
+    from stages.castore import nixbase32
 
     for _ in range(5):
         raw = os.urandom(size)

@@ -38,7 +38,6 @@ import pytest_asyncio
 
 from stages.castore.ingest import ingest_path
 from stages.castore.nar import nar_bytes
-from stages.errors import BuildFailed
 from stages.nix import (
     FixedOutputMismatch,
     check_fixed_output,
@@ -196,7 +195,7 @@ class World:
         nix("nix-store", "--delete", *existing, *sorted(ours - outputs), cwd=self.base,
             check=False)
 
-    async def build_ours(self, drv_path: str):  # noqa: ANN201
+    async def build_ours(self, drv_path: str):
         """Our Build of ``drv_path``, its DerivationRequest, the castore."""
         drv = read_derivation(drv_path)
         castore = self.svc.host.castore

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from integration_helpers import remove_state_tree
+
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
 from stages.request import BuildConstraints, BuildRequest, EnvVar, write_request_file

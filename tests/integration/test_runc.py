@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from integration_helpers import processes_with
+
 from stages.bundle import write_bundle
 from stages.castore.nodes import DirectoryNode
 from stages.errors import RuncError, RuncTimeoutError
@@ -202,7 +202,7 @@ async def test_inputs_read_only_scratch_writable(sb) -> None:
     assert b"Read-only file system" in text and b"WROTE-INPUT" not in text
     assert b"scratch-ok" in text and b"root-ro" in text
     assert not (sb.tools / "new").exists()
-    assert lay.host_path(req, "nix/store/out").read_bytes() == b"made\n"
+    assert lay.host_path(req.scratch_paths, "nix/store/out").read_bytes() == b"made\n"
 
 
 async def _http_server():
@@ -342,5 +342,5 @@ async def test_concurrent_builds_share_the_mapping(sb) -> None:
     for i, (code, lines, lay) in enumerate(results):
         assert code == 0
         assert out(lines) == b""  # each /build starts empty: no one sees another's files
-        assert lay.host_path(reqs[i], "nix/store/out").read_bytes() == f"{i}\n".encode()
+        assert lay.host_path(reqs[i].scratch_paths, "nix/store/out").read_bytes() == f"{i}\n".encode()
     assert await list_containers(sb.state) == []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.service import RUNTIME_ENV, _runtime_home
+from stages.service.recovery import RUNTIME_ENV, _runtime_home
 
 pytestmark = pytest.mark.root
 
@@ -80,7 +80,7 @@ def test_missing_base_keeps_bundles_on_disk(tmp_path: Path, monkeypatch) -> None
 
 
 def test_a_dead_instance_names_only_its_own_runtime_directory(tmp_path: Path) -> None:
-    from stages.service import _linked_runtime
+    from stages.service.recovery import _linked_runtime
 
     inst = tmp_path / "123-abcd"
     inst.mkdir()

@@ -119,7 +119,7 @@ async def test_sandbox_matches_nix_byte_for_byte() -> None:
         async with RuncContainer(layout.root, f"vs-nix-{uuid.uuid4().hex[:8]}",
                                  state_root=state) as c:
             await c.run(log_path=layout.log, timeout=60)
-        ours = layout.host_path(req, out_path.lstrip("/")).read_bytes()
+        ours = layout.host_path(req.scratch_paths, out_path.lstrip("/")).read_bytes()
 
         # section by section first, for a readable failure
         for nix_part, our_part in zip(nix_output.split(b"--\n"), ours.split(b"--\n")):

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from integration_helpers import processes_with, remove_state_tree
-from stages.build_grpc import GrpcBuildService
+
 from stages.castore.addresses import open_castore
 from stages.castore.ingest import ingest_path
 from stages.errors import ServiceError
+from stages.grpc.build_service import GrpcBuildService
 from stages.request import BuildConstraints, BuildRequest, EnvVar
 
 pytestmark = [pytest.mark.runc, pytest.mark.fuse, pytest.mark.timeout(120)]
@@ -94,14 +94,14 @@ def base():
         remove_state_tree(path)
 
 
-def _start(base_and_servers, *listen: str) -> Server:  # noqa: ANN001
+def _start(base_and_servers, *listen: str) -> Server:
     base, servers = base_and_servers
     server = Server(base, *listen)
     servers.append(server)
     return server
 
 
-async def _import_busybox(base: Path):  # noqa: ANN202
+async def _import_busybox(base: Path):
     bb = base / "inputs" / BB_NAME
     bb.mkdir(parents=True)
     shutil.copy2("/bin/busybox", bb / "busybox")
@@ -115,7 +115,7 @@ async def _import_busybox(base: Path):  # noqa: ANN202
         await castore.aclose()
 
 
-def _request(bb_node, script: str) -> BuildRequest:  # noqa: ANN001
+def _request(bb_node, script: str) -> BuildRequest:
     return BuildRequest(
         inputs=[bb_node], command_args=[f"{BB}/sh", "-c", script],
         working_dir="build", scratch_paths=["build", "nix/store"], inputs_dir="nix/store",
@@ -160,7 +160,7 @@ def test_signal_mid_build_cancels_cleans_and_exits_0(base, sig: signal.Signals) 
             server.proc.send_signal(sig)
             try:
                 await asyncio.wait_for(task, 30)
-            except BaseException as exc:  # noqa: BLE001 - the error is what we check
+            except BaseException as exc:
                 return exc, kept
             return None, kept
 

@@ -1,4 +1,4 @@
-"""stages.aio.Child: a child process on pipes, its exit seen through a pidfd."""
+"""stages.util.aio.Child: a child process on pipes, its exit seen through a pidfd."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import signal
 
 import pytest
 
-from stages.aio import Child
+from stages.util.aio import Child
 
 
 def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-async def _read_all(reader) -> bytes:  # noqa: ANN001
+async def _read_all(reader) -> bytes:
     out = b""
     while chunk := await reader.read(65536):
         out += chunk
@@ -79,7 +79,7 @@ async def test_without_pidfd_a_thread_waits(monkeypatch) -> None:
 async def test_an_adopted_popen_streams_and_exits() -> None:
     import subprocess
 
-    from stages.aio import AdoptedProcess
+    from stages.util.aio import AdoptedProcess
 
     popen = subprocess.Popen(["/bin/sh", "-c", "read line; echo got $line; echo oops >&2; "
                               "exit 3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -99,7 +99,7 @@ async def test_an_adopted_popen_streams_and_exits() -> None:
 async def test_an_adopted_popen_can_be_killed() -> None:
     import subprocess
 
-    from stages.aio import AdoptedProcess
+    from stages.util.aio import AdoptedProcess
 
     popen = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)

@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from stages.build_grpc import BuildServicer, GrpcBuildService, add_build_servicer
 from stages.castore.nodes import FileNode
 from stages.errors import BuildFailed, RequestError, ServiceError
+from stages.grpc.build_service import BuildServicer, GrpcBuildService, add_build_servicer
 from stages.proto import rpc_build_pb2_grpc
 from stages.request import Build, BuildConstraints, BuildRequest, OutputNeedles, request_to_proto
 from stages.service import BuildService, open_build_service
@@ -73,7 +73,7 @@ class Server:
     def address(self) -> str:
         return f"grpc+unix://{self.path}"
 
-    def stub(self, channel: grpc.aio.Channel):  # noqa: ANN201
+    def stub(self, channel: grpc.aio.Channel):
         return rpc_build_pb2_grpc.BuildServiceStub(channel)
 
 
@@ -94,7 +94,7 @@ async def server():
         tmp.rmdir()
 
 
-async def _raw(server: Server, req) -> grpc.aio.AioRpcError | object:  # noqa: ANN001
+async def _raw(server: Server, req) -> grpc.aio.AioRpcError | object:
     async with grpc.aio.insecure_channel(f"unix://{server.path}") as ch:
         try:
             return await server.stub(ch).DoBuild(req)

@@ -166,7 +166,7 @@ def test_runs_lists_finished_and_unreadable_runs(capsys: pytest.CaptureFixture,
                                                  tmp_path: Path) -> None:
     from pipeline import Graph, Stage, run_sync
 
-    async def ok(ctx):  # noqa: ANN001, ANN202
+    async def ok(ctx):
         return 1
 
     run_sync(Graph(stages=[Stage(name="only", fn=ok)]), run_root=tmp_path / "state" / "runs",
@@ -195,9 +195,9 @@ def test_resume_of_a_directory_that_is_no_build_run(capsys: pytest.CaptureFixtur
 
 def test_shell_names_the_builds_of_a_run(capsys: pytest.CaptureFixture, tmp_path: Path,
                                          request_file: Path) -> None:
-    from stages.build import BuildSpec
+    from stages.context import BuildSpec
     from stages.request import read_request_file
-    from stages.service import _save_specs
+    from stages.service.runs import save_specs as _save_specs
 
     run = tmp_path / "state" / "runs" / "r1"
     run.mkdir(parents=True)

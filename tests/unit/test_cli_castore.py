@@ -20,9 +20,9 @@ from pathlib import Path
 
 import blake3
 import pytest
-
-from stages.nix import nixbase32
 from test_nar import expected_nar
+
+from stages.castore import nixbase32
 
 OCIBUILD = Path(sys.executable).parent / "ocibuild"
 
@@ -191,7 +191,7 @@ def test_nar_of_a_symlink_needs_no_store(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("args, names", [
-    pytest.param(["--blob-service-addr", "bogus://x"], ["bogus://x", "unknown blob service"],
+    pytest.param(["--blob-service-addr", "bogus://x"], ["bogus://x", "unknown store scheme"],
                  id="unknown-scheme"),
     pytest.param(["--directory-service-addr", "no-scheme"], ["no-scheme", "not a URL"],
                  id="not-a-url"),

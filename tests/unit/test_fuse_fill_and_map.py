@@ -11,8 +11,8 @@ import errno
 import logging
 import threading
 
-import pytest
 import pyfuse3
+import pytest
 import trio
 
 from stages.castore import local

@@ -10,7 +10,7 @@ import pytest
 from stages.castore.errors import StoreError
 from stages.castore.fuse import cleanup_stale_mounts
 from stages.castore.fuse.mounts import _unescape, read_mountinfo, resolve_without_entering
-from stages.castore.fuse.store import check_address
+from stages.castore.fuse.store import check_servable
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -41,15 +41,19 @@ def test_cleanup_with_nothing_mounted_returns_empty(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("address,match", [
-    ("memory://", "memory://"),
-    ("grpc+unix:///run/castore.sock", "grpc\\+unix"),
+    ("memory://", "memory://.*one process"),
     ("local://relative/dir", "local:///absolute"),
+    ("local:///abs/dir?x=1", "local:///absolute"),
     ("no-scheme", "not a URL"),
-], ids=["memory", "grpc", "relative-local", "no-scheme"])
+    ("nope://x", "unknown store scheme 'nope'.*grpc\\+unix://.*local://"),
+    ("grpc+unix://relative.sock", "grpc\\+unix:///absolute/path"),
+], ids=["memory", "relative-local", "local-query", "no-scheme", "unknown", "relative-grpc"])
 def test_unservable_addresses_are_refused_by_name(address: str, match: str) -> None:
     with pytest.raises(StoreError, match=match):
-        check_address(address)
+        check_servable(address)
 
 
-def test_local_address_gives_its_directory() -> None:
-    assert check_address("local:///var/lib/store") == Path("/var/lib/store")
+@pytest.mark.parametrize("address", ["local:///var/lib/store", "grpc+unix:///run/c.sock",
+                                     "grpc+http://[::1]:5000"])
+def test_local_and_grpc_addresses_are_servable(address: str) -> None:
+    check_servable(address)  # checked, not opened: nothing listens there

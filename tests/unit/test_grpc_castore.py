@@ -20,17 +20,26 @@ import blake3
 import grpc
 import pytest
 
+# The shared store contract, collected again here with our `castore` fixture.
+from test_local_store import (
+    test_aborted_write_is_invisible,
+    test_bad_digest_length_is_refused,
+    test_blob_roundtrip,
+    test_concurrent_writers_from_tasks,
+    test_directory_put_and_get,
+    test_directory_upload_rules,
+    test_empty_directory_digest,
+    test_missing_blob,
+    test_missing_directory,
+    test_put_files,
+    test_put_files_refuses_non_regular,
+    test_recursive_get_is_breadth_first_each_once,
+    test_streamed_write_in_chunks_and_reads,
+)
+
 from stages.castore.addresses import Castore, open_castore
 from stages.castore.copy import copy_node
 from stages.castore.errors import CorruptionError, NotFoundError, StoreError, ValidationError
-from stages.castore.grpc_client import (
-    GrpcBlobService,
-    GrpcDirectoryService,
-    GrpcOptions,
-    channel_for,
-    parse_address,
-)
-from stages.castore.grpc_server import CHUNK, start_castore_server
 from stages.castore.local import LocalStore
 from stages.castore.memory import MemoryBlobService
 from stages.castore.nar import nar_bytes
@@ -42,29 +51,15 @@ from stages.castore.nodes import (
     directory_to_proto,
 )
 from stages.castore.services import BlobReader
+from stages.grpc.castore_client import GrpcBlobService, GrpcDirectoryService
+from stages.grpc.castore_server import CHUNK, start_castore_server
+from stages.grpc.channels import GrpcOptions, channel_for, parse_address
 from stages.proto import (
     castore_pb2,
     rpc_blobstore_pb2,
     rpc_blobstore_pb2_grpc,
     rpc_directory_pb2,
     rpc_directory_pb2_grpc,
-)
-
-# The shared store contract, collected again here with our `castore` fixture.
-from test_local_store import (  # noqa: F401  (pytest collects them)
-    test_aborted_write_is_invisible,
-    test_blob_roundtrip,
-    test_bad_digest_length_is_refused,
-    test_concurrent_writers_from_tasks,
-    test_directory_put_and_get,
-    test_directory_upload_rules,
-    test_empty_directory_digest,
-    test_missing_blob,
-    test_missing_directory,
-    test_put_files,
-    test_put_files_refuses_non_regular,
-    test_recursive_get_is_breadth_first_each_once,
-    test_streamed_write_in_chunks_and_reads,
 )
 
 
@@ -530,13 +525,13 @@ def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
 async def test_idempotent_calls_and_stream_opens_retry_only_unavailable() -> None:
     # The retry policy on its own: a server that is UNAVAILABLE a set number
     # of times cannot be staged on demand, so the calls fail as gRPC would.
-    from stages.castore.grpc_client import _Connection
+    from stages.grpc.castore_client import _Connection
 
     conn = _Connection("grpc+unix:///nonexistent.sock",
                        GrpcOptions(retries=2, backoff=0.001))
     tries = []
 
-    def flaky(failures: int, code=grpc.StatusCode.UNAVAILABLE):  # noqa: ANN001, ANN202
+    def flaky(failures: int, code=grpc.StatusCode.UNAVAILABLE):
         async def attempt() -> str:
             tries.append(code)
             if len(tries) <= failures:

@@ -29,10 +29,10 @@ import pytest
 from stages.castore import local
 from stages.castore.addresses import Castore, open_castore
 from stages.castore.errors import StoreError, ValidationError
-from stages.castore.grpc_client import GrpcBlobService, GrpcDirectoryService, _raise_final_status
-from stages.castore.grpc_server import CHUNK, start_castore_server
 from stages.castore.memory import MemoryBlobService
 from stages.castore.services import BlobReader
+from stages.grpc.castore_client import GrpcBlobService, GrpcDirectoryService, _raise_final_status
+from stages.grpc.castore_server import CHUNK, start_castore_server
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
@@ -51,7 +51,7 @@ def pattern(n: int, seed: int = 0) -> bytes:
 
 _FAULTS = textwrap.dedent("""
     import resource, sys
-    from stages.castore.grpc_wire import tune_malloc
+    from stages.grpc.wire import tune_malloc
     applied = tune_malloc()
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

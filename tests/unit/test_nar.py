@@ -15,14 +15,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stages.castore import nixbase32
 from stages.castore.addresses import Castore
 from stages.castore.errors import CorruptionError, NotFoundError, ValidationError
+from stages.castore.hashes import format_sha256, parse_sha256
 from stages.castore.memory import MemoryBlobService, MemoryDirectoryService
 from stages.castore.nar import format_nar_hash, nar_bytes, nar_chunks, nar_hash_and_size
 from stages.castore.nodes import Directory, DirectoryNode, FileNode, SymlinkNode, blob_digest
 from stages.castore.services import READ_CHUNK
-from stages.nix import nixbase32
-from stages.nix.hashes import format_sha256, parse_sha256
 
 
 def memory_castore() -> Castore:

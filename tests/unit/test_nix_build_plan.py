@@ -6,11 +6,17 @@ import hashlib
 
 import pytest
 
-from stages.build import BuildSpec
+from stages.castore import nixbase32
 from stages.castore.nodes import SymlinkNode
-from stages.nix import nixbase32
-from stages.nix.build import (DrvResult, NixStoreError, OutputResult, _check_output_cycles,
-                              _key, _parse_nix_db_hash)
+from stages.context import BuildSpec
+from stages.nix.build import (
+    DrvResult,
+    NixStoreError,
+    OutputResult,
+    _check_output_cycles,
+    _key,
+    _parse_nix_db_hash,
+)
 from stages.nix.derivation import Derivation, DerivationOutput
 from stages.nix.errors import NixError
 from stages.nix.pathinfo import PathInfo

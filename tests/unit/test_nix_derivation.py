@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stages.castore.nixbase32 import ALPHABET
 from stages.nix import (
     Derivation,
     DerivationOutput,
@@ -27,7 +28,6 @@ from stages.nix import (
     serialize_derivation,
 )
 from stages.nix.derivation import derivation_bytes
-from stages.nix.nixbase32 import ALPHABET
 
 H1 = "0" * 31 + "1"
 H2 = "a" * 32
@@ -193,7 +193,7 @@ def test_malformed_files_name_line_and_column(text: str, line: int, column: int,
     assert isinstance(err, NixError) and isinstance(err, ValueError)
 
 
-def test_read_derivation_names_a_missing_file(tmp_path) -> None:  # noqa: ANN001
+def test_read_derivation_names_a_missing_file(tmp_path) -> None:
     with pytest.raises(NixError, match="cannot read the derivation .*nope.drv"):
         read_derivation(tmp_path / "nope.drv")
     (tmp_path / "bad.drv").write_bytes(b"Derive(")

@@ -13,8 +13,8 @@ from pathlib import Path
 import blake3
 import pytest
 
+from stages.castore import nixbase32
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
-from stages.nix import nixbase32
 from stages.nix.errors import NixError
 from stages.nix.pathinfo import (
     PathInfo,
@@ -134,7 +134,7 @@ WRITER = textwrap.dedent("""
     import sys, blake3
     sys.path.insert(0, sys.argv[2])
     from stages.castore.nodes import FileNode
-    from stages.nix import nixbase32
+    from stages.castore import nixbase32
     from stages.nix.pathinfo import PathInfo, PathInfoDB
 
     db = PathInfoDB(sys.argv[1])

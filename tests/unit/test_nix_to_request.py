@@ -77,11 +77,11 @@ def make_drv(env: dict[str, str] | None = None, **kw: object) -> Derivation:
     return Derivation(**fields)  # type: ignore[arg-type]
 
 
-def env_of(req) -> dict[str, str]:  # noqa: ANN001
+def env_of(req) -> dict[str, str]:
     return {e.key: e.value.decode() for e in req.environment_vars}
 
 
-def convert(drv: Derivation, inputs=None, **kw):  # noqa: ANN001, ANN201
+def convert(drv: Derivation, inputs=None, **kw):
     return derivation_to_request(drv, NODES if inputs is None else inputs, read_drv=read_drv,
                                  **kw)
 

@@ -13,11 +13,11 @@ import json
 
 import blake3
 import pytest
+import strategies as cst
 from google.protobuf import json_format
 from hypothesis import given
 from hypothesis import strategies as st
 
-import strategies as cst
 from stages.castore.errors import ValidationError
 from stages.castore.memory import MemoryDirectoryService
 from stages.castore.nodes import (

@@ -9,7 +9,6 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-
 EXAMPLES = Path(__file__).resolve().parents[2] / "dag_examples"
 
 

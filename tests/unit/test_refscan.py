@@ -1,4 +1,4 @@
-"""Reference scanning (stages.refscan) against a naive reference.
+"""Reference scanning (stages.castore.refscan) against a naive reference.
 
 The reference is ``needle in data`` for each needle, over the bytes the test
 itself wrote (file contents and symlink targets of the output). Chunk,
@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages import refscan
-from stages.errors import BuildError
-from stages.refscan import NeedleError, NeedleScanner, RefScanError, scan_outputs
+from stages.castore import refscan
+from stages.castore.errors import CastoreError
+from stages.castore.refscan import NeedleError, NeedleScanner, RefScanError, scan_outputs
 
 NIXBASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 
@@ -316,7 +316,7 @@ def test_bad_needles(needles: object, index: int, words: str) -> None:
         NeedleScanner(needles)  # type: ignore[arg-type]
     assert info.value.index == index
     assert f"needle {index}" in str(info.value) and words in str(info.value)
-    assert isinstance(info.value, ValueError) and isinstance(info.value, BuildError)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, CastoreError)
 
 
 def _socket(path: Path) -> None:

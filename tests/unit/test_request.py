@@ -5,16 +5,24 @@ from __future__ import annotations
 import json
 
 import pytest
+from build_strategies import builds, valid_requests
 from google.protobuf import json_format, text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from build_strategies import builds, valid_requests
 from stages.errors import RequestError, RequestFileError
 from stages.proto import build_pb2, castore_pb2
-from stages.request import (BuildConstraints, BuildRequest, build_from_proto, build_to_json,
-                            build_to_proto, read_request_file, request_from_proto,
-                            request_to_proto, write_request_file)
+from stages.request import (
+    BuildConstraints,
+    BuildRequest,
+    build_from_proto,
+    build_to_json,
+    build_to_proto,
+    read_request_file,
+    request_from_proto,
+    request_to_proto,
+    write_request_file,
+)
 
 requests_any_env = valid_requests(utf8_env=False)
 

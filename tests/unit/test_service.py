@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from stages.build import BuildSpec
+from stages.context import BuildSpec
 from stages.errors import BuildFailed, ServiceError
 from stages.request import BuildConstraints, BuildRequest, EnvVar
-from stages.service import (DummyBuildService, OciBuildService, build_result,
-                            cleanup_dead_instances, default_state_dir, list_runs,
-                            load_build_specs, open_build_service)
+from stages.service import (
+    DummyBuildService,
+    OciBuildService,
+    build_result,
+    cleanup_dead_instances,
+    default_state_dir,
+    list_runs,
+    load_build_specs,
+    open_build_service,
+)
 from stages.teardown import KEPT_MARKER
 
 
@@ -120,7 +127,7 @@ def test_load_build_specs_errors(tmp_path: Path) -> None:
 
 
 def test_saved_specs_load_back(tmp_path: Path) -> None:
-    from stages.service import _save_specs
+    from stages.service.runs import save_specs as _save_specs
 
     specs = [BuildSpec(request=_request("a"), key="k.0", keep="failed", timeout=2.5),
              BuildSpec(request=_request("b"), key="k.1")]
@@ -137,18 +144,18 @@ def test_list_runs_shows_unreadable_ones(tmp_path: Path) -> None:
     assert path.name == "broken" and run is None and problem
 
 
-def _run_of(tmp_path: Path, fn_by_stage: dict, specs: list[BuildSpec]):  # noqa: ANN202
+def _run_of(tmp_path: Path, fn_by_stage: dict, specs: list[BuildSpec]):
     """A real pipeline run of the build graphs with stand-in stage functions."""
     import asyncio
 
     from pipeline import Graph, Runner, Stage
-    from stages.build import STAGE_NAMES
+    from stages.graph import STAGE_NAMES
 
     graphs = []
     for spec in specs:
         stages, prev = [], None
         for name in STAGE_NAMES:
-            async def fn(ctx, name=name):  # noqa: ANN001, ANN202
+            async def fn(ctx, name=name):
                 return await fn_by_stage.get(name, _ok)(ctx)
             stages.append(Stage(name=name, fn=fn, deps=[prev] if prev else [],
                                 always=name == "teardown"))
@@ -159,7 +166,7 @@ def _run_of(tmp_path: Path, fn_by_stage: dict, specs: list[BuildSpec]):  # noqa:
     return asyncio.run(Runner(graph, run_dir=tmp_path / "run").run())
 
 
-async def _ok(ctx):  # noqa: ANN001, ANN202
+async def _ok(ctx):
     if ctx.name.endswith("ingest"):
         return {"outputs": [{"file": {"digest": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
                                       "size": "3"}}], "needles": [[0]]}
@@ -176,7 +183,7 @@ def test_build_result_of_a_finished_build(tmp_path: Path) -> None:
 
 
 def test_build_result_names_the_failed_stage_of_each_build(tmp_path: Path) -> None:
-    async def boom(ctx):  # noqa: ANN001, ANN202
+    async def boom(ctx):
         if ctx.name.startswith("b/"):
             raise RuntimeError("mount went wrong")
         return await _ok(ctx)
@@ -220,7 +227,8 @@ async def test_cleanup_of_a_state_dir_without_instances(tmp_path: Path) -> None:
 
 
 def test_stop_points_of_several_builds() -> None:
-    from stages.service import _full_stage, _stop_points
+    from stages.service.runs import full_stage as _full_stage
+    from stages.service.runs import stop_points as _stop_points
 
     one = [BuildSpec(request=_request(), key="r")]
     two = [BuildSpec(request=_request(), key="r.0"), BuildSpec(request=_request(), key="r.1")]

@@ -6,9 +6,9 @@ import copy
 
 import attrs
 import pytest
+from build_strategies import valid_requests
 from hypothesis import given, settings
 
-from build_strategies import valid_requests
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import SpecError
 from stages.oci.idmap import IdMap

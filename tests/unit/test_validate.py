@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from build_strategies import valid_requests
 from hypothesis import given
 
-from build_strategies import valid_requests
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import RequestError
 from stages.request import AdditionalFile, BuildConstraints, BuildRequest, EnvVar

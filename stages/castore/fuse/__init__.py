@@ -131,7 +131,7 @@ Caveats:
 
 from __future__ import annotations
 
-from stages.lazy import lazy_exports
+from stages.util.lazy import lazy_exports
 
 __all__ = ["MountError", "MountServer", "cleanup_stale_mounts", "serve_until_signal"]
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from stages.aio import AdoptedProcess
 from stages.castore.errors import CastoreError
 from stages.castore.fuse import spare
 from stages.castore.fuse.content import CONTENT_DIR, content_name
@@ -21,6 +20,7 @@ from stages.castore.fuse.errors import MountError
 from stages.castore.fuse.mounts import find_mount, lazy_unmount
 from stages.castore.fuse.store import check_servable, resolve_addresses
 from stages.castore.nodes import Node, node_to_json_value, validate_name
+from stages.util.aio import AdoptedProcess
 
 __all__ = ["MountServer", "serve_until_signal"]
 
@@ -157,14 +157,14 @@ class MountServer:
         proc = self._proc
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise MountError(mountpoint, f"the mount server did not mount within "
                                          f"{START_TIMEOUT:.0f} s",
                              stderr_tail=self.stderr_tail()) from None
         if not line:
             try:
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             await self._stderr_done()
             raise MountError(mountpoint, f"the mount server exited with status "
@@ -255,7 +255,7 @@ class MountServer:
         try:
             await asyncio.wait_for(self._proc.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _stop(self) -> None:
@@ -281,7 +281,7 @@ class MountServer:
                 try:
                     await asyncio.shield(asyncio.wait_for(proc.wait(), timeout))
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 except asyncio.CancelledError as exc:
                     cancelled = exc

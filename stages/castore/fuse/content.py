@@ -19,6 +19,7 @@ This module imports nothing heavy: the service side uses it too.
 from __future__ import annotations
 
 import re
+
 from stages.castore.nodes import DirectoryNode, FileNode, Node
 
 __all__ = ["CONTENT_DIR", "content_name", "parse_content_name"]

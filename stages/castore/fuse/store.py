@@ -9,8 +9,10 @@ Caveats:
 
 - ``memory://`` stores live inside one process and cannot be shared with the
   mount server; they are refused with a clear error.
-- Remote stores (``grpc+unix``, ``grpc+http``, ``grpc+https``) are read
-  through :class:`stages.castore.grpc_client.GrpcSyncReader`: directories and
+- Each backend opens its own reader (:attr:`Backend.reader
+  <stages.castore.addresses.Backend.reader>`). Remote stores (``grpc+unix``,
+  ``grpc+http``, ``grpc+https``) are read through
+  :class:`stages.grpc.castore_reader.GrpcSyncReader`: directories and
   sizes cached, each blob fetched whole (verified) into an unlinked spool
   file at its first open and read from there (the protocol has no range
   reads). A remote store that is down at mount time is a clear StoreError.
@@ -21,19 +23,17 @@ Caveats:
 
 from __future__ import annotations
 
-import os
-import urllib.parse
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from stages.castore.addresses import default_address
+from stages.castore.addresses import Backend, backend_for, resolve_address
 from stages.castore.errors import StoreError
 from stages.castore.nodes import Directory
 
 if TYPE_CHECKING:
     from stages.castore.local import BlobMap
 
-__all__ = ["StoreReader", "check_address", "check_servable", "open_reader", "resolve_addresses"]
+__all__ = ["StoreReader", "check_servable", "open_reader", "resolve_addresses"]
 
 
 @runtime_checkable
@@ -55,46 +55,22 @@ class StoreReader(Protocol):
 def resolve_addresses(blob_address: str | None,
                       directory_address: str | None) -> tuple[str, str]:
     """Fill in unset addresses as the rest of ocibuild does (env, then default)."""
-    blob = blob_address or os.environ.get("BLOB_SERVICE_ADDR") or default_address()
-    directory = (directory_address or os.environ.get("DIRECTORY_SERVICE_ADDR")
-                 or default_address())
-    return blob, directory
+    return resolve_address("blob", blob_address), resolve_address("directory", directory_address)
 
 
-def check_address(address: str) -> Path:
-    """The store directory of a ``local://`` address, or StoreError saying why not."""
-    url = urllib.parse.urlsplit(address)
-    if url.scheme == "local":
-        if url.netloc or not url.path.startswith("/"):
-            raise StoreError(address, "a local store address is local:///absolute/dir")
-        return Path(url.path)
-    if url.scheme == "memory":
-        raise StoreError(address, "a memory:// store lives inside one process and cannot "
-                                  "be served by the FUSE mount server; use local:///abs/dir")
-    if not url.scheme:
-        raise StoreError(address, "not a URL; the FUSE mount serves local:///abs/dir stores")
-    if url.scheme in _GRPC_SCHEMES:
-        raise StoreError(address, f"a {url.scheme}:// store is remote and has no store "
-                                  f"directory")
-    raise StoreError(address, f"the FUSE mount cannot read {url.scheme}:// stores; "
-                              f"use local:///abs/dir or grpc+unix:///abs/path")
-
-
-_GRPC_SCHEMES = ("grpc+unix", "grpc+http", "grpc+https")
-
-
-def _is_grpc(address: str) -> bool:
-    return urllib.parse.urlsplit(address).scheme in _GRPC_SCHEMES
+def _servable(address: str) -> Backend:
+    backend, url = backend_for(address)
+    if backend.reader is None:
+        raise StoreError(address, f"{backend.not_servable}; the FUSE mount serves "
+                                  f"local:///abs/dir and grpc+unix:///abs/path stores")
+    if backend.check is not None:
+        backend.check(address)
+    return backend
 
 
 def check_servable(address: str) -> None:
     """StoreError unless the FUSE mount can serve the address (local or gRPC)."""
-    if _is_grpc(address):
-        from stages.castore.grpc_client import parse_address
-
-        parse_address(address)
-        return
-    check_address(address)
+    _servable(address)
 
 
 class _SplitReader:
@@ -113,26 +89,16 @@ class _SplitReader:
 
 def open_reader(blob_address: str | None = None,
                 directory_address: str | None = None) -> StoreReader:
-    """Open the store(s) named by the addresses for synchronous reading."""
+    """Open the store(s) named by the addresses for synchronous reading.
+
+    One reader when both addresses are the same, else blobs from one and
+    directories from the other.
+    """
     blob_address, directory_address = resolve_addresses(blob_address, directory_address)
-    blob_remote, dir_remote = _is_grpc(blob_address), _is_grpc(directory_address)
-    if not blob_remote and not dir_remote:
-        blob_dir = check_address(blob_address)
-        dir_dir = check_address(directory_address)
-        from stages.castore.local import open_local_store
-
-        blobs = open_local_store(blob_dir)
-        if dir_dir == blob_dir:
-            return blobs
-        return _SplitReader(blobs, open_local_store(dir_dir))
-    from stages.castore.grpc_client import GrpcSyncReader
-
-    remote = GrpcSyncReader(blob_address if blob_remote else None,
-                            directory_address if dir_remote else None)
-    if blob_remote and dir_remote:
-        return remote
-    from stages.castore.local import open_local_store
-
-    if blob_remote:
-        return _SplitReader(remote, open_local_store(check_address(directory_address)))
-    return _SplitReader(open_local_store(check_address(blob_address)), remote)
+    blob_backend = _servable(blob_address)
+    dir_backend = _servable(directory_address)
+    assert blob_backend.reader is not None and dir_backend.reader is not None
+    if blob_address == directory_address:
+        return blob_backend.reader(blob_address, directory_address)
+    return _SplitReader(blob_backend.reader(blob_address, None),
+                        dir_backend.reader(None, directory_address))

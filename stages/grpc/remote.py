@@ -17,7 +17,7 @@ Caveats:
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from collections.abc import Sequence
 
 from stages.castore.addresses import Castore
 from stages.request import Build, BuildRequest

@@ -7,7 +7,7 @@ that form.
 
 from __future__ import annotations
 
-from stages.nix import nixbase32
+from stages.castore import nixbase32
 
 __all__ = ["format_sha256", "parse_sha256"]
 

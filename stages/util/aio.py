@@ -7,7 +7,8 @@ import errno
 import os
 import signal
 import subprocess
-from typing import Any, Awaitable
+from collections.abc import Awaitable
+from typing import Any
 
 __all__ = ["AdoptedProcess", "Child", "ExitWatch", "PipeReader", "finish_then_cancel"]
 

@@ -57,7 +57,7 @@ def open_shell(run_dir: Path, args: argparse.Namespace, *, command: list[str] | 
     return asyncio.run(_shell(run_dir, args, spec, command))
 
 
-async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:  # noqa: ANN001
+async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
     from stages.cli.build_cmd import _service
     from stages.spec import SpecOptions, make_spec
 
@@ -76,7 +76,7 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
         container_id = f"ocibuild-{spec.key}.shell"
         try:
             opts = SpecOptions(
-                idmap=host.idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req),
+                idmap=host.idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                 input_paths={n.name: host.mounts.content_path(n) for n in req.inputs
                              if not isinstance(n, SymlinkNode)},
                 busybox=host.busybox)

@@ -4,7 +4,7 @@
 over any :class:`BlobService` / :class:`DirectoryService` (memory, local, even
 another gRPC client); :func:`add_castore_servicers` puts both on a server.
 :func:`start_castore_server` starts a server on listen addresses (what the
-tests, the benchmark and ``python -m stages.castore.grpc_server`` use).
+tests, the benchmark and ``python -m stages.grpc.castore_server`` use).
 
 Status codes (PROTOCOL.md), decided in one place (:func:`status_for`):
 
@@ -69,7 +69,7 @@ Where the time went and what changed (perf and py-spy of both processes):
 
 - A third of the server's CPU was the kernel zeroing fresh pages: glibc
   gave each freed 1 MiB message buffer back to the kernel, and the next one
-  faulted in again. :func:`~stages.castore.grpc_wire.tune_malloc` keeps them
+  faulted in again. :func:`~stages.grpc.wire.tune_malloc` keeps them
   (server down 3.2-4.5 -> 1.3-2.1 CPU s/GiB).
 - Read sends one chunk read (and encoded) ahead, so the store's read of the
   next chunk overlaps gRPC's send; the local store's writer writes behind
@@ -118,13 +118,15 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
 from stages.castore.addresses import Castore, open_castore
 from stages.castore.errors import CastoreError, CorruptionError, NotFoundError, ValidationError
-from stages.castore.grpc_wire import (
+from stages.castore.nodes import directory_from_proto, directory_to_proto, validate_digest
+from stages.castore.services import BlobReader, BlobService, DirectoryService
+from stages.grpc.wire import (
     BLOB_SERVICE,
     CHUNK,
     MAX_MESSAGE,
@@ -134,8 +136,6 @@ from stages.castore.grpc_wire import (
     encode_chunk,
     tune_malloc,
 )
-from stages.castore.nodes import directory_from_proto, directory_to_proto, validate_digest
-from stages.castore.services import BlobReader, BlobService, DirectoryService
 from stages.proto import (
     castore_pb2,
     rpc_blobstore_pb2,
@@ -195,7 +195,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
             size = await self.blobs.stat(request.digest)
             if size is None:
                 raise NotFoundError("blob", request.digest)
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+        except Exception as exc:
             await _abort(context, exc)
         response = rpc_blobstore_pb2.StatBlobResponse()
         if request.send_chunks:
@@ -207,7 +207,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
         try:
             validate_digest(request.digest)
             reader = await self.blobs.open_read(request.digest)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort(context, exc)
         async with reader:
             # One message read (and encoded) ahead: the store's read of the
@@ -220,7 +220,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
                     # Writing here instead of yielding skips the generator
                     # machinery per message; await blocks on flow control.
                     await context.write(message)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 await _abort(context, exc)
             finally:
                 if not ahead.done():
@@ -243,7 +243,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
                 if context.cancelled():
                     raise asyncio.CancelledError("the client cancelled the upload")
                 digest = await writer.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort(context, exc)
         return rpc_blobstore_pb2.PutBlobResponse(digest=digest)
 
@@ -269,7 +269,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
                 return
             async for directory in self.directories.get_recursive(digest):
                 await context.write(directory_to_proto(directory))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort(context, exc)
 
     async def Put(self, request_iterator: AsyncIterator[castore_pb2.Directory],
@@ -279,7 +279,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
             async for message in request_iterator:
                 await putter.put(directory_from_proto(message))
             root = await putter.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort(context, exc)
         return rpc_directory_pb2.PutDirectoryResponse(root_digest=root)
 
@@ -331,7 +331,7 @@ async def start_castore_server(castore: Castore, listen: Sequence[str]
     return server, ports
 
 
-# --- python -m stages.castore.grpc_server: a bare castore server --------------
+# --- python -m stages.grpc.castore_server: a bare castore server --------------
 
 async def _serve(args: argparse.Namespace) -> None:
     castore = open_castore(args.blob_service_addr, args.directory_service_addr)
@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     For tests and benchmarks; ``ocibuild serve`` is the real server.
     """
-    parser = argparse.ArgumentParser(prog="python -m stages.castore.grpc_server")
+    parser = argparse.ArgumentParser(prog="python -m stages.grpc.castore_server")
     parser.add_argument("--listen", action="append", required=True,
                         help="unix:///abs/path or host:port (repeatable)")
     parser.add_argument("--blob-service-addr", default=None)

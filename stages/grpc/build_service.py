@@ -58,11 +58,18 @@ from typing import Any
 import grpc
 
 from stages.errors import BuildError, BuildFailed, RequestError, ServiceError
+
 # rpc_build_pb2 registers the service's descriptor (rpc_build_pb2_grpc does not
 # import it), which server reflection looks up in the default pool.
-from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc  # noqa: F401
-from stages.request import Build, BuildRequest, build_from_proto, build_to_proto, \
-    request_from_proto, request_to_proto
+from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc
+from stages.request import (
+    Build,
+    BuildRequest,
+    build_from_proto,
+    build_to_proto,
+    request_from_proto,
+    request_to_proto,
+)
 from stages.service import BuildService
 from stages.validate import validate_request
 
@@ -101,7 +108,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         """How many builds are in flight now."""
         return len(self._builds)
 
-    async def DoBuild(self, request: build_pb2.BuildRequest,  # noqa: N802 - gRPC's name
+    async def DoBuild(self, request: build_pb2.BuildRequest,
                       context: grpc.aio.ServicerContext) -> build_pb2.Build:
         if self._closing:
             await _abort(context, grpc.StatusCode.UNAVAILABLE,
@@ -135,7 +142,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         except BuildError as exc:
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
                          {_KIND: "service", _MESSAGE: str(exc).encode()})
-        except Exception as exc:  # noqa: BLE001 - every failure gets a status, not UNKNOWN
+        except Exception as exc:
             log.exception("DoBuild failed unexpectedly")
             await _abort(context, grpc.StatusCode.INTERNAL,
                          f"internal error of the build service: {type(exc).__name__}: {exc}",
@@ -205,7 +212,7 @@ class GrpcBuildService(BuildService):
     def _open(self) -> Any:
         if self._stub is None:
             from stages.castore.errors import CastoreError
-            from stages.castore.grpc_client import channel_for
+            from stages.grpc.channels import channel_for
 
             try:
                 self._channel = channel_for(self.address)
@@ -278,3 +285,9 @@ def _translate(address: str, exc: grpc.aio.AioRpcError,
             return ServiceError(address, f"{details} (retry once it is back)")
         return ServiceError(address, f"unavailable: {details}")
     return ServiceError(address, f"DoBuild failed with {code.name}: {details}")
+
+
+def open_grpc_build_service(address: str) -> GrpcBuildService:
+    """The build service at a ``grpc+...`` address (entry point of
+    :func:`stages.service.open_build_service`)."""
+    return GrpcBuildService(address)

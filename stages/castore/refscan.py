@@ -73,7 +73,7 @@ Caveats:
 
 Errors::
 
-    BuildError (stages.errors)
+    CastoreError (stages.castore.errors)
     └── RefScanError            an output cannot be scanned (path=)
         └── NeedleError         a needle is empty or not str/bytes (index=); also a ValueError
 """
@@ -89,7 +89,7 @@ from pathlib import Path
 
 import hyperscan
 
-from stages.errors import BuildError
+from stages.castore.errors import CastoreError
 
 __all__ = [
     "CHUNK_SIZE",
@@ -114,7 +114,7 @@ DIRECT_MAX_BYTES = 256 << 10
 DIRECT_MAX_NEEDLES = 16
 
 
-class RefScanError(BuildError):
+class RefScanError(CastoreError):
     """An output cannot be scanned: missing, unreadable or of a refused type.
 
     ``path`` names the file (or the output) at fault when there is one.

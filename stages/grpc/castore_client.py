@@ -1,11 +1,14 @@
 """The castore over gRPC, client side: addresses ``grpc+unix``, ``grpc+http``, ``grpc+https``.
 
-Importing this module registers the three schemes in
-:mod:`stages.castore.addresses`, so ``open_castore("grpc+unix:///run/c.sock",
-...)`` gives a :class:`GrpcBlobService` and a :class:`GrpcDirectoryService`
-speaking tvix.castore.v1 to a server (ours, :mod:`stages.castore.grpc_server`,
-or tvix's). :class:`GrpcSyncReader` is the blocking reader the FUSE mount
-server uses for remote stores.
+:data:`BACKEND` serves the three schemes for :mod:`stages.castore.addresses`
+(registered as entry points in pyproject.toml), so
+``open_castore("grpc+unix:///run/c.sock", ...)`` gives a
+:class:`GrpcBlobService` and a :class:`GrpcDirectoryService` speaking
+tvix.castore.v1 to a server (ours, :mod:`stages.grpc.castore_server`, or
+tvix's). The blocking reader the FUSE mount server uses for remote stores
+is :class:`stages.grpc.castore_reader.GrpcSyncReader`; addresses, channels,
+the retry policy and the status-code boundary are in
+:mod:`stages.grpc.channels`.
 
 Addresses::
 
@@ -14,12 +17,12 @@ Addresses::
     grpc+https://host:port     TLS with the system's roots
 
 Errors are translated from status codes at one boundary
-(:func:`translate_error`): NOT_FOUND -> NotFoundError, INVALID_ARGUMENT ->
+(:func:`~stages.grpc.channels.translate_error`): NOT_FOUND -> NotFoundError, INVALID_ARGUMENT ->
 ValidationError (with the server's rule and message), DATA_LOSS ->
 CorruptionError, anything else (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...)
 -> StoreError naming the address.
 
-Never a hang (:class:`GrpcOptions`, all configurable):
+Never a hang (:class:`~stages.grpc.channels.GrpcOptions`, all configurable):
 
 - the first call on a channel waits at most ``connect_timeout`` for it to be
   ready, else StoreError "cannot connect";
@@ -44,11 +47,11 @@ Caveats:
   a service instance must be used from one event loop.
 - Uploads return the server's digest; the client does not hash what it sends.
 
-Throughput (issue 6): see :mod:`stages.castore.grpc_server` for the table
+Throughput (issue 6): see :mod:`stages.grpc.castore_server` for the table
 (before/after, both processes). On this side, at load 1.2-2.6 on 2 cores:
 upload 0.8-1.0 CPU s/GiB (bare gRPC: 0.66), download 1.3-1.9 (bare: 0.90;
 the difference is BLAKE3 and one copy out of the message). The client
-calls :func:`~stages.castore.grpc_wire.tune_malloc` when it opens a channel.
+calls :func:`~stages.grpc.wire.tune_malloc` when it opens a channel.
 Hashing in a thread while the next message arrives was measured and
 dropped: more CPU, and slower on a busy machine.
 """
@@ -58,37 +61,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import random
-import re
-import tempfile
-import threading
-import time
-import urllib.parse
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
-import attrs
 import blake3
 import grpc
 
-from stages.castore import addresses
-from stages.castore.errors import (
-    CastoreError,
-    CorruptionError,
-    NotFoundError,
-    StoreError,
-    ValidationError,
+from stages.castore.addresses import Backend
+from stages.castore.errors import CorruptionError, NotFoundError, StoreError, ValidationError
+from stages.castore.nodes import (
+    Directory,
+    directory_from_proto,
+    directory_to_proto,
+    validate_digest,
 )
-from stages.castore.grpc_wire import (
-    BLOB_SERVICE,
-    CHANNEL_OPTIONS,
-    CHUNK,
-    POISON,
-    Chunk,
-    decode_chunk,
-    encode_chunk,
-    tune_malloc,
-)
-from stages.castore.nodes import Directory, directory_from_proto, directory_to_proto, validate_digest
 from stages.castore.services import (
     READ_CHUNK,
     BlobReader,
@@ -97,6 +83,22 @@ from stages.castore.services import (
     DirectoryPutter,
     DirectoryService,
 )
+from stages.grpc.channels import (
+    DEFAULT_OPTIONS,
+    GrpcOptions,
+    aio_channel,
+    parse_address,
+    translate_error,
+)
+from stages.grpc.wire import (
+    BLOB_SERVICE,
+    CHUNK,
+    POISON,
+    Chunk,
+    decode_chunk,
+    encode_chunk,
+    tune_malloc,
+)
 from stages.proto import (
     rpc_blobstore_pb2,
     rpc_blobstore_pb2_grpc,
@@ -104,130 +106,12 @@ from stages.proto import (
     rpc_directory_pb2_grpc,
 )
 
-__all__ = [
-    "GrpcBlobService",
-    "GrpcDirectoryService",
-    "GrpcOptions",
-    "GrpcSyncReader",
-    "GrpcTarget",
-    "channel_for",
-    "parse_address",
-    "translate_error",
-]
+if TYPE_CHECKING:
+    from stages.castore.fuse.store import StoreReader
 
-SCHEMES = ("grpc+unix", "grpc+http", "grpc+https")
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-_HEX = re.compile(r"\b([0-9a-f]{64})\b")
+__all__ = ["BACKEND", "GrpcBlobService", "GrpcDirectoryService"]
+
 T = TypeVar("T")
-
-
-@attrs.frozen(kw_only=True)
-class GrpcOptions:
-    """Deadlines and retries of a castore gRPC client (seconds)."""
-
-    connect_timeout: float = 5.0   # first readiness of the channel
-    call_timeout: float = 30.0     # deadline of one unary-shaped call
-    idle_timeout: float = 60.0     # longest wait for the next message of a stream
-    retries: int = 3               # extra attempts of idempotent calls on UNAVAILABLE
-    backoff: float = 0.1           # first retry delay; doubles, with jitter
-
-
-DEFAULT_OPTIONS = GrpcOptions()
-
-
-@attrs.frozen(kw_only=True)
-class GrpcTarget:
-    """A parsed castore gRPC address."""
-
-    address: str          # as given, for messages
-    target: str           # what grpc dials: unix:///abs/path or host:port
-    tls: bool
-
-
-def parse_address(address: str) -> GrpcTarget:
-    """Check a ``grpc+...`` address; StoreError saying what is wrong."""
-    url = urllib.parse.urlsplit(address)
-    if url.scheme not in SCHEMES:
-        raise StoreError(address, f"not a gRPC castore address; expected one of "
-                                  f"{', '.join(s + '://' for s in SCHEMES)}")
-    if url.query or url.fragment:
-        raise StoreError(address, "a gRPC castore address takes no query or fragment")
-    if url.scheme == "grpc+unix":
-        path = urllib.parse.unquote(url.path)
-        if url.netloc or not path.startswith("/"):
-            raise StoreError(address, "a unix socket address is grpc+unix:///absolute/path "
-                                      "(three slashes, absolute path)")
-        if path.endswith("/"):
-            raise StoreError(address, "a unix socket address names a socket, not a directory")
-        return GrpcTarget(address=address, target="unix://" + path, tls=False)
-    if url.path not in ("", "/"):
-        raise StoreError(address, f"a {url.scheme} address is {url.scheme}://host:port "
-                                  f"with no path")
-    try:
-        port = url.port
-    except ValueError as exc:
-        raise StoreError(address, f"bad port: {exc}") from None
-    host = url.hostname
-    if not host:
-        raise StoreError(address, f"missing host; expected {url.scheme}://host:port")
-    if port is None:
-        raise StoreError(address, f"missing port; expected {url.scheme}://host:port")
-    if url.username or url.password:
-        raise StoreError(address, "credentials in the address are not supported")
-    host_part = f"[{host}]" if ":" in host else host
-    return GrpcTarget(address=address, target=f"{host_part}:{port}",
-                      tls=url.scheme == "grpc+https")
-
-
-def channel_for(address: str) -> grpc.aio.Channel:
-    """An asyncio channel to a ``grpc+...`` address (StoreError if malformed)."""
-    return _aio_channel(parse_address(address))
-
-
-def _aio_channel(target: GrpcTarget) -> grpc.aio.Channel:
-    if target.tls:
-        return grpc.aio.secure_channel(target.target, grpc.ssl_channel_credentials(),
-                                       options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(target.target, options=CHANNEL_OPTIONS)
-
-
-def _sync_channel(target: GrpcTarget) -> grpc.Channel:
-    if target.tls:
-        return grpc.secure_channel(target.target, grpc.ssl_channel_credentials(),
-                                   options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(target.target, options=CHANNEL_OPTIONS)
-
-
-# --- errors: the one boundary --------------------------------------------------
-
-def translate_error(exc: grpc.RpcError, address: str, kind: str = "blob",
-                    digest: bytes | None = None) -> CastoreError:
-    """The castore error a failed call means (``raise translate_error(...) from exc``)."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
-
-    def named_digest() -> bytes:
-        found = _HEX.search(details)
-        if found:
-            return bytes.fromhex(found.group(1))
-        return digest if digest is not None else b""
-
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFoundError(kind, named_digest())
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        rule, sep, rest = details.partition(": ")
-        if not sep or " " in rule:
-            rule, rest = "remote", details
-        return ValidationError(rule, rest)
-    if code == grpc.StatusCode.DATA_LOSS:
-        return CorruptionError(kind, named_digest(), f"{address} ({details})")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return StoreError(address, f"server unavailable: {details}")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return StoreError(address, f"no answer before the deadline: {details}")
-    if code == grpc.StatusCode.CANCELLED:
-        return StoreError(address, f"call cancelled: {details}")
-    return StoreError(address, f"{code.name}: {details}")
 
 
 async def _raise_final_status(call: grpc.aio.Call, exc: grpc.aio.AioRpcError, address: str,
@@ -242,7 +126,7 @@ async def _raise_final_status(call: grpc.aio.Call, exc: grpc.aio.AioRpcError, ad
     try:
         code = await asyncio.wait_for(call.code(), 1.0)
         details = await call.details()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         code = details = None
     if code is not None and code != grpc.StatusCode.OK:
         final = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
@@ -250,9 +134,6 @@ async def _raise_final_status(call: grpc.aio.Call, exc: grpc.aio.AioRpcError, ad
         raise translate_error(final, address, kind, digest) from exc
     raise translate_error(exc, address, kind, digest) from exc
 
-
-def _backoff(options: GrpcOptions, attempt: int) -> float:
-    return options.backoff * (2 ** attempt) * (0.5 + random.random())
 
 
 # --- the asyncio client -----------------------------------------------------------
@@ -272,7 +153,7 @@ class _Connection:
     async def ready(self) -> None:
         if self._channel is None:
             tune_malloc()
-            self._channel = _aio_channel(self.target)
+            self._channel = aio_channel(self.target)
             self.blobs = rpc_blobstore_pb2_grpc.BlobServiceStub(self._channel)
             # Read and Put with the fast BlobChunk codec (grpc_wire).
             self.read = self._channel.unary_stream(
@@ -290,14 +171,14 @@ class _Connection:
             raise StoreError(self.address, "no server: the socket does not exist")
         try:
             await asyncio.wait_for(self._channel.channel_ready(), self.options.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StoreError(self.address, f"cannot connect within "
                                            f"{self.options.connect_timeout:g} s "
                                            f"(is the server running at {self.target.target}?)"
                              ) from None
         self._ready = True
 
-    async def unary(self, call: Callable[[], "asyncio.Future[T]"], kind: str,
+    async def unary(self, call: Callable[[], asyncio.Future[T]], kind: str,
                     digest: bytes) -> T:
         """Run an idempotent call with deadline and retries on UNAVAILABLE."""
         await self.ready()
@@ -312,11 +193,11 @@ class _Connection:
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in _RETRYABLE and tries < self.options.retries:
-                    await asyncio.sleep(_backoff(self.options, tries))
-                    tries += 1
-                    continue
-                raise translate_error(exc, self.address, kind, digest) from exc
+                delay = self.options.retry_delay(exc, tries)
+                if delay is None:
+                    raise translate_error(exc, self.address, kind, digest) from exc
+                await asyncio.sleep(delay)
+                tries += 1
 
     async def open_stream(self, start: Callable[[], grpc.aio.UnaryStreamCall], *,
                           timeout: float, what: str, kind: str,
@@ -330,7 +211,7 @@ class _Connection:
             call = start()
             try:
                 return call, await asyncio.wait_for(call.read(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 call.cancel()
                 raise StoreError(self.address, f"no answer within {timeout:g} s "
                                                f"to {what}") from None
@@ -343,7 +224,7 @@ class _Connection:
             # asyncio.timeout, not wait_for: no extra task per message.
             async with asyncio.timeout(self.options.idle_timeout):
                 return await call.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             call.cancel()
             raise StoreError(self.address, f"no message from the server for "
                                            f"{self.options.idle_timeout:g} s "
@@ -485,7 +366,7 @@ class _GrpcWriter(BlobWriter):
         try:
             async with asyncio.timeout(conn.options.idle_timeout):
                 await self._call.write(Chunk(data))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._call.cancel()
             raise StoreError(conn.address, f"the server took no data for "
                                            f"{conn.options.idle_timeout:g} s during an upload"
@@ -528,7 +409,7 @@ class _GrpcWriter(BlobWriter):
         try:
             await self._call.done_writing()
             response = await asyncio.wait_for(self._call, conn.options.idle_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._call.cancel()
             raise StoreError(conn.address, f"the server did not confirm an upload within "
                                            f"{conn.options.idle_timeout:g} s") from None
@@ -547,7 +428,7 @@ class _GrpcWriter(BlobWriter):
         if self._call is not None and not self._call.done():
             try:
                 await asyncio.wait_for(self._call.write(POISON), 1.0)
-            except (asyncio.TimeoutError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            except (TimeoutError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
                 pass
             finally:
                 self._call.cancel()
@@ -623,7 +504,7 @@ class _GrpcPutter(DirectoryPutter):
         try:
             await asyncio.wait_for(self._call.write(directory_to_proto(directory)),
                                    conn.options.idle_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._call.cancel()
             raise StoreError(conn.address, "the server took no directory for "
                                            f"{conn.options.idle_timeout:g} s") from None
@@ -637,7 +518,7 @@ class _GrpcPutter(DirectoryPutter):
         conn = self._conn
         try:
             response = await asyncio.wait_for(self._call, conn.options.idle_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._call.cancel()
             raise StoreError(conn.address, "the server did not confirm a directory upload "
                                            f"within {conn.options.idle_timeout:g} s") from None
@@ -730,260 +611,16 @@ class GrpcDirectoryService(DirectoryService):
         await self._conn.aclose()
 
 
-# --- the blocking reader (FUSE mount server) -------------------------------------
+# --- the backend ----------------------------------------------------------------
 
-class GrpcSyncReader:
-    """The FUSE server's :class:`StoreReader` over a remote castore (blocking).
+def _reader(blob_address: str | None, directory_address: str | None) -> StoreReader:
+    from stages.grpc.castore_reader import GrpcSyncReader
 
-    Directories are cached by digest and blob sizes by digest (both bounded).
-    The protocol has no range reads, so a blob is fetched whole: the first
-    verify streams it once, hashing, into an unlinked spool file, and reads
-    are then preads of that file. Spooled blobs are kept up to
-    ``spool_bytes`` in total (least recently used dropped first; a dropped
-    one is fetched and verified again when read). Thread-safe.
-    """
-
-    def __init__(self, blob_address: str | None, directory_address: str | None, *,
-                 options: GrpcOptions = DEFAULT_OPTIONS,
-                 spool_dir: str | None = None,
-                 spool_bytes: int = 4 << 30,
-                 max_directories: int = 100_000) -> None:
-        self.options = options
-        self._lock = threading.Lock()
-        self._blob_target = parse_address(blob_address) if blob_address else None
-        self._dir_target = parse_address(directory_address) if directory_address else None
-        self._channels: list[grpc.Channel] = []
-        tune_malloc()
-        self.blobs = self.directories = None
-        if self._blob_target is not None:
-            ch = self._channel(self._blob_target)
-            self.blobs = rpc_blobstore_pb2_grpc.BlobServiceStub(ch)
-        if self._dir_target is not None:
-            ch = self._channel(self._dir_target)
-            self.directories = rpc_directory_pb2_grpc.DirectoryServiceStub(ch)
-        self._spool_dir = spool_dir
-        self._spool_bytes = spool_bytes
-        self._spooled: collections.OrderedDict[bytes, tuple[int, int]] = collections.OrderedDict()
-        self._spooled_total = 0
-        self._sizes: dict[bytes, int] = {}
-        self._dirs: collections.OrderedDict[bytes, Directory] = collections.OrderedDict()
-        self._max_dirs = max_directories
-        # One fetch per digest at a time.
-        self._fetching: dict[bytes, threading.Lock] = {}
-
-    def _channel(self, target: GrpcTarget) -> grpc.Channel:
-        if target.target.startswith("unix://") and not os.path.exists(
-                target.target[len("unix://"):]):
-            raise StoreError(target.address, "no server: the socket does not exist")
-        channel = _sync_channel(target)
-        self._channels.append(channel)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=self.options.connect_timeout)
-        except grpc.FutureTimeoutError:
-            self.close()
-            raise StoreError(target.address, f"cannot connect within "
-                                             f"{self.options.connect_timeout:g} s (is the "
-                                             f"server running at {target.target}?)") from None
-        return channel
-
-    def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
-        self._channels = []
-        with self._lock:
-            for fd, _size in self._spooled.values():
-                os.close(fd)
-            self._spooled.clear()
-            self._spooled_total = 0
-
-    def _unary(self, call: Callable[[], T], address: str, kind: str, digest: bytes) -> T:
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except grpc.RpcError as exc:
-                if exc.code() in _RETRYABLE and attempt < self.options.retries:
-                    time.sleep(_backoff(self.options, attempt))
-                    attempt += 1
-                    continue
-                raise translate_error(exc, address, kind, digest) from exc
-
-    # --- the StoreReader methods ----------------------------------------------
-
-    def blob_size(self, digest: bytes) -> int | None:
-        validate_digest(digest)
-        size = self._sizes.get(digest)
-        if size is not None:
-            return size
-        request = rpc_blobstore_pb2.StatBlobRequest(digest=digest, send_chunks=True)
-        try:
-            response = self._unary(
-                lambda: self.blobs.Stat(request, timeout=self.options.call_timeout,
-                                        wait_for_ready=True),
-                self._blob_target.address, "blob", digest)
-        except NotFoundError:
-            return None
-        if response.chunks:
-            size = sum(c.size for c in response.chunks)
-        else:
-            size = self._spool(digest, None)[1]
-        with self._lock:
-            if len(self._sizes) > 1_000_000:
-                self._sizes.clear()
-            self._sizes[digest] = size
-        return size
-
-    def get_directory(self, digest: bytes) -> Directory | None:
-        validate_digest(digest)
-        with self._lock:
-            cached = self._dirs.get(digest)
-            if cached is not None:
-                self._dirs.move_to_end(digest)
-                return cached
-        address = self._dir_target.address
-        request = rpc_directory_pb2.GetDirectoryRequest(digest=digest, recursive=False)
-        try:
-            messages = self._unary(
-                lambda: list(self.directories.Get(request, timeout=self.options.call_timeout,
-                                                  wait_for_ready=True)),
-                address, "directory", digest)
-        except NotFoundError:
-            return None
-        if not messages:
-            return None
-        try:
-            directory = directory_from_proto(messages[0])
-        except ValidationError as exc:
-            raise CorruptionError("directory", digest, f"{address} ({exc})") from exc
-        if directory.digest != digest:
-            raise CorruptionError("directory", digest,
-                                  f"{address} (sent a directory hashing to "
-                                  f"{directory.digest.hex()})")
-        with self._lock:
-            self._dirs[digest] = directory
-            while len(self._dirs) > self._max_dirs:
-                self._dirs.popitem(last=False)
-        return directory
-
-    def verify_blob(self, digest: bytes,
-                    on_chunk: Callable[[int, memoryview], None] | None = None) -> None:
-        """Fetch, hash and spool the blob (CorruptionError / NotFoundError)."""
-        validate_digest(digest)
-        with self._lock:
-            if digest in self._spooled and on_chunk is None:
-                self._spooled.move_to_end(digest)
-                return
-        self._spool(digest, on_chunk)
-
-    def read_blob_at(self, digest: bytes, offset: int, n: int) -> bytes:
-        return self._with_spooled(
-            digest, lambda fd, size: os.pread(fd, max(0, min(n, size - offset)), offset)
-            if offset < size else b"")
-
-    def read_blob_into(self, digest: bytes, offset: int, buffer: bytearray | memoryview) -> int:
-        return self._with_spooled(
-            digest, lambda fd, size: os.preadv(fd, [memoryview(buffer)[:size - offset]], offset)
-            if offset < size else 0)
-
-    # --- spooling -------------------------------------------------------------
-
-    def _with_spooled(self, digest: bytes, read: Callable[[int, int], T]) -> T:
-        """``read(fd, size)`` on the blob's spool file, fetching it when needed.
-
-        Runs under the lock so an eviction never closes an fd being read (a
-        closed fd number could be reused by another file); preads of a local
-        spool file are short.
-        """
-        while True:
-            with self._lock:
-                found = self._spooled.get(digest)
-                if found is not None:
-                    self._spooled.move_to_end(digest)
-                    return read(*found)
-            self._spool(digest, None)
-
-    def _read_stream(self, digest: bytes) -> Iterator[bytes]:
-        address = self._blob_target.address
-        size = self._sizes.get(digest, 0)
-        # An overall deadline scaled by size (at least 10 MB/s), as sync
-        # streams have no per-message timeout.
-        timeout = self.options.call_timeout + size / 10e6
-        call = self.blobs.Read(rpc_blobstore_pb2.ReadBlobRequest(digest=digest),
-                               timeout=timeout, wait_for_ready=True)
-        try:
-            for message in call:
-                yield message.data
-        except grpc.RpcError as exc:
-            raise translate_error(exc, address, "blob", digest) from exc
-        finally:
-            call.cancel()
-
-    def _spool(self, digest: bytes,
-               on_chunk: Callable[[int, memoryview], None] | None) -> tuple[int, int]:
-        with self._lock:
-            gate = self._fetching.setdefault(digest, threading.Lock())
-        try:
-            with gate:
-                return self._spool_locked(digest, on_chunk)
-        finally:
-            with self._lock:
-                self._fetching.pop(digest, None)
-
-    def _spool_locked(self, digest: bytes,
-                      on_chunk: Callable[[int, memoryview], None] | None) -> tuple[int, int]:
-        with self._lock:
-            found = self._spooled.get(digest)
-        if found is not None and on_chunk is None:
-            return found
-        address = self._blob_target.address
-        fd = os.open(self._spool_dir or tempfile.gettempdir(),
-                     os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        try:
-            hasher = blake3.blake3()
-            offset = 0
-            for data in self._read_stream(digest):
-                hasher.update(data)
-                view = memoryview(data)
-                if on_chunk is not None:
-                    on_chunk(offset, view)
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    offset += written
-                    view = view[written:]
-            if hasher.digest() != digest:
-                raise CorruptionError("blob", digest,
-                                      f"{address} (the bytes received do not hash to "
-                                      f"the digest)")
-        except BaseException:
-            os.close(fd)
-            raise
-        entry = (fd, offset)
-        with self._lock:
-            old = self._spooled.pop(digest, None)
-            if old is not None:
-                os.close(old[0])
-                self._spooled_total -= old[1]
-            self._spooled[digest] = entry
-            self._spooled_total += offset
-            self._sizes[digest] = offset
-            while self._spooled_total > self._spool_bytes and len(self._spooled) > 1:
-                _, (old_fd, old_size) = self._spooled.popitem(last=False)
-                # Safe: preads of spool files run under the lock too.
-                os.close(old_fd)
-                self._spooled_total -= old_size
-        return entry
+    return GrpcSyncReader(blob_address, directory_address)
 
 
-# --- registration ---------------------------------------------------------------
-
-def _blob_factory(url: urllib.parse.SplitResult, address: str) -> BlobService:
-    return GrpcBlobService(address)
-
-
-def _directory_factory(url: urllib.parse.SplitResult, address: str) -> DirectoryService:
-    return GrpcDirectoryService(address)
-
-
-for _scheme in SCHEMES:
-    addresses.BLOB_BACKENDS[_scheme] = _blob_factory
-    addresses.DIRECTORY_BACKENDS[_scheme] = _directory_factory
+BACKEND = Backend(
+    blobs=lambda url, address: GrpcBlobService(address),
+    directories=lambda url, address: GrpcDirectoryService(address),
+    reader=_reader,
+    check=parse_address)

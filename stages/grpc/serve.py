@@ -43,8 +43,8 @@ import socket
 import stat
 import sys
 import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import attrs
 import grpc
@@ -152,9 +152,9 @@ async def serve(listen: Sequence[str], *, state_dir: Path | str | None = None,
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from stages.build_grpc import BUILD_SERVICE_NAME, add_build_servicer
     from stages.castore.addresses import open_castore
-    from stages.castore.grpc_server import add_castore_servicers
+    from stages.grpc.build_service import BUILD_SERVICE_NAME, add_build_servicer
+    from stages.grpc.castore_server import add_castore_servicers
     from stages.service import OciBuildService, default_state_dir
 
     if not listen:

@@ -1,53 +1,34 @@
-"""One build as a pipeline graph: validate -> spec -> bundle -> mount -> run -> ingest -> teardown.
+"""What every stage of one build shares: its spec, its host, its request.
 
-:func:`build_graph` turns a :class:`~stages.request.BuildRequest` into a
-:class:`pipeline.Graph` whose stage functions live in the stage modules
-(``stages.validate``, ``stages.spec``, ``stages.bundle``, ``stages.mount``,
-``stages.run``, ``stages.ingest``, ``stages.teardown``). The graph is pure
-definition: it can be drawn (``ocibuild graph``) without a service.
-
-What a build needs from its host (a castore, the FUSE mount server, where
-bundles and container state live, the id mapping) comes in a
-:class:`BuildHost`, made by the build service; stage functions get it and
-their :class:`BuildSpec` bound with :func:`functools.partial`, so the graph
-digest sees the functions but not the host.
-
-Resources:
-
-- ``inputs`` (shared, kind ``inputs``): the request's inputs added to the
-  mount server under the build's key. Acquired by ``mount``, used by ``run``,
-  released (the key removed) once ``run`` is done, also on failure or
-  cancellation.
-- ``container`` (local to ``run``, kind ``container``): one runc container;
-  the service caps this kind at its number of jobs.
-- ``workspace`` (shared, kind ``workspace``): a slot held from ``bundle``
-  through ``ingest``, capped at twice the jobs (:func:`build_caps`), so a
-  long queue of builds prepares its bundles just in time.
+The stage modules (:mod:`stages.validate` ... :mod:`stages.teardown`) are
+called as ``fn(build, host, ctx)``: ``build`` a :class:`BuildSpec` (what
+the build is), ``host`` a :class:`BuildHost` (the stores, mount server and
+directories of the service running it) and ``ctx`` the pipeline's
+:class:`~pipeline.StageContext`. This module sits below the stage modules
+and the graph that assembles them (:mod:`stages.graph`), so each of them
+imports it and none imports another's caller.
 
 Caveats:
 
-- ``teardown`` runs whatever happened upstream. It removes the bundle unless
-  the build is kept: ``keep="always"``, or ``keep="failed"`` and some stage
-  did not finish. A run stopped with ``stop_after`` never reaches teardown,
-  so its bundle stays for inspection and ``resume``.
 - The key names the build on this host: mount subtree, container id and
   bundle directory. It must be unique among live builds of one host.
+- :func:`request_of` reads a request made by another stage of the graph
+  (``request_from``) from the ``validate`` stage's result, so it works only
+  in stages after ``validate``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 
-from pipeline import Caps, Graph, Resource, Stage
-from stages.oci.layout import BundleLayout
+from pipeline import StageContext
+from stages.oci.layout import BundleLayout, remove_bundle, remove_if_small, trash_bundle
 from stages.request import BuildRequest, request_to_proto
 
 if TYPE_CHECKING:
@@ -55,12 +36,9 @@ if TYPE_CHECKING:
     from stages.castore.fuse import MountServer
     from stages.oci.idmap import IdMap
 
-__all__ = ["STAGE_NAMES", "BuildHost", "BuildSpec", "build_caps", "build_graph",
-           "graph_for_requests",
+__all__ = ["MAX_SHARED_ROOTS", "BuildHost", "BuildSpec", "Keep", "StageContext",
            "request_from_result", "request_of", "request_to_result"]
 
-STAGE_NAMES = ("validate", "spec", "bundle", "mount", "run", "ingest", "teardown")
-GRAPH_VERSION = "ocibuild-build-1"
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: Shared root file systems a service keeps at most (each a few dozen
 #: inodes on the runtime tmpfs, kept until the service stops); a build with
@@ -159,8 +137,6 @@ class BuildHost:
         those deletions, and a starting service empties the trash a crash
         left behind.
         """
-        from stages.bundle import remove_bundle, remove_if_small, trash_bundle
-
         bundle = self.bundle_dir(build)
         if self.trash_dir is None:
             remove_bundle(bundle)
@@ -189,11 +165,12 @@ class BuildHost:
     def bundle_dir(self, build: BuildSpec) -> Path:
         return self.layout(build).root
 
-    def layout(self, build: BuildSpec, req: BuildRequest | None = None) -> BundleLayout:
-        """Where the build's bundle is; with ``req`` (the build's request),
-        its shared root file system too (:meth:`shared_rootfs`), if it has one."""
+    def layout(self, build: BuildSpec, rootfs_key: str | None = None) -> BundleLayout:
+        """Where the build's bundle is; with ``rootfs_key`` (see
+        :func:`stages.spec.shared_rootfs_key`), its shared root file system
+        too (:meth:`shared_rootfs`), if it can have one."""
         runtime = self.on_runtime(build)
-        memo = (build.key, runtime, req is not None)
+        memo = (build.key, runtime, rootfs_key is not None)
         found = self._layouts.get(memo)
         if found is not None:
             return found
@@ -201,7 +178,7 @@ class BuildHost:
             found = BundleLayout(self.bundles_dir / build.key)
         else:
             assert self.runtime_dir is not None and self.scratch_dir is not None
-            shared = self.shared_rootfs(build, req) if req is not None else None
+            shared = self.shared_rootfs(rootfs_key) if rootfs_key is not None else None
             found = BundleLayout(self.runtime_dir / "bundles" / build.key,
                                  self.scratch_dir / build.key, shared)
         if len(self._layouts) >= 4096:
@@ -209,24 +186,20 @@ class BuildHost:
         self._layouts[memo] = found
         return found
 
-    def shared_rootfs(self, build: BuildSpec, req: BuildRequest) -> Path | None:
-        """The root file system the build shares with others, or None (its own).
+    def shared_rootfs(self, key: str) -> Path | None:
+        """The shared root file system named ``key``, or None when the host
+        keeps MAX_SHARED_ROOTS others already (the build gets its own).
 
-        Only ephemeral bundles on the runtime tmpfs share roots. The same
-        build and request give the same answer on every call.
+        Only ephemeral bundles on the runtime tmpfs share roots
+        (:meth:`layout` asks only for those). The same key gives the same
+        answer on every call.
         """
-        from stages.bundle import shared_rootfs_key
-
-        if not self.on_runtime(build):
-            return None
-        key = shared_rootfs_key(req, self.idmap)
-        if key is None:
-            return None
+        assert self.runtime_dir is not None
         if key not in self._shared_roots:
             if len(self._shared_roots) >= MAX_SHARED_ROOTS:
                 return None
             self._shared_roots.add(key)
-        return self.runtime_dir / "rootfs" / key  # type: ignore[operator]
+        return self.runtime_dir / "rootfs" / key
 
     def input_link(self, build: BuildSpec) -> Path:
         """The bind sources of the build's inputs: ``<bundle>/inputs/<content name>``.
@@ -257,96 +230,10 @@ def request_from_result(value: dict) -> BuildRequest:
     return request_from_proto(json_format.ParseDict(value, build_pb2.BuildRequest()))
 
 
-def request_of(build: BuildSpec, ctx: Any) -> BuildRequest:
+def request_of(build: BuildSpec, ctx: StageContext) -> BuildRequest:
     """The build's request, inside any of its stages after ``validate``."""
     if build.request is not None:
         return build.request
     return request_from_result(ctx.results["validate"]["request"])
 
 
-@contextlib.asynccontextmanager
-async def _workspace(_ctx: Any) -> AsyncIterator[None]:
-    """A slot, nothing more: its kind's cap bounds the builds between bundle
-    and ingest, so that many queued builds do not all write their bundles up
-    front (flooding the disk and the threads) while two containers run."""
-    yield
-
-
-def workspace_cap(jobs: int) -> int:
-    """How many builds may be on disk at once for ``jobs`` containers: one
-    being prepared or ingested beside each running one."""
-    return 2 * jobs
-
-
-def build_caps(jobs: int) -> Caps:
-    """The caps of a run of builds with ``jobs`` concurrent containers."""
-    return Caps(kinds={"container": jobs, "workspace": workspace_cap(jobs)})
-
-
-def _request_digest(request: BuildRequest) -> str:
-    import hashlib
-
-    wire = request_to_proto(request).SerializeToString(deterministic=True)
-    return hashlib.sha256(wire).hexdigest()
-
-
-def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
-    """The seven-stage graph of one build.
-
-    ``host`` may be None to get a graph that can only be drawn or hashed.
-    """
-    from stages import bundle, ingest, mount, run, spec, teardown, validate
-
-    def bind(fn):  # noqa: ANN001, ANN202
-        return functools.partial(fn, build, host)
-
-    inputs = Resource(name="inputs", kind="inputs", factory=bind(mount.inputs_mounted),
-                      description="the request's inputs in the FUSE mount")
-    container = Resource(name="container", kind="container", factory=bind(run.container),
-                         description="a runc container")
-    workspace = Resource(name="workspace", kind="workspace", factory=_workspace,
-                         description="a slot for a build on disk, bundle to ingest")
-    stages = [
-        Stage(name="validate", fn=bind(validate.stage),
-              description="check every rule of the request"),
-        Stage(name="spec", fn=bind(spec.stage), deps=["validate"],
-              description="the OCI runtime spec (config.json)"),
-        Stage(name="bundle", fn=bind(bundle.stage), deps=["spec"], resources=["workspace"],
-              description="bundle directory: config.json, rootfs, scratch"),
-        Stage(name="mount", fn=bind(mount.stage), deps=["bundle"],
-              resources=["workspace", "inputs"],
-              description="inputs through FUSE, read-only"),
-        Stage(name="run", fn=bind(run.stage), deps=["mount"],
-              resources=["workspace", "inputs", container], timeout=None,
-              description="runc run of the bundle"),
-        Stage(name="ingest", fn=bind(ingest.stage), deps=["run"], resources=["workspace"],
-              description="outputs into castore, reference scan"),
-        # Teardown depends on every stage, not just ingest: on cancellation the
-        # unstarted ones settle at once, and it must still wait for any stage
-        # that is finishing its work (a bundle being written).
-        Stage(name="teardown", fn=bind(teardown.stage), deps=list(STAGE_NAMES[:-1]),
-              always=True,
-              description="remove the bundle unless kept"),
-    ]
-    made = ({"request_sha256": _request_digest(build.request)} if build.request is not None
-            else {"request_from": build.request_from})
-    return Graph(stages=stages, resources=[workspace, inputs], version=GRAPH_VERSION,
-                 params={**made, "key": build.key, "keep": build.keep,
-                         "timeout": build.timeout})
-
-
-def graph_for_requests(builds: list[BuildSpec], host: BuildHost | None, *,
-                       stages: Sequence[Stage] = ()) -> Graph:
-    """Several builds in one graph, each under the prefix of its key.
-
-    ``stages`` are extra stages of the graph, e.g. those that make the
-    requests of builds with ``request_from`` (linked before their validate).
-    """
-    if len(builds) == 1 and not stages and builds[0].request_from is None:
-        return build_graph(builds[0], host)
-    keys = [b.key for b in builds]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"build keys must be unique, got {keys}")
-    links = {f"{b.key}/validate": [b.request_from] for b in builds if b.request_from}
-    return Graph.compose(*(build_graph(b, host).prefixed(b.key) for b in builds),
-                         stages=stages, links=links, version=GRAPH_VERSION)

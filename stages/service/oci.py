@@ -1,0 +1,298 @@
+"""The build service: ``do_build(request) -> Build``, and the OCI implementation.
+
+:class:`OciBuildService` runs each build as the seven-stage pipeline graph
+of :mod:`stages.graph`, in runc containers, with inputs served by one FUSE
+mount server. It caps the containers running at once (``jobs``, default:
+the number of cores) and the builds between bundle and ingest (twice that),
+across all its runs: concurrent ``do_build`` calls, each its own graph,
+share those caps (:attr:`OciBuildService.limiters`) as the builds of one
+graph do.
+
+Addresses, as tvix spells them (``BUILD_SERVICE_ADDR``):
+
+- ``oci:///abs/state/dir``: the OCI service keeping its state there;
+- ``dummy://``: refuses every build (for wiring tests);
+- without an address: ``oci://`` + ``$OCIBUILD_STATE``, else
+  ``/var/lib/ocibuild`` for root, else ``$XDG_STATE_HOME/ocibuild``.
+
+Every directory from / down to the bundles and the FUSE mountpoint must be
+searchable by others (o+x): the container's mapped root reaches them from
+inside its user namespace. Root's home (0700) is therefore not a default.
+
+The state directory::
+
+    instances/<id>/lock     flock held while service instance <id> lives
+    instances/<id>/keys     the build keys it created, one a line
+    instances/<id>/mnt/     its FUSE mountpoint
+    instances/<id>/runc/    its runc --root (its containers only)
+    instances/<id>/runtime  symlink to its runtime directory, on a tmpfs:
+                            the bundles of its ephemeral builds (see below)
+                            and the root file systems they share
+    instances/<id>/scratch/<key>/  their scratch directories
+    bundles/<key>/          bundles that may be kept; kept ones hold .ocibuild-kept
+    trash/                  discarded bundles, deleted in the background
+    runs/<run-id>/          pipeline run directories, with the requests
+
+Ephemeral builds (nothing kept, no ``stop_after``: the usual case) write
+their bundles into the instance's runtime directory,
+``$OCIBUILD_RUNTIME_DIR/ocibuild/<id>/`` (default ``/dev/shm``, a tmpfs on
+every Linux; set the variable empty to keep every bundle in the state
+directory), and their scratch directories into the instance's directory on
+disk: the small files of a bundle cost far less to make and delete on a
+tmpfs, while what the builder writes may be large. The runtime directory is
+used only if it is a real directory owned by us and writable by nobody
+else, on a file system of at least 256 MiB; otherwise bundles stay on disk.
+
+Crash recovery: a starting service takes every instance whose lock is free
+(its owner died), unmounts what it left mounted, kills and deletes its
+containers, removes its bundles unless kept, its runtime directory and its
+directory, before it builds anything. Several services may share one state
+directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stages.castore.addresses import Castore, open_castore
+from stages.errors import BuildError, ServiceError
+from stages.service.base import BuildService
+from stages.service.recovery import Instance, cleanup_dead_instances
+from stages.service.runs import (
+    build_key,
+    build_result,
+    default_state_dir,
+    full_stage,
+    load_build_specs,
+    save_specs,
+    stage_name,
+    stop_points,
+)
+
+if TYPE_CHECKING:
+    from pipeline import Run, Subscriber
+    from stages.context import BuildHost, BuildSpec, Keep
+    from stages.request import Build, BuildRequest
+
+# The pipeline, the build graph and the request model load when first used
+# (in functions below), not with this module: a starting service spawns its
+# FUSE mount server first and imports them while that boots.
+
+__all__ = ["OciBuildService"]
+
+
+class OciBuildService(BuildService):
+    """Builds in runc containers; see the module docstring.
+
+    Use as an async context manager: entering cleans up after dead
+    instances and starts the mount server; leaving stops it.
+    """
+
+    def __init__(self, state_dir: Path | str | None = None, *,
+                 blob_address: str | None = None, directory_address: str | None = None,
+                 jobs: int | None = None, keep: Keep = "never", timeout: float | None = None,
+                 subscribers: Iterable[Subscriber] = ()) -> None:
+        self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
+        self.blob_address = blob_address
+        self.directory_address = directory_address
+        self.jobs = jobs if jobs is not None else (os.cpu_count() or 1)
+        if self.jobs < 1:
+            raise ServiceError(str(self.state_dir), f"jobs must be >= 1, not {self.jobs}")
+        self.keep = keep
+        self.timeout = timeout
+        self.subscribers = list(subscribers)
+        self.runs_dir = self.state_dir / "runs"
+        self.bundles_dir = self.state_dir / "bundles"
+        self.trash_dir = self.state_dir / "trash"
+        self.host: BuildHost | None = None
+        self._instance: Instance | None = None
+        self._castore: Castore | None = None
+        self._mounts = None
+        self._limiters: dict | None = None
+        self.cleaned: list[str] = []
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def __aenter__(self) -> OciBuildService:
+        # Only what spawning the mount server needs, before it is spawned.
+        from stages.castore.fuse import MountServer
+        from stages.oci.idmap import BUILD_GID, BUILD_UID, load_idmap
+        from stages.oci.layout import check_traversable
+
+        try:
+            for d in (self.state_dir, self.runs_dir, self.bundles_dir):
+                d.mkdir(parents=True, exist_ok=True, mode=0o711)
+        except OSError as exc:
+            raise ServiceError(str(self.state_dir), f"cannot create the state directory: "
+                                                     f"{exc.strerror}") from exc
+        try:
+            check_traversable(self.bundles_dir)
+        except BuildError as exc:
+            raise ServiceError(str(self.state_dir), str(exc)) from exc
+        self._instance = Instance.create(self.state_dir)
+        try:
+            idmap = load_idmap()
+            # Inputs belong to the build user, as in Nix's sandbox.
+            self._mounts = MountServer(self._instance.dir / "mnt",
+                                       blob_address=self.blob_address,
+                                       directory_address=self.directory_address,
+                                       uid=idmap.host_uid(BUILD_UID),
+                                       gid=idmap.host_gid(BUILD_GID))
+            # The mount server boots (~0.3 s) while we open the store, clean
+            # up after dead instances and the caller plans its builds; the
+            # first mount waits for it.
+            await self._mounts.start()
+            from stages.context import BuildHost
+
+            self._castore = open_castore(self.blob_address, self.directory_address)
+            self.cleaned = await cleanup_dead_instances(self.state_dir)
+            if self.trash_dir.is_dir():  # bundles discarded by services that died
+                await asyncio.to_thread(_empty, self.trash_dir)
+            self.host = BuildHost(castore=self._castore, mounts=self._mounts,
+                                  bundles_dir=self.bundles_dir, trash_dir=self.trash_dir,
+                                  runc_root=self._instance.dir / "runc", idmap=idmap,
+                                  runtime_dir=self._instance.runtime,
+                                  scratch_dir=self._instance.dir / "scratch")
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def aclose(self) -> None:
+        try:
+            if self.host is not None:
+                await self.host.drain()
+            if self._mounts is not None:
+                mounts, self._mounts = self._mounts, None
+                await mounts.__aexit__(None, None, None)
+            if self._castore is not None:
+                castore, self._castore = self._castore, None
+                await castore.aclose()
+        finally:
+            if self._instance is not None:
+                self._instance.close()
+                self._instance = None
+            self.host = None
+
+    # -- building ---------------------------------------------------------------
+
+    def _new_run_dir(self) -> Path:
+        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        return self.runs_dir / run_id
+
+    def _require_host(self) -> BuildHost:
+        if self.host is None:
+            raise ServiceError(str(self.state_dir), "the service is not started; "
+                                                     "use it with 'async with'")
+        return self.host
+
+    async def run_builds(self, requests: Sequence[BuildRequest], *,
+                         stop_after: str | None = None, keep: Keep | None = None,
+                         sources: Sequence[str] | None = None,
+                         subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
+        """Build several requests as one graph; returns the run and the builds.
+
+        ``stop_after`` names a stage to stop every build after (or, as
+        ``KEY/STAGE``, one build's); the bundles then stay for inspection
+        and ``resume``.
+        """
+        from pipeline import Runner
+        from stages.context import BuildSpec
+        from stages.graph import build_caps, graph_for_requests
+
+        host = self._require_host()
+        run_dir = self._new_run_dir()
+        keep = keep or self.keep
+        specs = [BuildSpec(request=req, key=build_key(run_dir, i, len(requests)), keep=keep,
+                           timeout=self.timeout,
+                           ephemeral=keep == "never" and stop_after is None)
+                 for i, req in enumerate(requests)]
+        graph = graph_for_requests(specs, host)
+        run_dir.mkdir(parents=True)
+        save_specs(run_dir, specs, sources)
+        self.record_keys(spec.key for spec in specs)
+        runner = Runner(graph, run_dir=run_dir, caps=build_caps(self.jobs),
+                        subscribers=[*self.subscribers, *subscribers], limiters=self.limiters)
+        run = await runner.run(stop_after=stop_points(specs, stop_after))
+        self._mark_paused(run, specs)
+        return run, specs
+
+    async def resume_run(self, run_dir: Path, *, from_stage: str | None = None,
+                         stop_after: str | None = None,
+                         subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
+        from pipeline import resume
+        from stages.graph import build_caps, graph_for_requests
+
+        host = self._require_host()
+        specs = load_build_specs(run_dir)
+        self.record_keys(spec.key for spec in specs)
+        graph = graph_for_requests(specs, host)
+        run = await resume(run_dir, graph, from_stage=full_stage(specs, from_stage),
+                           stop_after=stop_points(specs, stop_after),
+                           caps=build_caps(self.jobs), limiters=self.limiters,
+                           subscribers=[*self.subscribers, *subscribers])
+        self._mark_paused(run, specs)
+        return run, specs
+
+    def record_keys(self, keys: Iterable[str]) -> None:
+        """Record build keys as this instance's, before their bundles exist.
+
+        For callers that compose their own graphs of builds (the Nix
+        builder): a later service cleaning up after this one, if it dies,
+        removes exactly the bundles of these keys.
+        """
+        if self._instance is None:
+            raise ServiceError(str(self.state_dir), "the service is not started; "
+                                                     "use it with 'async with'")
+        for key in keys:
+            self._instance.record_key(key)
+
+    def _mark_paused(self, run: Run, specs: Sequence[BuildSpec]) -> None:
+        # A run that stopped before teardown keeps its bundles (for inspection,
+        # `ocibuild shell` and resume): mark them so crash recovery spares them.
+        from pipeline import StageState
+        from stages.teardown import KEPT_MARKER
+
+        host = self._require_host()
+        for spec in specs:
+            bundle = host.bundle_dir(spec)
+            teardown = stage_name(specs, spec, "teardown")
+            outcome = run.stages.get(teardown)
+            if bundle.exists() and (outcome is None or outcome.state is StageState.PENDING):
+                (bundle / KEPT_MARKER).write_text("paused\n")
+
+    @property
+    def limiters(self) -> dict:
+        """The service's caps on containers and workspaces, shared by all its runs.
+
+        Concurrent runs (do_build calls, each its own graph) then run at most
+        ``jobs`` containers between them, and prepare the next builds while
+        those run, as one graph of many builds does.
+        """
+        if self._limiters is None:
+            from pipeline import CapacityLimiter
+            from stages.graph import build_caps
+
+            self._limiters = {kind: CapacityLimiter(cap, name=kind)
+                              for kind, cap in build_caps(self.jobs).kinds.items()}
+        return self._limiters
+
+    async def do_build(self, request: BuildRequest) -> Build:
+        """Build one request; BuildFailed (a BuildError) when it does not succeed.
+
+        Concurrent calls share the service's :attr:`limiters`.
+        """
+        run, specs = await self.run_builds([request])
+        return build_result(run, specs[0])
+
+
+def _empty(directory: Path) -> None:
+    for entry in directory.iterdir():
+        shutil.rmtree(entry, ignore_errors=True)

@@ -1,0 +1,180 @@
+"""Service instances on a state directory, and the recovery of dead ones.
+
+Each live service is an *instance*: ``instances/<id>/`` in the state
+directory, with a lock it holds (flock) for its whole life, the build keys
+it created, its FUSE mountpoint, its runc root, its scratch directories,
+and a link to its runtime directory on a tmpfs. A starting service takes
+every instance whose lock is free (its owner died), unmounts what it left
+mounted, kills and deletes its containers, removes its bundles unless kept,
+its runtime directory and its directory, before it builds anything. Several
+services may share one state directory.
+
+Caveats:
+
+- The runtime directory is used only if it is a real directory owned by us
+  and writable by nobody else, on a file system of at least
+  :data:`RUNTIME_MIN_BYTES`; otherwise bundles stay on disk.
+- A dead instance's runtime link is trusted only for its own directory
+  (``<base>/ocibuild/<instance id>``), never for anything else it names.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+
+import attrs
+
+from stages.castore.fuse import cleanup_stale_mounts
+from stages.errors import BuildError
+from stages.oci.layout import check_traversable, remove_bundle
+from stages.oci.runc import cleanup_stale_containers
+from stages.teardown import KEPT_MARKER
+
+__all__ = ["DEFAULT_RUNTIME_BASE", "RUNTIME_ENV", "RUNTIME_MIN_BYTES", "Instance",
+           "cleanup_dead_instances"]
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on ``path``, or None if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+async def cleanup_dead_instances(state_dir: Path) -> list[str]:
+    """Clean what dead service instances left behind; return what was removed."""
+    removed: list[str] = []
+    instances = state_dir / "instances"
+    if not instances.is_dir():
+        return removed
+    for inst in sorted(instances.iterdir()):
+        lock = inst / "lock"
+        if not inst.is_dir():
+            continue
+        fd = _try_lock(lock) if lock.exists() else os.open(inst, os.O_RDONLY)
+        if fd is None:
+            continue  # alive
+        try:
+            for mnt in cleanup_stale_mounts(inst / "mnt"):
+                removed.append(f"mount {mnt}")
+            for cid in await cleanup_stale_containers(inst / "runc"):
+                removed.append(f"container {cid}")
+            keys = (inst / "keys").read_text().split() if (inst / "keys").exists() else []
+            for key in keys:
+                bundle = state_dir / "bundles" / key
+                if bundle.exists() and not (bundle / KEPT_MARKER).exists():
+                    remove_bundle(bundle)
+                    removed.append(f"bundle {bundle}")
+            runtime = _linked_runtime(inst)
+            if runtime is not None:
+                shutil.rmtree(runtime, ignore_errors=True)
+                removed.append(f"runtime {runtime}")
+            shutil.rmtree(inst)
+            removed.append(f"instance {inst.name}")
+        finally:
+            os.close(fd)
+    return removed
+
+
+RUNTIME_ENV = "OCIBUILD_RUNTIME_DIR"
+DEFAULT_RUNTIME_BASE = "/dev/shm"
+#: A runtime file system smaller than this is not used (Docker gives a
+#: container a 64 MiB /dev/shm, which concurrent bundles could fill).
+RUNTIME_MIN_BYTES = 256 << 20
+
+
+def _runtime_home() -> Path | None:
+    """``<base>/ocibuild``, made if missing, when it is safe to use; else None.
+
+    Safe: a directory (not a symlink) owned by us, writable by nobody else,
+    searchable by others (the container's mapped root binds from it). The
+    base is shared (``/dev/shm`` is world-writable), so anything else there
+    under that name is not ours to trust. A file system smaller than
+    :data:`RUNTIME_MIN_BYTES` is not used either.
+    """
+    base = os.environ.get(RUNTIME_ENV, DEFAULT_RUNTIME_BASE)
+    if not base or not os.path.isdir(base):
+        return None
+    fs = os.statvfs(base)
+    if fs.f_blocks * fs.f_frsize < RUNTIME_MIN_BYTES:
+        return None
+    home = Path(base).absolute() / "ocibuild"
+    try:
+        home.mkdir(mode=0o711)
+        os.chmod(home, 0o711)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    st = os.lstat(home)
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
+            or st.st_mode & 0o022 or not st.st_mode & 0o001):
+        return None
+    try:
+        check_traversable(home)  # its parents too: bundles are checked once, here
+    except BuildError:
+        return None
+    return home
+
+
+def _linked_runtime(inst: Path) -> Path | None:
+    """The runtime directory an instance made: ``<base>/ocibuild/<instance>``.
+
+    Anything else the link might name is not ours to delete.
+    """
+    link = inst / "runtime"
+    if not link.is_symlink():
+        return None
+    target = Path(os.readlink(link))
+    if not target.is_absolute() or target.name != inst.name or target.parent.name != "ocibuild":
+        return None
+    return target
+
+
+@attrs.define
+class Instance:
+    """One live service instance's directories and lock."""
+
+    dir: Path
+    lock_fd: int
+    #: Its runtime directory on a tmpfs (bundles/, trash/), or None.
+    runtime: Path | None = None
+
+    @classmethod
+    def create(cls, state_dir: Path) -> Instance:
+        inst = state_dir / "instances" / f"{os.getpid()}-{secrets.token_hex(4)}"
+        inst.mkdir(parents=True, mode=0o711)
+        fd = _try_lock(inst / "lock")
+        assert fd is not None
+        (inst / "mnt").mkdir()
+        (inst / "runc").mkdir(mode=0o700)
+        (inst / "scratch").mkdir(mode=0o711)
+        runtime = None
+        home = _runtime_home()
+        if home is not None:
+            runtime = home / inst.name
+            # The link first: a crash after it leaves nothing unaccounted for.
+            os.symlink(runtime, inst / "runtime")
+            runtime.mkdir(mode=0o711)
+            (runtime / "bundles").mkdir(mode=0o711)
+            (runtime / "rootfs").mkdir(mode=0o711)
+        return cls(inst, fd, runtime)
+
+    def record_key(self, key: str) -> None:
+        with open(self.dir / "keys", "a") as f:
+            f.write(key + "\n")
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self.lock_fd)

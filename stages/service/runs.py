@@ -1,0 +1,147 @@
+"""The service's run records: what a run directory holds besides the pipeline's journal.
+
+::
+
+    runs/<run-id>/builds.json        the builds of the run: key, keep, timeout,
+                                     request file, where the request came from
+    runs/<run-id>/requests/<i>.binpb each build's BuildRequest
+
+From these a later service (``ocibuild resume``, ``ocibuild shell``)
+rebuilds the run's graph (:func:`load_build_specs`). :func:`build_result`
+reads the outcome of one build of a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stages.errors import BuildFailed, ServiceError
+from stages.util.dirs import state_dir as _default_state_dir
+
+if TYPE_CHECKING:
+    from pipeline import Run
+    from stages.context import BuildSpec
+    from stages.request import Build
+
+__all__ = ["BUILDS_FILE", "build_key", "build_result", "default_state_dir", "full_stage", "list_runs", "load_build_specs",
+           "save_specs", "stage_name", "stop_points"]
+
+BUILDS_FILE = "builds.json"
+
+
+def default_state_dir() -> Path:
+    """``$OCIBUILD_STATE``, else /var/lib/ocibuild for root, else the user's
+    state directory (:func:`stages.util.dirs.state_dir`)."""
+    import os
+
+    explicit = os.environ.get("OCIBUILD_STATE")
+    if explicit:
+        return Path(explicit).absolute()
+    return _default_state_dir()
+
+
+def build_key(run_dir: Path, i: int, n: int) -> str:
+    return run_dir.name if n == 1 else f"{run_dir.name}.{i}"
+
+
+def save_specs(run_dir: Path, specs: Sequence[BuildSpec],
+                sources: Sequence[str] | None) -> None:
+    """The builds of a run, so that resume and shell can rebuild its graph."""
+    from stages.request import write_request_file
+
+    (run_dir / "requests").mkdir()
+    meta = []
+    for i, spec in enumerate(specs):
+        write_request_file(run_dir / "requests" / f"{i}.binpb", spec.request)
+        meta.append({"key": spec.key, "keep": spec.keep, "timeout": spec.timeout,
+                     "request": f"requests/{i}.binpb",
+                     "source": sources[i] if sources else None})
+    (run_dir / BUILDS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def stage_name(specs: Sequence[BuildSpec], spec: BuildSpec, stage: str) -> str:
+    return stage if len(specs) == 1 else f"{spec.key}/{stage}"
+
+
+def full_stage(specs: Sequence[BuildSpec], stage: str | None) -> str | None:
+    """A bare stage name of a multi-build run means the last build's stage.
+
+    For ``from_stage``, which the pipeline takes as one name.
+    """
+    if stage is None or len(specs) == 1 or "/" in stage:
+        return stage
+    return f"{specs[-1].key}/{stage}"
+
+
+def stop_points(specs: Sequence[BuildSpec], stage: str | None) -> str | tuple[str, ...] | None:
+    """``stop_after`` of a run: a bare stage name stops every build after that stage."""
+    if stage is None or len(specs) == 1 or "/" in stage:
+        return stage
+    return tuple(f"{spec.key}/{stage}" for spec in specs)
+
+
+def build_result(run: Run, spec: BuildSpec) -> Build:
+    """The Build of one finished build of a run; BuildFailed naming the cause otherwise.
+
+    Works for a build alone in its graph (bare stage names) and for one of
+    several (names prefixed with its key).
+    """
+    from pipeline import RunStatus, StageState
+    from stages.context import request_from_result
+    from stages.ingest import build_from_result
+
+    prefixed = f"{spec.key}/ingest" in run.stages
+
+    def mine(name: str) -> bool:
+        return name.startswith(spec.key + "/") if prefixed else "/" not in name
+
+    outcome = run.stages.get(f"{spec.key}/ingest" if prefixed else "ingest")
+    if outcome is not None and outcome.state.ok:
+        request = spec.request
+        if request is None:
+            validate = run.stages[f"{spec.key}/validate" if prefixed else "validate"]
+            request = request_from_result(validate.result["request"])
+        return build_from_result(request, outcome.result)
+    first = next((o for n, o in run.stages.items()
+                  if o.state is StageState.FAILED and mine(n)), None)
+    if first is not None:
+        raise BuildFailed(spec.key, first.error or "failed", stage=first.name,
+                          run_dir=run.run_dir)
+    if run.status is RunStatus.CANCELLED:
+        raise BuildFailed(spec.key, "cancelled", run_dir=run.run_dir)
+    raise BuildFailed(spec.key, f"did not reach ingest (run {run.status.value})",
+                      run_dir=run.run_dir)
+
+
+def load_build_specs(run_dir: Path) -> list[BuildSpec]:
+    """The builds of a run directory made by OciBuildService."""
+    from stages.context import BuildSpec
+    from stages.request import read_request_file
+
+    try:
+        meta = json.loads((run_dir / BUILDS_FILE).read_text())
+    except FileNotFoundError:
+        raise ServiceError(str(run_dir), "not a build run directory (no builds.json)") from None
+    except ValueError as exc:
+        raise ServiceError(str(run_dir), f"builds.json is not valid JSON: {exc}") from exc
+    return [BuildSpec(request=read_request_file(run_dir / m["request"]), key=m["key"],
+                      keep=m["keep"], timeout=m["timeout"]) for m in meta]
+
+
+def list_runs(state_dir: Path | None = None) -> list[tuple[Path, Run | None, str]]:
+    """Every run directory with its state (None and the reason when unreadable)."""
+    from pipeline import load_run
+
+    runs_dir = (state_dir or default_state_dir()) / "runs"
+    out: list[tuple[Path, Run | None, str]] = []
+    if not runs_dir.is_dir():
+        return out
+    for d in sorted(runs_dir.iterdir()):
+        try:
+            out.append((d, load_run(d), ""))
+        except Exception as exc:
+            out.append((d, None, str(exc)))
+    return out
