@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from stages.castore.refscan import NeedleScanner
+from stages.castore.refscan import NeedleScanner  # noqa: E402
 
 NIXBASE32 = b"0123456789abcdfghijklmnpqrsvwxyz"
 _PIECE = 16 << 20

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Optional
 
 import attrs
 from google.protobuf import json_format, text_format

@@ -34,7 +34,7 @@ def _probe(marker: str) -> str | None:
         if not os.path.exists("/dev/fuse"):
             return "/dev/fuse is missing"
         try:
-            import pyfuse3
+            import pyfuse3  # noqa: F401
         except ImportError as exc:
             return f"pyfuse3 does not import: {exc}"
         if shutil.which("fusermount3") is None:

@@ -45,8 +45,7 @@ from stages.util.dirs import data_dir
 from stages.util.plugins import load_plugin, plugin_names
 
 if TYPE_CHECKING:
-    from stages.castore.fuse.store import StoreReader
-    from stages.castore.services import BlobService, DirectoryService
+    from stages.castore.services import BlobService, DirectoryService, StoreReader
 
 __all__ = [
     "BACKEND_GROUP",

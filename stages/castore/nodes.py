@@ -206,7 +206,7 @@ class Directory:
                 files.append(node)
             else:
                 links.append(node)
-        key = lambda n: n.name
+        key = lambda n: n.name  # noqa: E731
         return cls(directories=sorted(dirs, key=key), files=sorted(files, key=key),
                    symlinks=sorted(links, key=key))
 

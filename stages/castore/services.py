@@ -23,7 +23,8 @@ import abc
 import collections
 import os
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import attrs
 import blake3
@@ -41,6 +42,7 @@ __all__ = [
     "READ_CHUNK",
     "ValidatingPutter",
     "open_regular_file",
+    "StoreReader",
     "StoredFile",
 ]
 
@@ -324,3 +326,22 @@ async def _read_in_thread(fd: int) -> bytes:
     import asyncio  # here: the FUSE mount server imports this module, not asyncio
 
     return await asyncio.to_thread(os.read, fd, READ_CHUNK)
+
+
+@runtime_checkable
+class StoreReader(Protocol):
+    """What the FUSE server needs from a store: sizes, ranges, checks, dirs.
+
+    A reader may also offer ``map_blob(digest)``, a zero-copy mapping of a
+    blob's bytes (the local store's :class:`~stages.castore.local.BlobMap`);
+    the FUSE layer uses it where it exists.
+    """
+
+    def blob_size(self, digest: bytes) -> int | None: ...
+
+    def read_blob_at(self, digest: bytes, offset: int, n: int) -> bytes: ...
+
+    def verify_blob(self, digest: bytes,
+                    on_chunk: Callable[[int, memoryview], None] | None = None) -> None: ...
+
+    def get_directory(self, digest: bytes) -> Directory | None: ...

@@ -14,103 +14,16 @@ one does not cut that short.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from stages.cli import UserError
+from stages.cli.common import run_cancellable, service, state_dir, store_options, subscribers
 
 __all__ = ["register"]
 
 FORMATS = ("dot", "mermaid", "svg", "png", "text")
-
-
-def _store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--blob-service-addr", metavar="ADDR",
-                   help="blob store address (default: $BLOB_SERVICE_ADDR or the embedded store)")
-    p.add_argument("--directory-service-addr", metavar="ADDR",
-                   help="directory store address (default: $DIRECTORY_SERVICE_ADDR or the "
-                        "embedded store)")
-    p.add_argument("--state-dir", type=Path, metavar="DIR",
-                   help="where runs and bundles live (default: $OCIBUILD_STATE or "
-                        "$XDG_STATE_HOME/ocibuild)")
-
-
-def _state_dir(args: argparse.Namespace) -> Path:
-    """--state-dir, else the path of an oci:// BUILD_SERVICE_ADDR, else the default.
-
-    The CLI drives the OCI service itself (runs, bundles, shells), so any
-    other BUILD_SERVICE_ADDR (dummy://) is refused here, clearly.
-    """
-    import os
-
-    from stages.service import OciBuildService, default_state_dir, open_build_service
-
-    if getattr(args, "state_dir", None) is not None:
-        return args.state_dir
-    address = os.environ.get("BUILD_SERVICE_ADDR")
-    if not address:
-        return default_state_dir()
-    svc = open_build_service(address)
-    if not isinstance(svc, OciBuildService):
-        from stages.errors import ServiceError
-
-        what = ("is remote: only 'ocibuild build' uses it; runs, resume and shell need "
-                if address.startswith("grpc+") else "refuses every build; the ocibuild CLI needs ")
-        raise ServiceError(address, what + "an oci:///abs/state/dir service "
-                                           "(BUILD_SERVICE_ADDR) or --state-dir")
-    return svc.state_dir
-
-
-def _service(args: argparse.Namespace, **kw: Any):
-    from stages.service import OciBuildService
-
-    return OciBuildService(_state_dir(args), blob_address=args.blob_service_addr,
-                           directory_address=args.directory_service_addr, **kw)
-
-
-def _run_cancellable(main: Callable[[], Awaitable[int]]) -> int:
-    """asyncio.run(main()) where SIGINT/SIGTERM cancel it once, cleanly."""
-
-    async def wrapper() -> int:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        seen: list[str] = []
-
-        def on_signal(name: str) -> None:
-            seen.append(name)
-            if len(seen) == 1:
-                print(f"ocibuild: {name}: cancelling; cleaning up", file=sys.stderr, flush=True)
-                task.cancel()
-            else:
-                print(f"ocibuild: {name} again; still cleaning up", file=sys.stderr, flush=True)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-        try:
-            return await main()
-        except asyncio.CancelledError:
-            if not seen:
-                raise
-            print(f"ocibuild: cancelled by {seen[0]}", file=sys.stderr)
-            return 130
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-    return asyncio.run(wrapper())
-
-
-def _subscribers(args: argparse.Namespace) -> list[Any]:
-    if getattr(args, "json", False) or not sys.stderr.isatty():
-        return []
-    from pipeline import RichProgress
-
-    return [RichProgress()]
 
 
 def _report(run: Any, specs: list[Any], sources: list[str], *, as_json: bool) -> int:
@@ -165,19 +78,19 @@ def cmd_build(args: argparse.Namespace) -> int:
     keep = "always" if args.keep else ("failed" if args.keep_failed else "never")
 
     async def main() -> int:
-        async with _service(args, jobs=args.jobs, keep=keep, timeout=args.timeout) as svc:
+        async with service(args, jobs=args.jobs, keep=keep, timeout=args.timeout) as svc:
             run, specs = await svc.run_builds(requests, stop_after=args.stop_after,
-                                              sources=sources, subscribers=_subscribers(args))
+                                              sources=sources, subscribers=subscribers(args))
         return _report(run, specs, sources, as_json=args.json)
 
-    return _run_cancellable(main)
+    return run_cancellable(main)
 
 
 def _find_run(args: argparse.Namespace, run: str) -> Path:
     path = Path(run)
     if path.is_dir():
         return path.absolute()
-    state = _state_dir(args)
+    state = state_dir(args)
     candidate = state / "runs" / run
     if candidate.is_dir():
         return candidate
@@ -192,19 +105,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
     sources = [s.key for s in specs]
 
     async def main() -> int:
-        async with _service(args, jobs=args.jobs) as svc:
+        async with service(args, jobs=args.jobs) as svc:
             run, specs2 = await svc.resume_run(run_dir, from_stage=args.from_stage,
                                                stop_after=args.stop_after,
-                                               subscribers=_subscribers(args))
+                                               subscribers=subscribers(args))
         return _report(run, specs2, sources, as_json=args.json)
 
-    return _run_cancellable(main)
+    return run_cancellable(main)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from stages.service import list_runs
 
-    state = _state_dir(args)
+    state = state_dir(args)
     rows = list_runs(state)
     if not rows:
         print(f"no runs in {state / 'runs'}")
@@ -275,7 +188,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: $BUILD_SERVICE_ADDR when it is a grpc+ address)")
     p.add_argument("--no-fetch-outputs", action="store_true",
                    help="remote builds: leave the outputs in the server's store")
-    _store_options(p)
+    store_options(p)
     p.set_defaults(handler=cmd_build)
 
     p = sub.add_parser("graph", help="draw the stage graph of a build")
@@ -296,7 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", metavar="STAGE")
     p.add_argument("--json", action="store_true")
     p.add_argument("--jobs", "-j", type=int, default=None)
-    _store_options(p)
+    store_options(p)
     p.set_defaults(handler=cmd_resume)
 
     p = sub.add_parser("shell", help="a shell inside the sandbox of a kept run",
@@ -307,5 +220,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", metavar="RUN", help="run id (see 'ocibuild runs') or directory")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="command to run instead of an interactive shell")
-    _store_options(p)
+    store_options(p)
     p.set_defaults(handler=cmd_shell)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from stages.cli import UserError
-from stages.cli.build_cmd import _run_cancellable, _service, _store_options, _subscribers
+from stages.cli.common import run_cancellable, service, store_options, subscribers
 
 __all__ = ["register"]
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="print one JSON object with each DRV's status and outputs")
     build.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                        help="containers running at once (default 1)")
-    _store_options(build)
+    store_options(build)
     build.set_defaults(handler=_run_build)
 
     export = sub.add_parser("export", help="write a registered store path out as files",
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                         "to DIR/<basename>; never overwrites.")
     export.add_argument("store_path", metavar="STORE_PATH")
     export.add_argument("dir", type=Path, metavar="DIR", help="an existing directory")
-    _store_options(export)
+    store_options(export)
     export.set_defaults(handler=_run_export)
 
 
@@ -69,7 +69,7 @@ def _run_build(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, not {args.jobs}")
     try:
-        return _run_cancellable(lambda: _build(args))
+        return run_cancellable(lambda: _build(args))
     except NixError as exc:
         raise UserError(str(exc)) from exc
 
@@ -77,12 +77,12 @@ def _run_build(args: argparse.Namespace) -> int:
 async def _build(args: argparse.Namespace) -> int:
     # The service first: its FUSE mount server boots (~0.3 s) in another
     # process while this one imports the Nix side and reads the derivations.
-    async with _service(args, jobs=args.jobs) as svc:
+    async with service(args, jobs=args.jobs) as svc:
         from stages.nix.build import build_derivations
 
         with _pathinfo(args) as pathinfo:
             results = await build_derivations(args.drvs, service=svc, pathinfo=pathinfo,
-                                              jobs=args.jobs, subscribers=_subscribers(args))
+                                              jobs=args.jobs, subscribers=subscribers(args))
     if args.json:
         print(json.dumps({d: r.to_json() for d, r in results.items()}, indent=2))
     else:

@@ -43,7 +43,7 @@ def remote_address(args: argparse.Namespace) -> str | None:
 def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
                sources: list[str]) -> int:
     from stages.castore.addresses import open_castore
-    from stages.cli.build_cmd import _run_cancellable
+    from stages.cli.common import run_cancellable
     from stages.grpc.build_service import GrpcBuildService
     from stages.grpc.remote import remote_builds
 
@@ -73,7 +73,7 @@ def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
             await local.aclose()
         return _report(results, requests, sources, address, as_json=args.json)
 
-    return _run_cancellable(main)
+    return run_cancellable(main)
 
 
 def _report(results: list[Any], requests: list[Any], sources: list[str], address: str, *,

@@ -58,10 +58,10 @@ def open_shell(run_dir: Path, args: argparse.Namespace, *, command: list[str] | 
 
 
 async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
-    from stages.cli.build_cmd import _service
+    from stages.cli.common import service
     from stages.spec import SpecOptions, make_spec
 
-    async with _service(args, jobs=1) as svc:
+    async with service(args, jobs=1) as svc:
         host = svc.host
         assert host is not None
         bundle = host.bundle_dir(spec)

@@ -61,7 +61,7 @@ from stages.errors import BuildError, BuildFailed, RequestError, ServiceError
 
 # rpc_build_pb2 registers the service's descriptor (rpc_build_pb2_grpc does not
 # import it), which server reflection looks up in the default pool.
-from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc
+from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc  # noqa: F401
 from stages.request import (
     Build,
     BuildRequest,
@@ -108,7 +108,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         """How many builds are in flight now."""
         return len(self._builds)
 
-    async def DoBuild(self, request: build_pb2.BuildRequest,
+    async def DoBuild(self, request: build_pb2.BuildRequest,  # noqa: N802 - gRPC's name
                       context: grpc.aio.ServicerContext) -> build_pb2.Build:
         if self._closing:
             await _abort(context, grpc.StatusCode.UNAVAILABLE,
@@ -142,7 +142,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         except BuildError as exc:
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
                          {_KIND: "service", _MESSAGE: str(exc).encode()})
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure gets a status, not UNKNOWN
             log.exception("DoBuild failed unexpectedly")
             await _abort(context, grpc.StatusCode.INTERNAL,
                          f"internal error of the build service: {type(exc).__name__}: {exc}",

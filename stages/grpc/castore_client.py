@@ -107,7 +107,7 @@ from stages.proto import (
 )
 
 if TYPE_CHECKING:
-    from stages.castore.fuse.store import StoreReader
+    from stages.castore.services import StoreReader
 
 __all__ = ["BACKEND", "GrpcBlobService", "GrpcDirectoryService"]
 

@@ -195,7 +195,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
             size = await self.blobs.stat(request.digest)
             if size is None:
                 raise NotFoundError("blob", request.digest)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
             await _abort(context, exc)
         response = rpc_blobstore_pb2.StatBlobResponse()
         if request.send_chunks:
@@ -207,7 +207,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
         try:
             validate_digest(request.digest)
             reader = await self.blobs.open_read(request.digest)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
         async with reader:
             # One message read (and encoded) ahead: the store's read of the
@@ -220,7 +220,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
                     # Writing here instead of yielding skips the generator
                     # machinery per message; await blocks on flow control.
                     await context.write(message)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 await _abort(context, exc)
             finally:
                 if not ahead.done():
@@ -243,7 +243,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
                 if context.cancelled():
                     raise asyncio.CancelledError("the client cancelled the upload")
                 digest = await writer.close()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
         return rpc_blobstore_pb2.PutBlobResponse(digest=digest)
 
@@ -269,7 +269,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
                 return
             async for directory in self.directories.get_recursive(digest):
                 await context.write(directory_to_proto(directory))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
 
     async def Put(self, request_iterator: AsyncIterator[castore_pb2.Directory],
@@ -279,7 +279,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
             async for message in request_iterator:
                 await putter.put(directory_from_proto(message))
             root = await putter.close()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
         return rpc_directory_pb2.PutDirectoryResponse(root_digest=root)
 

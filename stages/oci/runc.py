@@ -40,7 +40,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from stages.errors import RuncError, RuncTimeoutError
 from stages.util.aio import Child, PipeReader, finish_then_cancel

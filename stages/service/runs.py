@@ -142,6 +142,6 @@ def list_runs(state_dir: Path | None = None) -> list[tuple[Path, Run | None, str
     for d in sorted(runs_dir.iterdir()):
         try:
             out.append((d, load_run(d), ""))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a listing shows what it cannot read
             out.append((d, None, str(exc)))
     return out

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 # The shared store contract, collected again here with our `castore` fixture.
-from test_local_store import (
+from test_local_store import (  # noqa: F401  (pytest collects them)
     test_aborted_write_is_invisible,
     test_bad_digest_length_is_refused,
     test_blob_roundtrip,

@@ -20,7 +20,7 @@ def test_a_name_loads_its_home_once(monkeypatch) -> None:
     assert pkg.dumps is json.dumps
     assert pkg.__dict__["dumps"] is json.dumps  # set on the package: no second lookup
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        pkg.nope
+        pkg.nope  # noqa: B018
 
 
 def _imported_after(statement: str) -> set[str]:

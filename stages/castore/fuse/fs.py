@@ -259,7 +259,7 @@ class CastoreFS(pyfuse3.Operations):
             return cached
         try:
             directory = self.reader.get_directory(digest)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the kernel only gets EIO
             log.error("directory %s cannot be read from the store: %s", digest.hex(), exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
         if directory is None:
@@ -432,7 +432,7 @@ class CastoreFS(pyfuse3.Operations):
             if self._map_blob is not None:
                 try:
                     mapping = self._map_blob(entry.digest)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the kernel only gets EIO
                     log.error("blob %s (file %r) cannot be mapped: %s",
                               entry.digest.hex(), entry.name, exc)
                     raise pyfuse3.FUSEError(errno.EIO) from exc
@@ -491,7 +491,7 @@ class CastoreFS(pyfuse3.Operations):
             self.reader.verify_blob(digest)
         except CorruptionError as exc:
             problem = f"is corrupt in the store: {exc}"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the log and as EIO
             problem = f"cannot be read from the store: {exc}"
         finally:
             if thread is not None:
@@ -522,7 +522,7 @@ class CastoreFS(pyfuse3.Operations):
                 raise CorruptionError("blob", digest, "its pack is now shorter than the blob")
             self._note_served(mapping, off, end)
             return mapping.view[off:end]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             log.error("blob %s: read at %d failed: %s", digest.hex(), off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
 
@@ -599,7 +599,7 @@ def _contained(op, *, answers: bool):
             return await op(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any bug: this request only
             log.error("%s%r failed unexpectedly: %s", op.__name__, args[:2], exc, exc_info=exc)
             if answers:
                 raise pyfuse3.FUSEError(errno.EIO) from exc

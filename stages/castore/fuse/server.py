@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_owner(args.owner_pid)
     if args.settings_from_stdin:
         # The store's modules now, while the owner has not decided on them.
-        import stages.castore.local
+        import stages.castore.local  # noqa: F401
 
         if not _read_settings(parser, args):
             return 0  # nobody took this spare

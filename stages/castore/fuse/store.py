@@ -23,33 +23,11 @@ Caveats:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
 from stages.castore.addresses import Backend, backend_for, resolve_address
 from stages.castore.errors import StoreError
-from stages.castore.nodes import Directory
-
-if TYPE_CHECKING:
-    from stages.castore.local import BlobMap
+from stages.castore.services import StoreReader
 
 __all__ = ["StoreReader", "check_servable", "open_reader", "resolve_addresses"]
-
-
-@runtime_checkable
-class StoreReader(Protocol):
-    """What the FUSE server needs from a store: sizes, ranges, checks, dirs."""
-
-    def blob_size(self, digest: bytes) -> int | None: ...
-
-    def read_blob_at(self, digest: bytes, offset: int, n: int) -> bytes: ...
-
-    def map_blob(self, digest: bytes) -> BlobMap: ...
-
-    def verify_blob(self, digest: bytes,
-                    on_chunk: Callable[[int, memoryview], None] | None = None) -> None: ...
-
-    def get_directory(self, digest: bytes) -> Directory | None: ...
 
 
 def resolve_addresses(blob_address: str | None,
