@@ -19,7 +19,7 @@ NIX_CONF_DIR := $(CURDIR)/.nix
 export NIX_CONF_DIR
 export NIX_REMOTE := local
 
-.PHONY: install apt venv bytecode nix-setup demo test test-reverse proto bench clean
+.PHONY: install apt venv bytecode nix-setup demo lint test test-reverse proto bench clean
 
 install: apt venv bytecode nix-setup
 
@@ -68,7 +68,13 @@ demo: install
 	@echo
 	$(PY) dag_examples/nix_chain.py
 
-test: install
+# The import layers of README's developer section (import-linter).
+lint: install
+	@echo "lint: import layers"
+	@$(VENV)/bin/lint-imports --no-cache | grep -E "KEPT|BROKEN|Contracts:|->|imports" ; \
+	  test $${PIPESTATUS[0]} -eq 0
+
+test: lint
 	$(PY) -m pytest -q tests dag_examples
 
 # The same suite in reverse order: a test that passes only after another one
