@@ -13,6 +13,7 @@ This package knows nothing of containers or stores; it imports nothing from
 
 from pipeline.active import ActivePlan, PendingReason
 from pipeline.caps import CapacityLimiter, Caps, LimiterStatistics
+from pipeline.context import StageContext
 from pipeline.definition import (
     JSON,
     NOT_SERIALIZABLE,
@@ -38,21 +39,27 @@ from pipeline.errors import (
     StageFailed,
     StateError,
 )
-from pipeline.context import StageContext
-from pipeline.events import Collector, Event, EventKind, JsonLinesLog, RichProgress, Subscriber
+from pipeline.events import (
+    Collector,
+    Event,
+    EventKind,
+    JsonLinesLog,
+    RichProgress,
+    Subscriber,
+)
 from pipeline.render import STATE_COLORS, render_image, to_dot, to_mermaid, to_text
 from pipeline.resume import plan_resume, resume
 from pipeline.runner import Runner
-from pipeline.sync import run_sync
 from pipeline.state import MISSING, Run, RunStatus, StageOutcome, StageState, load_run
+from pipeline.sync import run_sync
 
 __all__ = [
-    "ActivePlan",
     "JSON",
     "MISSING",
     "NOT_SERIALIZABLE",
     "PICKLE",
     "STATE_COLORS",
+    "ActivePlan",
     "CapacityLimiter",
     "Caps",
     "Codec",

@@ -20,7 +20,7 @@ are settled and the stage waits for caps or resources.
 Caveats:
 
 - A stage's end (:meth:`ActivePlan.finish`, :meth:`~ActivePlan.fail`,
-  :meth:`~ActivePlan.cancelled`) and its *settling* are two steps: the driver
+  :meth:`~ActivePlan.stage_cancelled`) and its *settling* are two steps: the driver
   settles a stage once its journal line is written, and only settling releases
   its users. Until then the users still wait for it.
 - Stages that :meth:`~ActivePlan.settle` abandons or cancels settle at once
@@ -36,7 +36,8 @@ Caveats:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
 import attrs
@@ -208,40 +209,40 @@ class ActivePlan:
     # -- reading ----------------------------------------------------------------------
 
     @property
-    def pending(self) -> Set[str]:
+    def pending(self) -> AbstractSet[str]:
         """Not started: waiting for dependencies (or never reached: not in the run)."""
         return self._pending
 
     @property
-    def ready(self) -> Set[str]:
+    def ready(self) -> AbstractSet[str]:
         """Dependencies settled; waiting for caps or resources (``StageState.QUEUED``)."""
         return self._ready
 
     @property
-    def running(self) -> Set[str]:
+    def running(self) -> AbstractSet[str]:
         return self._running
 
     @property
-    def finished(self) -> Set[str]:
+    def finished(self) -> AbstractSet[str]:
         return self._finished
 
     @property
-    def failed(self) -> Set[str]:
+    def failed(self) -> AbstractSet[str]:
         return self._failed
 
     @property
-    def abandoned(self) -> Set[str]:
+    def abandoned(self) -> AbstractSet[str]:
         return self._abandoned
 
     @property
-    def cancelled(self) -> Set[str]:
+    def cancelled(self) -> AbstractSet[str]:
         return self._cancelled
 
     @property
-    def reused(self) -> Set[str]:
+    def reused(self) -> AbstractSet[str]:
         return self._reused
 
-    def sets(self) -> dict[StageState, Set[str]]:
+    def sets(self) -> dict[StageState, AbstractSet[str]]:
         """Every named set by the state it holds; together they partition :attr:`names`."""
         return dict(self._sets)
 
@@ -342,7 +343,7 @@ class ActivePlan:
         self._waits.pop(name, None)
         return self.fail_fast
 
-    def cancelled(self, name: str) -> bool:
+    def stage_cancelled(self, name: str) -> bool:
         """A started stage's task ended cancelled; False if it had ended already."""
         entry = self._entries[name]
         if entry.state not in _STARTED:

@@ -59,7 +59,12 @@ from pipeline.active import ActivePlan
 from pipeline.caps import CapacityLimiter, Caps, LimiterStatistics
 from pipeline.context import StageContext
 from pipeline.definition import Graph, Resource, Stage
-from pipeline.errors import DefinitionError, ResourceError, SerializationError, StageFailed
+from pipeline.errors import (
+    DefinitionError,
+    ResourceError,
+    SerializationError,
+    StageFailed,
+)
 from pipeline.events import Event, EventKind, Subscriber
 from pipeline.shared import SharedResources
 from pipeline.state import (
@@ -658,7 +663,7 @@ class Runner:
     def _on_cancelled(self, node: _Node) -> None:
         """The stage's task ended cancelled (from its body, or before it ran)."""
         assert self._plan is not None
-        if self._plan.cancelled(node.name):
+        if self._plan.stage_cancelled(node.name):
             self._ended(node, EventKind.STAGE_CANCELLED)
 
     def _after_cancel(self, node: _Node, _task: asyncio.Task[None]) -> None:
