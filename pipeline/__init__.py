@@ -4,13 +4,16 @@ Build a :class:`Graph` of :class:`Stage` values (``async def fn(ctx)``), run it
 with :class:`Runner` (or :func:`run_sync` from synchronous code, which also
 handles SIGINT/SIGTERM), watch it through subscribers, draw it with
 :func:`to_dot`/:func:`to_mermaid`/:func:`render_image`/:func:`to_text`, and
-continue a stopped or failed run with :func:`resume`.
+continue a stopped or failed run with :func:`resume`. While a run goes,
+:meth:`Runner.why_pending` says what a stage waits for.
 
 This package knows nothing of containers or stores; it imports nothing from
 ``stages``.
 """
 
+from pipeline.active import ActivePlan, PendingReason
 from pipeline.caps import CapacityLimiter, Caps, LimiterStatistics
+from pipeline.context import StageContext
 from pipeline.definition import (
     JSON,
     NOT_SERIALIZABLE,
@@ -36,10 +39,19 @@ from pipeline.errors import (
     StageFailed,
     StateError,
 )
-from pipeline.events import Collector, Event, EventKind, JsonLinesLog, RichProgress, Subscriber
+from pipeline.events import (
+    Collector,
+    Event,
+    EventKind,
+    JsonLinesLog,
+    RichProgress,
+    Subscriber,
+)
 from pipeline.render import STATE_COLORS, render_image, to_dot, to_mermaid, to_text
-from pipeline.runner import Runner, StageContext, plan_resume, resume, run_sync
+from pipeline.resume import plan_resume, resume
+from pipeline.runner import Runner
 from pipeline.state import MISSING, Run, RunStatus, StageOutcome, StageState, load_run
+from pipeline.sync import run_sync
 
 __all__ = [
     "JSON",
@@ -47,6 +59,7 @@ __all__ = [
     "NOT_SERIALIZABLE",
     "PICKLE",
     "STATE_COLORS",
+    "ActivePlan",
     "CapacityLimiter",
     "Caps",
     "Codec",
@@ -62,6 +75,7 @@ __all__ = [
     "JsonLinesLog",
     "LimiterStatistics",
     "MissingDependencyError",
+    "PendingReason",
     "PipelineError",
     "Resource",
     "ResourceError",

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Hashable, Mapping
+from collections.abc import Hashable, Mapping
 
 import attrs
 
 from pipeline.errors import DefinitionError
 
-__all__ = ["Caps", "CapacityLimiter", "LimiterStatistics"]
+__all__ = ["CapacityLimiter", "Caps", "LimiterStatistics"]
 
 
 @attrs.frozen(kw_only=True)
@@ -64,7 +64,7 @@ class Caps:
 class CapacityLimiter:
     """Lends at most ``total_tokens`` tokens; waiters are served in FIFO order."""
 
-    __slots__ = ("name", "total_tokens", "_borrowers", "_waiters", "_max")
+    __slots__ = ("_borrowers", "_max", "_waiters", "name", "total_tokens")
 
     def __init__(self, total_tokens: int | None, *, name: str = "") -> None:
         _cap(total_tokens, "total_tokens")
@@ -87,8 +87,7 @@ class CapacityLimiter:
                              and len(self._borrowers) >= self.total_tokens):
             return False
         self._borrowers[borrower] = None
-        if len(self._borrowers) > self._max:
-            self._max = len(self._borrowers)
+        self._max = max(self._max, len(self._borrowers))
         return True
 
     async def acquire(self, borrower: Hashable) -> None:
@@ -119,8 +118,7 @@ class CapacityLimiter:
             if fut.done():
                 continue
             self._borrowers[waiter] = None
-            if len(self._borrowers) > self._max:
-                self._max = len(self._borrowers)
+            self._max = max(self._max, len(self._borrowers))
             fut.set_result(None)
             break
 

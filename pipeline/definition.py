@@ -24,7 +24,11 @@ import hashlib
 import json
 import pickle
 import re
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import (
+    TYPE_CHECKING,
+    Any,
+)
 
 import attrs
 
@@ -39,12 +43,12 @@ from pipeline.errors import (
 )
 
 __all__ = [
-    "Codec",
-    "Graph",
-    "GraphBuilder",
     "JSON",
     "NOT_SERIALIZABLE",
     "PICKLE",
+    "Codec",
+    "Graph",
+    "GraphBuilder",
     "Resource",
     "Stage",
     "qualname",
@@ -464,7 +468,7 @@ class Graph:
         all_stages.extend(stages)
         links = dict(links or {})
         names = {s.name for s in all_stages}
-        for target, extra in links.items():
+        for target in links:
             if target not in names:
                 raise MissingDependencyError("<links>", target)
         if links:

@@ -21,7 +21,8 @@ Every error names what it is about and, where it helps, what to do next.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "CycleError",

@@ -19,8 +19,9 @@ import enum
 import json
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, NamedTuple
+from typing import IO, Any, NamedTuple
 
 __all__ = [
     "Collector",
@@ -104,7 +105,7 @@ class JsonLinesLog:
     def __init__(self, path: str | Path, *, flush_every: int = 256) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
+        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # open until close()
         self._pending = 0
         self._flush_every = flush_every
 
@@ -132,8 +133,13 @@ class RichProgress:
 
     def __init__(self, *, console: Any = None, show_logs: bool = True) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = console or Console(file=sys.stderr)
         self.show_logs = show_logs

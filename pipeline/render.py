@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from pipeline.definition import Graph
 from pipeline.errors import PipelineError
@@ -65,8 +65,8 @@ def to_dot(graph: Graph, run: Run | None = None, *, title: str | None = None) ->
     """Graphviz DOT source for the graph, colored by the run's states if given."""
     states = _states(graph, run)
     lines = ["digraph pipeline {", '  rankdir="TB";',
-             '  node [shape=box, style="rounded,filled", fontname="Helvetica", '
-             'fillcolor="#ffffff"];', '  edge [color="#555555"];']
+             ('  node [shape=box, style="rounded,filled", fontname="Helvetica", '
+              'fillcolor="#ffffff"];'), '  edge [color="#555555"];']
     if title:
         lines.append(f"  label={_q(title)}; labelloc=t;")
     for stage in graph:
@@ -180,7 +180,8 @@ def render_image(graph: Graph, path: str | Path, run: Run | None = None, *,
                             "use to_dot() or to_mermaid() instead")
     try:
         proc = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=to_dot(graph, run),
-                              text=True, capture_output=True, timeout=timeout)
+                              text=True, capture_output=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired as exc:
         raise PipelineError(f"Graphviz dot took more than {timeout} s rendering {path}") from exc
     if proc.returncode != 0:

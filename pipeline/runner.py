@@ -1,4 +1,4 @@
-"""The scheduler: runs a :class:`~pipeline.definition.Graph` under caps, cleans up, persists.
+"""The driver: runs a :class:`~pipeline.definition.Graph` under caps, cleans up, persists.
 
 ::
 
@@ -7,10 +7,11 @@
     run = await resume(run.run_dir, graph, from_stage="parse")
     run = run_sync(graph, run_root=Path("runs"))   # + SIGINT/SIGTERM handling
 
-The core is a small state machine over per-stage nodes (pending -> queued ->
-running -> finished | failed | cancelled, or abandoned), with a countdown of
-unfinished dependencies per node, so making a stage ready is O(its users).
-Each ready stage runs in its own task.
+What runs when is decided by :class:`~pipeline.active.ActivePlan`, a pure
+state machine; this module is the async part around it: a task per stage the
+plan makes ready, the caps, the events, and the journal (group commit: a
+stage is settled, and its users released, once its line is written).
+:meth:`Runner.why_pending` says what a stage still waits for.
 
 Caveats:
 
@@ -19,15 +20,15 @@ Caveats:
   their dependencies are settled, whatever happened, also during cancellation,
   and are never cancelled by the runner (give them a ``timeout``).
 - Cancelling (``Runner.cancel``, cancelling the task awaiting ``run()``, or a
-  signal under :func:`run_sync`) cancels running stages, marks unstarted ones
-  cancelled, runs ``always`` stages, and releases every resource exactly once,
-  in reverse acquisition order. Further cancellations of the awaiting task do
-  not interrupt that cleanup; then ``CancelledError`` is re-raised.
-- Shared resources are entered and exited in a holder task of their own, so
-  context managers that care which task exits them (``asyncio.timeout``,
-  task groups) work. A stage acquires per-kind slots before the running slot,
-  so the running cap cannot deadlock; two kinds acquired in different orders
-  by different stages can (stage-local kinds are taken in sorted order).
+  signal under :func:`~pipeline.sync.run_sync`) cancels running stages, marks
+  unstarted ones cancelled, runs ``always`` stages, and releases every
+  resource exactly once, in reverse acquisition order. Further cancellations
+  of the awaiting task do not interrupt that cleanup; then ``CancelledError``
+  is re-raised.
+- A stage acquires per-kind slots before the running slot, so the running cap
+  cannot deadlock; two kinds acquired in different orders by different stages
+  can (stage-local kinds are taken in sorted order). Shared resources are
+  held as :mod:`pipeline.shared` describes.
 - Stage results are JSON-encoded when the stage finishes; a result the codec
   cannot encode fails the stage with :class:`~pipeline.errors.SerializationError`.
   JSON turns tuples into lists.
@@ -46,26 +47,26 @@ import functools
 import json
 import secrets
 import shutil
-import signal
-import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-from pipeline.caps import Caps, CapacityLimiter, LimiterStatistics
+from pipeline.active import ActivePlan
+from pipeline.caps import CapacityLimiter, Caps, LimiterStatistics
+from pipeline.context import StageContext
 from pipeline.definition import Graph, Resource, Stage
 from pipeline.errors import (
     DefinitionError,
     ResourceError,
-    ResumeMismatch,
-    RunCancelled,
     SerializationError,
     StageFailed,
 )
 from pipeline.events import Event, EventKind, Subscriber
+from pipeline.shared import SharedResources
 from pipeline.state import (
     GRAPH,
     MISSING,
@@ -76,37 +77,25 @@ from pipeline.state import (
     StageOutcome,
     StageState,
     atomic_write_json,
-    decode_result,
-    read_journal,
 )
 
-__all__ = ["Runner", "StageContext", "resume", "run_sync"]
+__all__ = ["Runner", "StageContext"]
 
-_PENDING = StageState.PENDING
 _QUEUED = StageState.QUEUED
-_RUNNING = StageState.RUNNING
-_FINISHED = StageState.FINISHED
-_FAILED = StageState.FAILED
 _ABANDONED = StageState.ABANDONED
-_CANCELLED = StageState.CANCELLED
-_REUSED = StageState.REUSED
 
 _now = time.time
 
 
 class _Node:
-    """Runtime state of one stage (mutable; never leaves the runner)."""
+    """What the driver knows of one stage's task (its state is the plan's)."""
 
-    __slots__ = ("stage", "name", "succs", "remaining", "state", "result", "error",
-                 "exception", "started", "ended", "attempts", "task", "always", "shared",
-                 "serialized", "active", "simple")
+    __slots__ = ("attempts", "ended", "error", "exception", "name", "result", "serialized",
+                 "shared", "simple", "stage", "started", "task")
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.name = stage.name
-        self.succs: list[_Node] = []
-        self.remaining = 0
-        self.state = _PENDING
         self.result: Any = MISSING
         self.error: str | None = None
         self.exception: BaseException | None = None
@@ -114,49 +103,33 @@ class _Node:
         self.ended: float | None = None
         self.attempts = 0
         self.task: asyncio.Task[None] | None = None
-        self.always = stage.always
         self.shared = stage.shared_resources
         self.serialized = False
-        self.active = False
         self.simple = not (stage.resources or stage.timeout is not None or stage.retries)
 
-    def outcome(self) -> StageOutcome:
-        return StageOutcome(name=self.name, state=self.state, result=self.result,
+    def outcome(self, state: StageState) -> StageOutcome:
+        return StageOutcome(name=self.name, state=state, result=self.result,
                             error=self.error, exception=self.exception, started=self.started,
                             ended=self.ended, attempts=self.attempts, serialized=self.serialized)
-
-
-class _Shared:
-    """Runtime state of one shared resource."""
-
-    __slots__ = ("decl", "users_left", "state", "holder", "ready", "release", "order")
-
-    def __init__(self, decl: Resource) -> None:
-        self.decl = decl
-        self.users_left = 0
-        self.state = "idle"  # idle, waiting, entering, held, releasing, released
-        self.holder: asyncio.Task[None] | None = None
-        self.ready: asyncio.Future[Any] | None = None
-        self.release: asyncio.Event | None = None
-        self.order = -1
 
 
 class _Outcomes(Mapping[str, StageOutcome]):
     """``Run.stages`` of a finished run: outcomes made on first access (big runs are cheap)."""
 
-    __slots__ = ("_nodes", "_made")
+    __slots__ = ("_made", "_nodes", "_plan")
 
-    def __init__(self, nodes: dict[str, _Node]) -> None:
+    def __init__(self, nodes: dict[str, _Node], plan: ActivePlan) -> None:
         self._nodes = nodes
+        self._plan = plan
         self._made: dict[str, StageOutcome] = {}
 
     def __getitem__(self, name: str) -> StageOutcome:
         made = self._made.get(name)
         if made is None:
-            made = self._made[name] = self._nodes[name].outcome()
+            made = self._made[name] = self._nodes[name].outcome(self._plan.state(name))
         return made
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self) -> Iterator[str]:
         return iter(self._nodes)
 
     def __len__(self) -> int:
@@ -164,113 +137,6 @@ class _Outcomes(Mapping[str, StageOutcome]):
 
     def __repr__(self) -> str:
         return f"<{len(self._nodes)} stage outcomes>"
-
-
-class _Scoped(dict):
-    """A dict whose keys resolve inside a stage's prefix first."""
-
-    __slots__ = ("prefix", "what", "stage")
-
-    def __init__(self, prefix: str, what: str, stage: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-        self.what = what
-        self.stage = stage
-
-    def __missing__(self, key: str) -> Any:
-        full = self.prefix + key
-        if self.prefix and full in self:
-            return self[full]
-        raise KeyError(f"stage {self.stage!r} has no {self.what} {key!r} "
-                       f"(it has: {', '.join(sorted(self)) or 'none'})")
-
-
-class _Results(Mapping[str, Any]):
-    """``ctx.results``: finished stages' results, names resolved in the stage's prefix."""
-
-    __slots__ = ("_nodes", "_prefix", "_stage")
-
-    def __init__(self, nodes: dict[str, _Node], prefix: str, stage: str) -> None:
-        self._nodes = nodes
-        self._prefix = prefix
-        self._stage = stage
-
-    def _node(self, key: str) -> _Node:
-        if self._prefix:
-            node = self._nodes.get(self._prefix + key)
-            if node is not None:
-                return node
-        node = self._nodes.get(key)
-        if node is None:
-            raise KeyError(f"stage {self._stage!r} asked for the result of unknown stage {key!r}")
-        return node
-
-    def __getitem__(self, key: str) -> Any:
-        node = self._node(key)
-        if node.result is MISSING:
-            raise KeyError(f"stage {self._stage!r} asked for the result of {node.name!r}, "
-                           f"which has none (state {node.state.value})")
-        return node.result
-
-    def __iter__(self):  # type: ignore[override]
-        return (n for n, node in self._nodes.items() if node.result is not MISSING)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-class StageContext:
-    """What a stage function gets: results, resources, logging, progress, directories."""
-
-    __slots__ = ("_runner", "_node", "_resources", "attempt")
-
-    def __init__(self, runner: Runner, node: _Node) -> None:
-        self._runner = runner
-        self._node = node
-        self._resources: _Scoped | None = None
-        self.attempt = 0
-
-    @property
-    def resources(self) -> dict[str, Any]:
-        """Acquired resources by name (shared ones also by their name inside the prefix)."""
-        if self._resources is None:
-            self._resources = _Scoped(self._node.stage.prefix, "resource", self._node.name)
-        return self._resources
-
-    @property
-    def name(self) -> str:
-        return self._node.name
-
-    @property
-    def stage(self) -> Stage:
-        return self._node.stage
-
-    @property
-    def results(self) -> Mapping[str, Any]:
-        """Results of finished stages (the dependencies are always there)."""
-        return _Results(self._runner._nodes, self._node.stage.prefix, self._node.name)
-
-    @property
-    def outcomes(self) -> dict[str, StageOutcome]:
-        """Outcomes of this stage's dependencies, keyed by their full names."""
-        nodes = self._runner._nodes
-        return {d: nodes[d].outcome() for d in self._node.stage.deps}
-
-    @property
-    def run_dir(self) -> Path | None:
-        return self._runner.run_dir
-
-    @property
-    def scratch(self) -> Path:
-        """This stage's own directory (made on first use; a temp dir when not persisting)."""
-        return self._runner._scratch_for(self._node.name)
-
-    def log(self, message: str, **data: Any) -> None:
-        self._runner._emit(EventKind.LOG, self._node.name, str(message), data or None)
-
-    def progress(self, done: float, total: float | None = None) -> None:
-        self._runner._emit(EventKind.PROGRESS, self._node.name, "",
-                           {"done": done, "total": total})
 
 
 class Runner:
@@ -317,15 +183,14 @@ class Runner:
         # Borrower keys start with this, so runs sharing a limiter never mix.
         self._borrower = id(self)
         self._nodes: dict[str, _Node] = {}
-        self._shared: dict[str, _Shared] = {}
-        self._held: list[_Shared] = []
-        self._live: set[_Node] = set()
-        self._aux: set[asyncio.Task[None]] = set()
+        self._plan: ActivePlan | None = None
         self._errors: list[str] = []
-        self._open = 0
+        self._shared = SharedResources(graph.resources, limiters=self.kind_limiters,
+                                       borrower=self._borrower, emit=self._emit,
+                                       errors=self._errors)
+        self._live: set[_Node] = set()
         self._done: asyncio.Future[None] | None = None
-        self._cancelling = False
-        self._cancel_reason = ""
+        self._early_cancel: str | None = None  # cancel() before the plan existed
         self._journal: Journal | None = None
         self._pending_lines: list[tuple[_Node | None, str]] = []
         self._flush_scheduled = False
@@ -335,40 +200,43 @@ class Runner:
 
     # -- public ---------------------------------------------------------------------
 
+    @property
+    def plan(self) -> ActivePlan | None:
+        """The run's state machine (named sets, ``why_pending``); None before ``run``. Read only."""
+        return self._plan
+
     def statistics(self) -> dict[str, LimiterStatistics]:
         """Cap statistics: ``"running"`` and one per capped resource kind."""
         out = {"running": self.running_limiter.statistics()}
         out.update({k: lim.statistics() for k, lim in self.kind_limiters.items()})
         return out
 
+    def why_pending(self, stage: str) -> str:
+        """One line: what ``stage`` still waits for, or why it is not pending.
+
+        E.g. ``waits for dependency 'bundle' (running)``, ``waits for cap
+        'container' (2/2 held)``, ``not pending: finished``.
+        """
+        self.graph[stage]  # KeyError naming an unknown stage
+        if self._plan is None:
+            return "waits for the run to start"
+        return self._plan.why_pending(stage).describe(self.statistics())
+
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop the run: cancel running stages, skip unstarted ones, then clean up."""
-        if self._cancelling or self._done is None:
-            self._cancelling = True
-            self._cancel_reason = self._cancel_reason or reason
+        plan = self._plan
+        if plan is None or self._done is None:
+            self._early_cancel = self._early_cancel or reason
             return
-        self._cancelling = True
-        self._cancel_reason = reason
-        for node in self._nodes.values():
-            if node.active and node.state is _PENDING and not node.always:
-                node.state = _CANCELLED
-                node.error = reason
-                node.ended = _now()
-                self._emit(EventKind.STAGE_CANCELLED, node.name, reason)
-                self._commit(node, self._line(node))
-        for node in list(self._live):
-            if not node.always and node.task is not None:
+        marked, stop = plan.cancel(reason)
+        for name in marked:
+            self._ended(self._nodes[name], EventKind.STAGE_CANCELLED)
+        for name in stop:
+            node = self._nodes[name]
+            if node.task is not None:
                 node.task.cancel(reason)
                 # A task cancelled before its first step never runs its body.
                 node.task.add_done_callback(functools.partial(self._after_cancel, node))
-
-    def _after_cancel(self, node: _Node, _task: asyncio.Task[None]) -> None:
-        if node.state is _QUEUED or node.state is _RUNNING:
-            node.state = _CANCELLED
-            node.error = self._cancel_reason or "cancelled"
-            node.ended = _now()
-            self._emit(EventKind.STAGE_CANCELLED, node.name, node.error)
-            self._commit(node, self._line(node))
 
     async def run(self, *, stop_after: str | Sequence[str] | None = None) -> Run:
         """Run the graph (or, with ``stop_after``, those stages and their ancestors).
@@ -388,16 +256,17 @@ class Runner:
 
     async def _execute(self, *, stop_after: str | Sequence[str] | None, reused: Mapping[str, Any],
                        attempt: int, from_stage: str | None) -> Run:
+        """Run once; :mod:`pipeline.resume` calls this with what a resume reuses."""
         if self._used:
             raise DefinitionError("a Runner runs once; make a new one")
         self._used = True
-        stop_after = _stop_names(stop_after)
-        for name in stop_after or ():
+        stops = _stop_names(stop_after)
+        for name in stops or ():
             if name not in self.graph:
                 raise DefinitionError(f"stop_after names unknown stage {name!r}",
                                       field="stop_after")
         driver = asyncio.create_task(
-            self._drive(stop_after=stop_after, reused=reused, attempt=attempt,
+            self._drive(stop_after=stops, reused=reused, attempt=attempt,
                         from_stage=from_stage))
         outer_cancelled = False
         while True:
@@ -414,12 +283,11 @@ class Runner:
                 self.cancel("the task running the pipeline was cancelled")
         self.last_run = run
         if outer_cancelled:
-            raise asyncio.CancelledError()
+            raise asyncio.CancelledError
         return run
 
     async def _drive(self, *, stop_after: tuple[str, ...] | None, reused: Mapping[str, Any],
                      attempt: int, from_stage: str | None) -> Run:
-        loop = asyncio.get_running_loop()
         graph = self.graph
         nodes = self._nodes
         for stage in graph:
@@ -430,27 +298,14 @@ class Runner:
             for name in stop_after:
                 selected |= graph.ancestors(name)
         for name, value in reused.items():
-            node = nodes[name]
-            node.state = _REUSED
-            node.result = value
-            node.serialized = value is not MISSING
-        active = [n for n in nodes.values()
-                  if n.state is _PENDING and (selected is None or n.name in selected)]
-        for node in active:
-            node.active = True
-        for node in active:
-            for dep in node.stage.deps:
-                d = nodes[dep]
-                if d.active:
-                    d.succs.append(node)
-                    node.remaining += 1
-        for res in graph.resources:
-            self._shared[res.name] = _Shared(res)
-        for node in active:
-            for rname in node.shared:
-                self._shared[rname].users_left += 1
-        self._open = len(active)
-        self._done = loop.create_future()
+            nodes[name].result = value
+            nodes[name].serialized = value is not MISSING
+        plan = self._plan = ActivePlan(
+            {s.name: s.deps for s in graph}, always=[s.name for s in graph if s.always],
+            reused=reused, selected=selected, fail_fast=self.fail_fast)
+        for name in plan.active:
+            self._shared.add_users(nodes[name].shared)
+        self._done = asyncio.get_running_loop().create_future()
         started = _now()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -463,16 +318,14 @@ class Runner:
                                   "from_stage": from_stage})
         try:
             self._emit(EventKind.RUN_STARTED, None, str(self.run_dir or ""),
-                       {"stages": len(active) + len(reused), "attempt": attempt})
+                       {"stages": len(plan.active) + len(reused), "attempt": attempt})
             for name in reused:
                 self._emit(EventKind.STAGE_REUSED, name)
-            if self._cancelling:  # cancelled before we started
-                self._cancelling = False
-                self.cancel(self._cancel_reason)
-            for node in active:
-                if node.state is _PENDING and node.remaining == 0:
-                    self._start(node)
-            if self._open == 0 and not self._done.done():
+            if self._early_cancel is not None:
+                self.cancel(self._early_cancel)
+            for name in plan.start():
+                self._start(nodes[name])
+            if plan.done and not self._done.done():
                 self._done.set_result(None)
             await self._done
         finally:
@@ -483,26 +336,18 @@ class Runner:
                     await asyncio.gather(*(n.task for n in list(self._live) if n.task),
                                          return_exceptions=True)
             self._flush()
-            while self._aux:
-                await asyncio.gather(*list(self._aux), return_exceptions=True)
-            for shared in reversed(self._held):
-                await self._release_shared(shared)
-            for shared in self._shared.values():  # acquisitions still waiting for a slot
-                await self._release_shared(shared)
+            await self._shared.aclose()
             self._flush()
         return self._finish_run(started, attempt, stop_after)
 
     def _finish_run(self, started: float, attempt: int,
                     stop_after: tuple[str, ...] | None) -> Run:
-        outcomes = _Outcomes(self._nodes)
-        counts: dict[str, int] = {}
-        for node in self._nodes.values():
-            key = node.state.value
-            counts[key] = counts.get(key, 0) + 1
-        failed = StageState.FAILED.value in counts
-        if failed or self._errors:
+        plan = self._plan
+        assert plan is not None
+        counts = {state.value: len(names) for state, names in plan.sets().items() if names}
+        if plan.failed or self._errors:
             status = RunStatus.FAILED
-        elif self._cancelling:
+        elif plan.cancelling:
             status = RunStatus.CANCELLED
         elif stop_after is not None:
             status = RunStatus.STOPPED
@@ -510,8 +355,8 @@ class Runner:
             status = RunStatus.FINISHED
         ended = _now()
         run = Run(run_dir=self.run_dir, digest=self.graph.digest, status=status,
-                  stages=outcomes, attempt=attempt, started=started, ended=ended,
-                  errors=tuple(self._errors))
+                  stages=_Outcomes(self._nodes, plan), attempt=attempt, started=started,
+                  ended=ended, errors=tuple(self._errors))
         if self._journal is not None and self.run_dir is not None:
             try:
                 self._journal.append({"type": "end", "status": status.value, "time": ended,
@@ -528,22 +373,45 @@ class Runner:
             if close is not None:
                 try:
                     close()
-                except Exception as exc:  # a display must not break the run
+                except Exception as exc:  # noqa: BLE001  # a display must not break the run
                     warnings.warn(f"pipeline subscriber {sub!r} failed to close: {exc}",
                                   stacklevel=1)
         return run
 
-    # -- the state machine ------------------------------------------------------------
+    # -- following the plan -----------------------------------------------------------
 
     def _start(self, node: _Node) -> None:
-        node.state = _QUEUED
+        """The plan made the stage ready: give it a task."""
         if self._subs:
             self._emit(EventKind.STAGE_QUEUED, node.name)
         self._live.add(node)
         node.task = asyncio.get_running_loop().create_task(self._stage_main(node))
 
-    def _line(self, node: _Node, encoded: str | None = None) -> str:
-        head = (f'{{"type":"stage","name":{json.dumps(node.name)},"state":"{node.state.value}",'
+    def _ended(self, node: _Node, kind: EventKind, *, settled: bool = False) -> None:
+        """Report and record a stage the plan has failed, cancelled or abandoned.
+
+        It is settled once recorded (a finished stage takes its own, faster
+        path through :meth:`_finished`).
+
+        ``settled``: the plan settled it already (abandoned or cancelled in a
+        cascade); its line is only written.
+        """
+        plan = self._plan
+        assert plan is not None
+        if node.error is None:
+            node.error = plan.reason(node.name)
+        node.ended = _now()
+        if self._subs:
+            self._emit(kind, node.name, node.error or "")
+        line = (self._line(node, plan.state(node.name)) if self._journal is not None
+                else "")
+        if not settled:
+            self._commit(node, line)
+        elif self._journal is not None:
+            self._pending_lines.append((None, line))
+
+    def _line(self, node: _Node, state: StageState, encoded: str | None = None) -> str:
+        head = (f'{{"type":"stage","name":{json.dumps(node.name)},"state":"{state.value}",'
                 f'"attempts":{node.attempts},"started":{_jfloat(node.started)},'
                 f'"ended":{_jfloat(node.ended)}')
         if encoded is not None:
@@ -553,11 +421,10 @@ class Runner:
             return f'{head},"error":{json.dumps(node.error)}}}'
         return head + "}"
 
-    def _commit(self, node: _Node | None, line: str) -> None:
-        """Record a settled stage; its users are released once the line is written."""
+    def _commit(self, node: _Node, line: str) -> None:
+        """Record an ended stage; it is settled (its users released) once the line is written."""
         if self._journal is None:
-            if node is not None:
-                self._settle(node)
+            self._settle(node)
             return
         self._pending_lines.append((node, line))
         if not self._flush_scheduled:
@@ -580,58 +447,48 @@ class Runner:
                     self._settle(node)
 
     def _settle(self, node: _Node) -> None:
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            self._open -= 1
-            self._live.discard(n)
-            ok = n.state is _FINISHED
-            for s in n.succs:
-                if s.state is not _PENDING:
-                    continue
-                if ok or s.always:
-                    s.remaining -= 1
-                    if s.remaining == 0:
-                        if self._cancelling and not s.always:
-                            s.state = _CANCELLED
-                            s.error = self._cancel_reason
-                            s.ended = _now()
-                            self._emit(EventKind.STAGE_CANCELLED, s.name, s.error)
-                            self._pending_lines.append((None, self._line(s)))
-                            stack.append(s)
-                        else:
-                            self._start(s)
-                else:
-                    s.state = _ABANDONED
-                    s.error = f"dependency {n.name!r} {n.state.value}"
-                    s.ended = _now()
-                    if self._subs:
-                        self._emit(EventKind.STAGE_ABANDONED, s.name, s.error)
-                    if self._journal is not None:
-                        self._pending_lines.append((None, self._line(s)))
-                    stack.append(s)
-            if n.shared:
-                self._drop_users(n)
+        plan = self._plan
+        assert plan is not None and self._done is not None
+        self._live.discard(node)
+        nodes = self._nodes
+        for name, state in plan.settle(node.name):
+            user = nodes[name]
+            if state is _QUEUED:
+                self._start(user)
+                continue
+            self._ended(user, EventKind.STAGE_ABANDONED if state is _ABANDONED
+                        else EventKind.STAGE_CANCELLED, settled=True)
+            if user.shared:
+                self._shared.drop_users(user.shared)
+        if node.shared:
+            self._shared.drop_users(node.shared)
         if self._pending_lines and not self._flush_scheduled and self._journal is not None:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        if self._open == 0 and self._done is not None and not self._done.done():
+        if plan.done and not self._done.done():
             self._done.set_result(None)
+
+    # -- one stage's task -------------------------------------------------------------
 
     async def _stage_main(self, node: _Node) -> None:
         stage = node.stage
-        ctx = StageContext(self, node)
+        plan = self._plan
+        assert plan is not None
+        ctx = StageContext(self, stage)
         attempts = 0
+        # CancelledError is caught and not re-raised: this is the stage's own
+        # task, and ending it cancelled is what recording the stage means.
         if node.simple:
             # The hot path, inlined: no resources, timeout or retries.
             running = self._running
             try:
                 if running is not None and not running.acquire_nowait(node):
+                    plan.waiting_on(node.name, "running")
                     await running.acquire(node)
                 try:
                     node.attempts = ctx.attempt = attempts = 1
-                    node.state = _RUNNING
                     node.started = _now()
+                    plan.started(node.name)
                     if self._subs:
                         self._emit(EventKind.STAGE_STARTED, node.name)
                     result = await stage.fn(ctx)
@@ -639,17 +496,18 @@ class Runner:
                     if running is not None:
                         running.release(node)
             except asyncio.CancelledError:
-                self._cancelled(node)
+                self._on_cancelled(node)
                 return
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001  # a stage may raise anything
                 self._raised(node, exc, attempts)
                 return
-            self._finished(node, result, attempts)
+            self._finished(node, result)
             return
         try:
-            if node.shared:
-                for rname in node.shared:
-                    ctx.resources[rname] = await self._acquire_shared(self._shared[rname], ctx)
+            for rname in node.shared:
+                plan.waiting_on(node.name, self._shared.cap_of(rname), resource=rname)
+                ctx.resources[rname] = await self._shared.acquire(rname, ctx)
+            plan.waiting_on(node.name)
             while True:
                 attempts += 1
                 ctx.attempt = attempts
@@ -668,78 +526,19 @@ class Runner:
                     if stage.retry_delay:
                         await asyncio.sleep(stage.retry_delay)
         except asyncio.CancelledError:
-            self._cancelled(node)
+            self._on_cancelled(node)
             return
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001  # a stage may raise anything
             self._raised(node, exc, attempts)
             return
-        self._finished(node, result, attempts)
-
-    def _raised(self, node: _Node, exc: BaseException, attempts: int) -> None:
-        """The stage failed; KeyboardInterrupt/SystemExit also cancel the run."""
-        self._fail(node, exc, attempts)
-        if not isinstance(exc, Exception):
-            self.cancel(f"stage {node.name!r} raised {type(exc).__name__}")
-
-    def _cancelled(self, node: _Node) -> None:
-        node.state = _CANCELLED
-        node.error = self._cancel_reason or "cancelled"
-        node.ended = _now()
-        self._emit(EventKind.STAGE_CANCELLED, node.name, node.error)
-        self._commit(node, self._line(node))
-
-    def _finished(self, node: _Node, result: Any, attempts: int) -> None:
-        stage = node.stage
-        codec = stage.codec
-        encoded: str | None = None
-        if result is None and codec.serializable and codec.encode is None:
-            encoded = "null"
-        elif codec.serializable:
-            try:
-                encoded = json.dumps(codec.encode(result) if codec.encode else result,
-                                     allow_nan=False)
-            except Exception as exc:
-                err = SerializationError(node.name, f"cannot store its result "
-                                         f"({type(result).__name__}) with codec "
-                                         f"{codec.name!r}: {exc}")
-                err.__cause__ = exc
-                self._fail(node, err, attempts, wrap=False)
-                return
-        node.state = _FINISHED
-        node.result = result
-        node.serialized = encoded is not None
-        node.ended = _now()
-        if self._subs:
-            self._emit(EventKind.STAGE_FINISHED, node.name)
-        self._commit(node, self._line(node, encoded) if self._journal is not None else "")
-
-    def _fail(self, node: _Node, exc: BaseException, attempts: int, *, wrap: bool = True) -> None:
-        err: BaseException = exc
-        if wrap and not isinstance(exc, (StageFailed, SerializationError)):
-            if isinstance(exc, TimeoutError) and node.stage.timeout is not None:
-                cause: BaseException = TimeoutError(
-                    f"timed out after {node.stage.timeout} s")
-                cause.__cause__ = exc
-            else:
-                cause = exc
-            err = StageFailed(node.name, cause, attempts=attempts)
-            err.__cause__ = cause
-        node.state = _FAILED
-        node.exception = err
-        node.error = str(err)
-        node.ended = _now()
-        self._emit(EventKind.STAGE_FAILED, node.name, node.error)
-        self._commit(node, self._line(node))
-        if self.fail_fast:
-            self.cancel(f"fail_fast: stage {node.name!r} failed")
+        self._finished(node, result)
 
     async def _attempt(self, node: _Node, ctx: StageContext) -> Any:
         stage = node.stage
         running = self._running
         if not stage.local_resources and stage.timeout is None:
             # The hot path: no stage-local resources, no timeout.
-            if running is not None and not running.acquire_nowait(node):
-                await running.acquire(node)
+            await self._take(node, running, node, "running")
             try:
                 self._mark_started(node)
                 return await stage.fn(ctx)
@@ -752,10 +551,10 @@ class Runner:
                 lim = self.kind_limiters.get(res.kind)
                 if lim is not None:
                     key = (self._borrower, node.name, res.name)
-                    await lim.acquire(key)
+                    await self._take(node, lim, key, res.kind)
                     stack.callback(lim.release, key)
             if running is not None:
-                await running.acquire(node)
+                await self._take(node, running, node, "running")
                 stack.callback(running.release, node)
             self._mark_started(node)
             for res in stage.local_resources:
@@ -765,10 +564,20 @@ class Runner:
                     return await stage.fn(ctx)
             return await stage.fn(ctx)
 
+    async def _take(self, node: _Node, lim: CapacityLimiter | None, key: Any, cap: str) -> None:
+        """Borrow a token; while it has to wait, the plan knows for which cap."""
+        if lim is None or lim.acquire_nowait(key):
+            return
+        assert self._plan is not None
+        self._plan.waiting_on(node.name, cap)
+        await lim.acquire(key)
+        self._plan.waiting_on(node.name)
+
     def _mark_started(self, node: _Node) -> None:
-        if node.state is not _RUNNING:
-            node.state = _RUNNING
+        assert self._plan is not None
+        if node.started is None:
             node.started = _now()
+            self._plan.started(node.name)
             if self._subs:
                 self._emit(EventKind.STAGE_STARTED, node.name)
 
@@ -798,99 +607,82 @@ class Runner:
         stack.push_async_exit(release)
         return value
 
-    # -- shared resources -------------------------------------------------------------
+    # -- what a stage's task reports --------------------------------------------------
 
-    async def _acquire_shared(self, shared: _Shared, ctx: StageContext) -> Any:
-        if shared.holder is None:
-            loop = asyncio.get_running_loop()
-            shared.ready = loop.create_future()
-            shared.ready.add_done_callback(_consume)
-            shared.release = asyncio.Event()
-            shared.state = "waiting"
-            shared.holder = loop.create_task(self._hold(shared, ctx))
-        assert shared.ready is not None
-        return await asyncio.shield(shared.ready)
-
-    async def _hold(self, shared: _Shared, ctx: StageContext) -> None:
-        decl = shared.decl
-        assert shared.ready is not None and shared.release is not None
-        lim = self.kind_limiters.get(decl.kind)
-        key = (self._borrower, "shared", decl.name)
-        try:
-            if lim is not None:
-                await lim.acquire(key)
+    def _finished(self, node: _Node, result: Any) -> None:
+        codec = node.stage.codec
+        encoded: str | None = None
+        if result is None and codec.serializable and codec.encode is None:
+            encoded = "null"
+        elif codec.serializable:
             try:
-                shared.state = "entering"
-                cm = decl.factory(ctx)
-                try:
-                    value = await type(cm).__aenter__(cm)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    raise ResourceError(decl.name, f"could not be acquired: "
-                                        f"{type(exc).__name__}: {exc}", stage=ctx.name) from exc
-                shared.order = len(self._held)
-                self._held.append(shared)
-                shared.state = "held"
-                self._emit(EventKind.RESOURCE_ACQUIRED, ctx.name, decl.name,
-                           {"kind": decl.kind, "shared": True})
-                shared.ready.set_result(value)
-                try:
-                    await shared.release.wait()
-                except BaseException:
-                    await type(cm).__aexit__(cm, *sys.exc_info())
-                    raise
-                shared.state = "releasing"
-                try:
-                    await type(cm).__aexit__(cm, None, None, None)
-                finally:
-                    self._emit(EventKind.RESOURCE_RELEASED, None, decl.name,
-                               {"kind": decl.kind, "shared": True})
-            finally:
-                if lim is not None and key in lim._borrowers:
-                    lim.release(key)
-        except asyncio.CancelledError:
-            if not shared.ready.done():
-                shared.ready.set_exception(ResourceError(decl.name, "acquisition cancelled"))
-        except BaseException as exc:
-            if not shared.ready.done():
-                shared.ready.set_exception(exc if isinstance(exc, ResourceError) else
-                                           ResourceError(decl.name, f"{exc}"))
+                encoded = json.dumps(codec.encode(result) if codec.encode else result,
+                                     allow_nan=False)
+            except Exception as exc:  # noqa: BLE001  # any codec error fails the stage
+                err = SerializationError(node.name, f"cannot store its result "
+                                         f"({type(result).__name__}) with codec "
+                                         f"{codec.name!r}: {exc}")
+                err.__cause__ = exc
+                self._fail(node, err, node.attempts, wrap=False)
+                return
+        assert self._plan is not None
+        self._plan.finish(node.name)
+        node.result = result
+        node.serialized = encoded is not None
+        node.ended = _now()
+        if self._subs:
+            self._emit(EventKind.STAGE_FINISHED, node.name)
+        journal = self._journal is not None
+        self._commit(node, self._line(node, StageState.FINISHED, encoded) if journal else "")
+
+    def _raised(self, node: _Node, exc: BaseException, attempts: int) -> None:
+        """The stage failed; KeyboardInterrupt/SystemExit also cancel the run."""
+        self._fail(node, exc, attempts)
+        if not isinstance(exc, Exception):
+            self.cancel(f"stage {node.name!r} raised {type(exc).__name__}")
+
+    def _fail(self, node: _Node, exc: BaseException, attempts: int, *, wrap: bool = True) -> None:
+        err: BaseException = exc
+        if wrap and not isinstance(exc, (StageFailed, SerializationError)):
+            if isinstance(exc, TimeoutError) and node.stage.timeout is not None:
+                cause: BaseException = TimeoutError(
+                    f"timed out after {node.stage.timeout} s")
+                cause.__cause__ = exc
             else:
-                self._errors.append(f"resource {decl.name!r} failed to release: "
-                                    f"{type(exc).__name__}: {exc}")
-        finally:
-            shared.state = "released"
+                cause = exc
+            err = StageFailed(node.name, cause, attempts=attempts)
+            err.__cause__ = cause
+        node.exception = err
+        node.error = str(err)
+        assert self._plan is not None
+        cancel_run = self._plan.fail(node.name)
+        self._ended(node, EventKind.STAGE_FAILED)
+        if cancel_run:
+            self.cancel(f"fail_fast: stage {node.name!r} failed")
 
-    def _drop_users(self, node: _Node) -> None:
-        freed = []
-        for rname in node.shared:
-            shared = self._shared[rname]
-            shared.users_left -= 1
-            if shared.users_left == 0 and shared.holder is not None:
-                freed.append(shared)
-        if freed:
-            freed.sort(key=lambda s: s.order, reverse=True)
-            task = asyncio.get_running_loop().create_task(self._release_many(freed))
-            self._aux.add(task)
-            task.add_done_callback(self._aux.discard)
+    def _on_cancelled(self, node: _Node) -> None:
+        """The stage's task ended cancelled (from its body, or before it ran)."""
+        assert self._plan is not None
+        if self._plan.stage_cancelled(node.name):
+            self._ended(node, EventKind.STAGE_CANCELLED)
 
-    async def _release_many(self, freed: Sequence[_Shared]) -> None:
-        for shared in freed:
-            await self._release_shared(shared)
+    def _after_cancel(self, node: _Node, _task: asyncio.Task[None]) -> None:
+        self._on_cancelled(node)
 
-    async def _release_shared(self, shared: _Shared) -> None:
-        holder = shared.holder
-        if holder is None or holder.done():
-            return
-        if shared.state == "waiting":
-            holder.cancel()
-        else:
-            assert shared.release is not None
-            shared.release.set()
-        await asyncio.gather(holder, return_exceptions=True)
+    # -- what a StageContext reads (pipeline.context._Host) ------------------------------
 
-    # -- helpers ----------------------------------------------------------------------
+    def _result_of(self, name: str) -> tuple[Any, StageState] | None:
+        node = self._nodes.get(name)
+        if node is None or self._plan is None:
+            return None
+        return node.result, self._plan.state(name)
+
+    def _outcome_of(self, name: str) -> StageOutcome:
+        assert self._plan is not None
+        return self._nodes[name].outcome(self._plan.state(name))
+
+    def _result_names(self) -> Iterator[str]:
+        return (n for n, node in self._nodes.items() if node.result is not MISSING)
 
     def _emit(self, kind: EventKind, stage: str | None, message: str = "",
               data: Any = None) -> None:
@@ -900,7 +692,7 @@ class Runner:
         for sub in self._subs:
             try:
                 sub(event)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  # a broken display must not break a run
                 self._subs = [s for s in self._subs if s is not sub]
                 warnings.warn(f"pipeline subscriber {sub!r} raised {type(exc).__name__}: "
                               f"{exc}; dropped for the rest of the run", stacklevel=1)
@@ -931,148 +723,3 @@ def _stop_names(stop_after: str | Sequence[str] | None) -> tuple[str, ...] | Non
 
 def _jfloat(value: float | None) -> str:
     return "null" if value is None else repr(value)
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # mark retrieved: stages that still wait will re-raise it
-
-
-# --- resume and the sync entry point ------------------------------------------------
-
-
-def _changed_stages(run_dir: Path, graph: Graph) -> list[str]:
-    try:
-        old = json.loads((run_dir / GRAPH).read_text())["definition"]
-    except (OSError, ValueError, KeyError):
-        return []
-    new = graph.definition()
-    olds = {s["name"]: s for s in old.get("stages", [])}
-    news = {s["name"]: s for s in new["stages"]}
-    changed = sorted(n for n in olds.keys() | news.keys() if olds.get(n) != news.get(n))
-    for key in ("version", "params", "resources"):
-        if old.get(key) != new.get(key):
-            changed.append(f"<graph {key}>")
-    return changed
-
-
-def plan_resume(run_dir: str | Path, graph: Graph,
-                from_stage: str | None = None) -> tuple[dict[str, Any], int]:
-    """Which results a resume reuses (decoded), and the next attempt number.
-
-    Refuses with :class:`ResumeMismatch` when the graph's digest changed.
-    """
-    run_dir = Path(run_dir)
-    js = read_journal(run_dir)
-    if js.digest != graph.digest:
-        raise ResumeMismatch(run_dir, js.digest, graph.digest, _changed_stages(run_dir, graph))
-    if from_stage is not None and from_stage not in graph:
-        raise DefinitionError(f"from_stage names unknown stage {from_stage!r}",
-                              field="from_stage")
-    finished = {n: r for n, r in js.records.items()
-                if n in graph and r.state in (_FINISHED, _REUSED)}
-    rerun = {n for n in graph.names if n not in finished}
-    if from_stage is not None:
-        rerun |= {from_stage} | graph.descendants(from_stage)
-    for name in reversed(graph.names):  # users before their dependencies
-        if name in rerun:
-            for dep in graph[name].deps:
-                if dep not in rerun and not finished[dep].serialized:
-                    rerun.add(dep)
-    reused = {n: decode_result(graph[n], finished[n].result)
-              for n in graph.names if n not in rerun}
-    return reused, js.attempt + 1
-
-
-async def resume(
-    run_dir: str | Path,
-    graph: Graph,
-    *,
-    from_stage: str | None = None,
-    stop_after: str | Sequence[str] | None = None,
-    caps: Caps | None = None,
-    subscribers: Iterable[Subscriber] = (),
-    durability: str = "flush",
-    fail_fast: bool = False,
-    limiters: Mapping[str, CapacityLimiter] | None = None,
-) -> Run:
-    """Continue a run in its directory.
-
-    Stages that finished with a stored result are reused, except ``from_stage``
-    and everything after it; stages whose results were not serializable re-run
-    when a re-running stage needs them. Shared resources are acquired afresh.
-    """
-    reused, attempt = plan_resume(run_dir, graph, from_stage)
-    runner = Runner(graph, run_dir=run_dir, caps=caps, subscribers=subscribers,
-                    durability=durability, fail_fast=fail_fast, limiters=limiters)
-    return await runner._execute(stop_after=stop_after, reused=reused, attempt=attempt,
-                                 from_stage=from_stage)
-
-
-def run_sync(
-    graph: Graph,
-    *,
-    run_root: str | Path | None = None,
-    resume_dir: str | Path | None = None,
-    from_stage: str | None = None,
-    stop_after: str | Sequence[str] | None = None,
-    caps: Caps | None = None,
-    subscribers: Iterable[Subscriber] = (),
-    durability: str = "flush",
-    fail_fast: bool = False,
-    handle_signals: bool = True,
-    check: bool = True,
-) -> Run:
-    """Run (or, with ``resume_dir``, resume) a graph from synchronous code.
-
-    With ``handle_signals``, the first SIGINT or SIGTERM cancels the run
-    cleanly (unstarted stages are skipped, ``always`` stages run, resources are
-    released) and :class:`RunCancelled` is raised; later signals are reported
-    on stderr and do not cut the cleanup short. With ``check``, a run with
-    failed stages raises :class:`~pipeline.errors.RunFailed`.
-    """
-    subscribers = list(subscribers)
-
-    async def main() -> Run:
-        loop = asyncio.get_running_loop()
-        if resume_dir is not None:
-            reused, attempt = plan_resume(resume_dir, graph, from_stage)
-            runner = Runner(graph, run_dir=resume_dir, caps=caps, subscribers=subscribers,
-                            durability=durability, fail_fast=fail_fast)
-        else:
-            reused, attempt = {}, 1
-            runner = Runner(graph, run_root=run_root, caps=caps, subscribers=subscribers,
-                            durability=durability, fail_fast=fail_fast)
-        seen: list[str] = []
-
-        def on_signal(name: str) -> None:
-            seen.append(name)
-            if len(seen) == 1:
-                runner.cancel(f"received {name}")
-            else:
-                print(f"pipeline: {name} again; still cleaning up (resources are being "
-                      f"released; SIGKILL skips that)", file=sys.stderr, flush=True)
-
-        installed = []
-        if handle_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    loop.add_signal_handler(sig, on_signal, sig.name)
-                    installed.append(sig)
-                except (NotImplementedError, RuntimeError, ValueError):
-                    pass
-        try:
-            if resume_dir is not None:
-                run = await runner._execute(stop_after=stop_after, reused=reused,
-                                            attempt=attempt, from_stage=from_stage)
-            else:
-                run = await runner.run(stop_after=stop_after)
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-        if seen:
-            raise RunCancelled(run, signal=seen[0])
-        return run
-
-    run = asyncio.run(main())
-    return run.check() if check else run

@@ -25,16 +25,17 @@ import enum
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import attrs
 
 from pipeline.errors import StateError
 
 __all__ = [
-    "Journal",
     "MISSING",
+    "Journal",
     "Run",
     "RunStatus",
     "StageOutcome",

@@ -1,0 +1,100 @@
+"""Resume: continue a stopped, failed or cancelled run in its own directory.
+
+:func:`plan_resume` reads the journal and decides, without running anything,
+which stored results are reused; :func:`resume` then runs the rest with a
+:class:`~pipeline.runner.Runner` (the journal gets a new attempt).
+
+Caveats:
+
+- Resume refuses (:class:`~pipeline.errors.ResumeMismatch`) when the graph's
+  digest differs from the run's; the error names the stages that changed when
+  the run directory still has ``graph.json``.
+- A stage whose result was not stored (``NOT_SERIALIZABLE``) re-runs when a
+  re-running stage depends on it, and so on upwards.
+- Shared resources are acquired afresh; nothing of the old process survives
+  but the journal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.caps import CapacityLimiter, Caps
+from pipeline.definition import Graph
+from pipeline.errors import DefinitionError, ResumeMismatch
+from pipeline.events import Subscriber
+from pipeline.runner import Runner
+from pipeline.state import GRAPH, Run, StageState, decode_result, read_journal
+
+__all__ = ["plan_resume", "resume"]
+
+
+def _changed_stages(run_dir: Path, graph: Graph) -> list[str]:
+    """Names (and graph-level keys) whose definition differs from the run's graph.json."""
+    try:
+        old = json.loads((run_dir / GRAPH).read_text())["definition"]
+    except (OSError, ValueError, KeyError):
+        return []
+    new = graph.definition()
+    olds = {s["name"]: s for s in old.get("stages", [])}
+    news = {s["name"]: s for s in new["stages"]}
+    changed = sorted(n for n in olds.keys() | news.keys() if olds.get(n) != news.get(n))
+    changed.extend(f"<graph {key}>" for key in ("version", "params", "resources")
+                   if old.get(key) != new.get(key))
+    return changed
+
+
+def plan_resume(run_dir: str | Path, graph: Graph,
+                from_stage: str | None = None) -> tuple[dict[str, Any], int]:
+    """Which results a resume reuses (decoded), and the next attempt number.
+
+    Refuses with :class:`ResumeMismatch` when the graph's digest changed.
+    """
+    run_dir = Path(run_dir)
+    js = read_journal(run_dir)
+    if js.digest != graph.digest:
+        raise ResumeMismatch(run_dir, js.digest, graph.digest, _changed_stages(run_dir, graph))
+    if from_stage is not None and from_stage not in graph:
+        raise DefinitionError(f"from_stage names unknown stage {from_stage!r}",
+                              field="from_stage")
+    finished = {n: r for n, r in js.records.items()
+                if n in graph and r.state in (StageState.FINISHED, StageState.REUSED)}
+    rerun = {n for n in graph.names if n not in finished}
+    if from_stage is not None:
+        rerun |= {from_stage} | graph.descendants(from_stage)
+    for name in reversed(graph.names):  # users before their dependencies
+        if name in rerun:
+            for dep in graph[name].deps:
+                if dep not in rerun and not finished[dep].serialized:
+                    rerun.add(dep)
+    reused = {n: decode_result(graph[n], finished[n].result)
+              for n in graph.names if n not in rerun}
+    return reused, js.attempt + 1
+
+
+async def resume(
+    run_dir: str | Path,
+    graph: Graph,
+    *,
+    from_stage: str | None = None,
+    stop_after: str | Sequence[str] | None = None,
+    caps: Caps | None = None,
+    subscribers: Iterable[Subscriber] = (),
+    durability: str = "flush",
+    fail_fast: bool = False,
+    limiters: Mapping[str, CapacityLimiter] | None = None,
+) -> Run:
+    """Continue a run in its directory.
+
+    Stages that finished with a stored result are reused, except ``from_stage``
+    and everything after it; stages whose results were not serializable re-run
+    when a re-running stage needs them. Shared resources are acquired afresh.
+    """
+    reused, attempt = plan_resume(run_dir, graph, from_stage)
+    runner = Runner(graph, run_dir=run_dir, caps=caps, subscribers=subscribers,
+                    durability=durability, fail_fast=fail_fast, limiters=limiters)
+    return await runner._execute(stop_after=stop_after, reused=reused, attempt=attempt,
+                                 from_stage=from_stage)
