@@ -73,6 +73,10 @@ lint: install
 	@echo "lint: import layers"
 	@$(VENV)/bin/lint-imports --no-cache | grep -E "KEPT|BROKEN|Contracts:|->|imports" ; \
 	  test $${PIPESTATUS[0]} -eq 0
+	@echo "lint: ruff"
+	@$(VENV)/bin/ruff check --no-cache -q .
+	@echo "lint: mypy --strict pipeline/"
+	@$(PY) -m mypy --no-incremental
 
 test: lint
 	$(PY) -m pytest -q tests dag_examples

@@ -11,7 +11,8 @@ runs it too).
    greeting into ``/build/out``.
 4. Runs it on :class:`stages.service.OciBuildService` (the seven stages:
    validate, spec, bundle, mount, run, ingest, teardown), showing the
-   builder's output as it comes, and prints the output node, its contents read back from the store, and its NAR hash.
+   builder's output as it comes, and prints the output node, its contents
+   read back from the store, and its NAR hash.
 
 Where things live: the store is ``$BLOB_SERVICE_ADDR``/``$DIRECTORY_SERVICE_ADDR``,
 else ``$OCIBUILD_STORE``, else the embedded local store; runs and bundles go

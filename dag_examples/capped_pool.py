@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import Caps, Graph, Resource, Runner, Stage, to_text  # noqa: E402
+from pipeline import Caps, Graph, Resource, Runner, Stage, to_text
 
 LOG: list[str] = []
 

@@ -112,7 +112,7 @@ def main() -> int:
         same = True
         print("\noutput                                      ocibuild NAR hash / Nix NAR hash")
         for d in drvs:
-            for name, out in ours[d].outputs.items():
+            for _name, out in ours[d].outputs.items():
                 nix_hash = sh("nix-store", "-q", "--hash", out.path).stdout.strip()
                 nix_refs = sorted(sh("nix-store", "-q", "--references", out.path).stdout.split())
                 ok = nix_hash == out.nar_hash and nix_refs == list(out.references)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import (  # noqa: E402
+from pipeline import (
     Graph,
     ResumeMismatch,
     Runner,

@@ -66,8 +66,12 @@ def qualname(obj: Any) -> str:
     return f"{module}:{name}"
 
 
-def _check_name(what: str) -> Callable[[Any, attrs.Attribute, Any], None]:
-    def check(_inst: Any, _attr: attrs.Attribute, value: Any) -> None:
+def _resource_tuple(value: Iterable[Resource]) -> tuple[Resource, ...]:
+    return tuple(value)
+
+
+def _check_name(what: str) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    def check(_inst: Any, _attr: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, str) or not _NAME.fullmatch(value):
             raise DefinitionError(f"{what} name must be non-empty text without whitespace, "
                                   f"not {value!r}", field="name")
@@ -127,7 +131,7 @@ class Resource:
     description: str = ""
 
     @factory.validator
-    def _callable(self, _attr: attrs.Attribute, value: Any) -> None:
+    def _callable(self, _attr: attrs.Attribute[Any], value: Any) -> None:
         if not callable(value):
             raise DefinitionError(f"resource {self.name!r}: factory must be callable, "
                                   f"not {value!r}", field="factory")
@@ -184,7 +188,7 @@ class Stage:
     shared_resources: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
 
     @fn.validator
-    def _fn_callable(self, _attr: attrs.Attribute, value: Any) -> None:
+    def _fn_callable(self, _attr: attrs.Attribute[Any], value: Any) -> None:
         if not callable(value):
             raise DefinitionError(f"fn must be an async function, not {value!r}",
                                   stage=self.name, field="fn")
@@ -279,7 +283,7 @@ class Graph:
     """
 
     stages: tuple[Stage, ...] = attrs.field(converter=_stages)
-    resources: tuple[Resource, ...] = attrs.field(default=(), converter=tuple)
+    resources: tuple[Resource, ...] = attrs.field(default=(), converter=_resource_tuple)
     version: str = ""
     params: Any = None
     _by_name: dict[str, Stage] = attrs.field(init=False, repr=False, eq=False)
@@ -312,9 +316,9 @@ class Graph:
                     raise MissingDependencyError(stage.name, dep)
                 users[dep].append(stage.name)
             missing_deps[stage.name] = len(stage.deps)
-            for res in stage.shared_resources:
-                if res not in shared:
-                    raise MissingDependencyError(stage.name, res, what="shared resource")
+            for wanted in stage.shared_resources:
+                if wanted not in shared:
+                    raise MissingDependencyError(stage.name, wanted, what="shared resource")
         # Kahn's algorithm: a stable topological order (ties by declaration order).
         ready = [name for name, n in missing_deps.items() if n == 0]
         order: list[str] = []
@@ -370,7 +374,9 @@ class Graph:
 
     @property
     def nx(self) -> nx.DiGraph:
-        """The frozen networkx DiGraph (edges go from a dependency to its user); made on first use."""
+        """The frozen networkx DiGraph (edges go from a dependency to its user).
+
+        Made on first use."""
         if self._nx is None:
             import networkx as nx  # imported on first use: it costs ~0.25 s at start-up
 
@@ -387,10 +393,12 @@ class Graph:
     @property
     def digest(self) -> str:
         """sha256 of the canonical definition; changes whenever resume must refuse."""
-        if self._digest is None:
+        digest = self._digest
+        if digest is None:
             blob = json.dumps(self.definition(), sort_keys=True, separators=(",", ":"))
-            object.__setattr__(self, "_digest", hashlib.sha256(blob.encode()).hexdigest())
-        return self._digest
+            digest = hashlib.sha256(blob.encode()).hexdigest()
+            object.__setattr__(self, "_digest", digest)
+        return digest
 
     def ancestors(self, name: str) -> set[str]:
         self[name]
@@ -513,7 +521,8 @@ class GraphBuilder:
         self._resources.append(res)
         return res
 
-    def stage(self, name: str | None = None, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def stage(self, name: str | None = None,
+              **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.add(Stage(name=name or fn.__name__, fn=fn, **kw))
             return fn

@@ -105,7 +105,7 @@ class JsonLinesLog:
     def __init__(self, path: str | Path, *, flush_every: int = 256) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # open until close()
+        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")  # open until close()
         self._pending = 0
         self._flush_every = flush_every
 
@@ -163,20 +163,21 @@ class RichProgress:
             return
         if self._overall is None:
             return
+        stage = event.stage or ""
         if kind is EventKind.STAGE_STARTED:
-            self._stage_tasks[event.stage] = p.add_task(f"  {event.stage}", total=None)
+            self._stage_tasks[stage] = p.add_task(f"  {event.stage}", total=None)
         elif kind in (EventKind.STAGE_FINISHED, EventKind.STAGE_FAILED,
                       EventKind.STAGE_CANCELLED, EventKind.STAGE_ABANDONED,
                       EventKind.STAGE_REUSED):
             p.advance(self._overall)
-            task = self._stage_tasks.pop(event.stage, None)
+            task = self._stage_tasks.pop(stage, None)
             if task is not None:
                 p.remove_task(task)
             if kind is EventKind.STAGE_FAILED:
                 p.console.print(f"[red]failed[/red] {event.stage}: {event.message}",
                                 markup=True, highlight=False)
         elif kind is EventKind.PROGRESS:
-            task = self._stage_tasks.get(event.stage)
+            task = self._stage_tasks.get(stage)
             if task is not None and isinstance(event.data, dict):
                 p.update(task, completed=event.data.get("done"), total=event.data.get("total"))
         elif kind is EventKind.LOG and self.show_logs:

@@ -1,4 +1,4 @@
-"""Shared (graph-level) resources of one run: entered before their first user, exited after the last.
+"""Shared (graph-level) resources of one run: in before their first user, out after the last.
 
 Each resource is entered and exited in a *holder* task of its own, so context
 managers that care which task exits them (``asyncio.timeout``, task groups)

@@ -354,7 +354,8 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                                  "(available_ro_paths, or an additional file outside "
                                  "the scratch paths)")
     layout = BundleLayout(final, scratch, shared)
-    opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req.scratch_paths),
+    opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs,
+                       scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                        input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
     writer = _Writer(tmp, final, req, idmap, scratch, pretty, shared)
     try:

@@ -5,13 +5,15 @@
     BuildError                      everything below; catch this at a boundary
     ├── RequestError                a request breaks a rule (field=, rule=)
     │   └── RequestFileError        a request file cannot be read or parsed (path=)
-    ├── SpecError                   a valid request cannot be expressed as an OCI spec (field=, rule=)
+    ├── SpecError                   a valid request has no OCI spec (field=, rule=)
     ├── BundleError                 the bundle directory cannot be written (path=)
     ├── IdMapError                  /etc/subuid or /etc/subgid is unusable (path=, line=)
-    ├── RuncError                   runc failed or the builder exited non-zero (exit_code=, log_tail=)
+    ├── RuncError                   runc failed or the builder exited non-zero
+                                    (exit_code=, log_tail=)
     │   └── RuncTimeoutError        the builder ran longer than its timeout (timeout=)
     ├── OutputError                 an output is missing or cannot be ingested (output=)
-    ├── BuildFailed                 a build did not succeed; says at which stage (key=, stage=, run_dir=)
+    ├── BuildFailed                 a build did not succeed, at which stage (key=, stage=,
+                                    run_dir=)
     └── ServiceError                a build service cannot be opened or used (address=)
 
 Castore's errors stay in ``stages.castore.errors``; a castore ValidationError

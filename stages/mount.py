@@ -38,7 +38,8 @@ __all__ = ["inputs_mounted", "stage"]
 
 
 @contextlib.asynccontextmanager
-async def inputs_mounted(build: BuildSpec, host: BuildHost, ctx: StageContext) -> AsyncIterator[Path]:
+async def inputs_mounted(build: BuildSpec, host: BuildHost,
+                         ctx: StageContext) -> AsyncIterator[Path]:
     """Resource factory: the link to the inputs in the mount server, for as long as held."""
     await host.mounts.ensure_running()
     path = host.mounts.content_root

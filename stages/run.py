@@ -24,7 +24,8 @@ __all__ = ["container", "log_path", "stage"]
 
 
 @contextlib.asynccontextmanager
-async def container(build: BuildSpec, host: BuildHost, _ctx: StageContext) -> AsyncIterator[RuncContainer]:
+async def container(build: BuildSpec, host: BuildHost,
+                    _ctx: StageContext) -> AsyncIterator[RuncContainer]:
     """Resource factory: one container of the build's bundle, deleted on release."""
     async with RuncContainer(host.bundle_dir(build), f"ocibuild-{build.key}",
                              state_root=host.runc_root) as c:

@@ -3,7 +3,8 @@
 ::
 
     CastoreError                    everything below; catch this at a boundary
-    ├── ValidationError             a node, directory or upload breaks a rule (rule=, name=, digest=)
+    ├── ValidationError             a node, directory or upload breaks a rule (rule=, name=,
+                                    digest=)
     ├── NotFoundError               a blob or directory is not in the store (digest=)
     ├── CorruptionError             stored bytes no longer match their digest (digest=, where=)
     ├── IngestError                 a path cannot be imported (path=)

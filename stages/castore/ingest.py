@@ -119,7 +119,7 @@ def _walk(root: bytes) -> tuple[list[_Dir], list[bytes]]:
 def _build(order: list[_Dir], stored: list[StoredFile]) -> list[Directory]:
     """Directory values, leaves to root (reversed pre-order puts children first)."""
     out: list[Directory] = []
-    by_name = lambda n: n.name  # noqa: E731
+    by_name = lambda n: n.name
     for d in reversed(order):
         dirs: list[DirectoryNode] = []
         files: list[FileNode] = []

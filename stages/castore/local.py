@@ -358,7 +358,7 @@ class _Committer:
             if ends and self.error is None:
                 try:
                     _commit(self.store, ends, rows)
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - finish() re-raises it
                     self.error = exc
 
     def finish(self) -> None:
@@ -483,7 +483,8 @@ class LocalStore:
                 # lose the last commits on power loss, which leaves tail garbage only.
                 conn.execute("PRAGMA synchronous = NORMAL")
             except sqlite3.Error as exc:
-                raise StoreError(self._address, f"cannot open index {self._db_path}: {exc}") from exc
+                raise StoreError(self._address,
+                                 f"cannot open index {self._db_path}: {exc}") from exc
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
@@ -760,7 +761,7 @@ class LocalStore:
             if workers == 1:
                 try:
                     work(0)
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - raised below, after cleanup
                     errors.append(exc)
             else:
                 with ThreadPoolExecutor(workers, thread_name_prefix="castore-import") as pool:
@@ -769,7 +770,7 @@ class LocalStore:
         finally:
             try:
                 committer.finish()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - raised below, after cleanup
                 errors.append(exc)
             # Packs go back only now: whatever the committer did not commit
             # (after an error) is cut off again.

@@ -20,7 +20,6 @@ import binascii
 import functools
 import json
 from collections.abc import Iterable
-from typing import Union
 
 import attrs
 import blake3
@@ -152,7 +151,7 @@ class SymlinkNode:
         return attrs.evolve(self, name=name)
 
 
-Node = Union[FileNode, DirectoryNode, SymlinkNode]
+Node = FileNode | DirectoryNode | SymlinkNode
 
 
 def _check_entries(directory: Directory) -> None:
@@ -206,7 +205,7 @@ class Directory:
                 files.append(node)
             else:
                 links.append(node)
-        key = lambda n: n.name  # noqa: E731
+        key = lambda n: n.name
         return cls(directories=sorted(dirs, key=key), files=sorted(files, key=key),
                    symlinks=sorted(links, key=key))
 

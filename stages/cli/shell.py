@@ -76,7 +76,8 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
         container_id = f"ocibuild-{spec.key}.shell"
         try:
             opts = SpecOptions(
-                idmap=host.idmap, rootfs=layout.rootfs, scratch_dirs=layout.scratch_dirs(req.scratch_paths),
+                idmap=host.idmap, rootfs=layout.rootfs,
+                scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                 input_paths={n.name: host.mounts.content_path(n) for n in req.inputs
                              if not isinstance(n, SymlinkNode)},
                 busybox=host.busybox)

@@ -142,7 +142,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         except BuildError as exc:
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
                          {_KIND: "service", _MESSAGE: str(exc).encode()})
-        except Exception as exc:  # noqa: BLE001 - every failure gets a status, not UNKNOWN
+        except Exception as exc:
             log.exception("DoBuild failed unexpectedly")
             await _abort(context, grpc.StatusCode.INTERNAL,
                          f"internal error of the build service: {type(exc).__name__}: {exc}",

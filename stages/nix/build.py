@@ -441,7 +441,7 @@ def _register_fn(plan: _Plan, drv_path: str):
         if drv.is_fixed_output:
             await check_fixed_output(plan.castore, drv, by_name["out"])
         infos = []
-        for i, (name, node) in enumerate(zip(dreq.output_names, built.outputs)):
+        for i, (_name, node) in enumerate(zip(dreq.output_names, built.outputs)):
             digest, size = await nar_hash_and_size(plan.castore, node)
             refs = [dreq.needle_paths[j] for j in built.outputs_needles[i].needles]
             infos.append(PathInfo(path="/" + dreq.request.outputs[i], node=node,

@@ -4,8 +4,10 @@
 
     NixError                        everything below; catch this at a boundary
     ├── StorePathError              not a valid store path (path=)
-    ├── DerivationParseError        a .drv is not a Nix 2.8 ATerm derivation (source=, line=, column=)
-    ├── UnsupportedDerivation       a valid derivation ocibuild does not build (yet) (drv=, feature=)
+    ├── DerivationParseError        a .drv is not a Nix 2.8 ATerm derivation
+                                    (source=, line=, column=)
+    ├── UnsupportedDerivation       a valid derivation ocibuild does not build (yet)
+                                    (drv=, feature=)
     ├── MissingInputError           an input of a derivation has no castore node (path=)
     ├── FixedOutputError            a fixed output cannot be checked (output=)
     │   └── FixedOutputMismatch     a fixed output has the wrong hash (output=, expected=, got=)

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from stages.context import BuildSpec
     from stages.request import Build
 
-__all__ = ["BUILDS_FILE", "build_key", "build_result", "default_state_dir", "full_stage", "list_runs", "load_build_specs",
+__all__ = ["BUILDS_FILE", "build_key", "build_result", "default_state_dir", "full_stage",
+           "list_runs", "load_build_specs",
            "save_specs", "stage_name", "stop_points"]
 
 BUILDS_FILE = "builds.json"

@@ -22,7 +22,7 @@ def lazy_exports(package: str, homes: Mapping[str, str]) -> Callable[[str], Any]
     The value is then set on the package, so later lookups are plain ones.
     """
 
-    def __getattr__(name: str) -> Any:
+    def __getattr__(name: str) -> Any:  # noqa: N807 - becomes the package's __getattr__
         home = homes.get(name)
         if home is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -341,7 +341,7 @@ async def test_inputs_visible_with_exact_bytes_modes_and_symlinks(env: Env) -> N
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         body = b"served from the host\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

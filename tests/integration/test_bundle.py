@@ -20,12 +20,12 @@ from hypothesis import HealthCheck, given, settings
 
 from stages import bundle as bundle_mod
 from stages import spec as spec_mod
-from stages.oci import layout as layout_mod
 from stages.bundle import write_bundle
-from stages.oci.layout import check_traversable, remove_bundle
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import BundleError, RequestError
+from stages.oci import layout as layout_mod
 from stages.oci.idmap import IdMap
+from stages.oci.layout import check_traversable, remove_bundle
 from stages.oci.schema import validate_config
 from stages.request import AdditionalFile, BuildConstraints, BuildRequest, EnvVar
 from stages.spec import mount_points

@@ -86,7 +86,7 @@ class Sandbox:
         lay = self.bundle(req)
         lines: list[tuple[str, bytes]] = []
         async with self.container(lay) as c:
-            code = await c.run(on_line=lambda s, l: lines.append((s, l)), log_path=lay.log,
+            code = await c.run(on_line=lambda s, line: lines.append((s, line)), log_path=lay.log,
                                check=False, **kw)
         return code, lines, lay
 
@@ -106,7 +106,7 @@ async def sb(tools):
 
 
 def out(lines, stream="stdout") -> bytes:
-    return b"".join(l for s, l in lines if s == stream)
+    return b"".join(line for s, line in lines if s == stream)
 
 
 async def test_hello(sb) -> None:
@@ -254,7 +254,7 @@ async def test_cancellation_leaves_no_container_or_process(sb) -> None:
 
     async def build():
         async with sb.container(lay) as c:
-            await c.run(on_line=lambda s, l: started.set())
+            await c.run(on_line=lambda s, line: started.set())
 
     task = asyncio.create_task(build())
     await asyncio.wait_for(started.wait(), 20)
@@ -304,7 +304,7 @@ async def test_long_lines_and_partial_last_line(sb) -> None:
     assert code == 0
     data = out(lines)
     assert data == b"x" * (2 ** 17) + b"\ntail"
-    assert all(len(l) <= 65536 for _, l in lines)
+    assert all(len(line) <= 65536 for _, line in lines)
     assert lines[-1] == ("stdout", b"tail")
 
 

@@ -228,7 +228,7 @@ async def test_served_pages_are_forgotten_in_steps_never_the_current_request() -
     served = 5 * fsmod.FORGET_EVERY // 2
     for off in range(0, served, step):
         await fs.read(1, off, step)
-        for lo, hi in one.forgotten:
+        for _lo, hi in one.forgotten:
             assert hi <= off, "the request being answered was forgotten"
     # 2.5 x FORGET_EVERY served: the first 2 x forgotten, contiguously, in order.
     assert one.forgotten[0][0] == 0

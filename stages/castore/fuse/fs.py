@@ -74,7 +74,6 @@ import logging
 import os
 import stat
 import threading
-from typing import Union
 
 import pyfuse3
 import trio
@@ -118,10 +117,10 @@ class Synthetic:
     __slots__ = ("entries",)
 
     def __init__(self) -> None:
-        self.entries: dict[bytes, Union[Node, int]] = {}
+        self.entries: dict[bytes, Node | int] = {}
 
 
-Entry = Union[Node, Synthetic]
+Entry = Node | Synthetic
 
 
 class _Filler:
@@ -196,7 +195,7 @@ class CastoreFS(pyfuse3.Operations):
         # entry (and its mapping of an older, shorter pack) is dropped.
         self._open_count: dict[int, int] = {}
         # digest -> True (verified), an Event (being verified) or an error text.
-        self._verified: dict[bytes, Union[bool, trio.Event, str]] = {}
+        self._verified: dict[bytes, bool | trio.Event | str] = {}
         self._map_blob = getattr(reader, "map_blob", None)
         # The mapping last served from and its served range not yet forgotten.
         self._served: tuple[object, int, int] | None = None
@@ -259,7 +258,7 @@ class CastoreFS(pyfuse3.Operations):
             return cached
         try:
             directory = self.reader.get_directory(digest)
-        except Exception as exc:  # noqa: BLE001 - the kernel only gets EIO
+        except Exception as exc:
             log.error("directory %s cannot be read from the store: %s", digest.hex(), exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
         if directory is None:
@@ -280,7 +279,7 @@ class CastoreFS(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-    def _children(self, entry: Entry) -> list[tuple[bytes, Union[Node, int]]]:
+    def _children(self, entry: Entry) -> list[tuple[bytes, Node | int]]:
         if isinstance(entry, Synthetic):
             return sorted(entry.entries.items())
         if isinstance(entry, DirectoryNode):
@@ -308,7 +307,7 @@ class CastoreFS(pyfuse3.Operations):
     def _child(self, parent: int, name: bytes) -> int:
         entry = self._entry(parent)
         if parent == self._content_ino:
-            found: Union[Node, int, None] = self._content_node(name)
+            found: Node | int | None = self._content_node(name)
         elif isinstance(entry, Synthetic):
             found = entry.entries.get(name)
         elif isinstance(entry, DirectoryNode):
@@ -432,7 +431,7 @@ class CastoreFS(pyfuse3.Operations):
             if self._map_blob is not None:
                 try:
                     mapping = self._map_blob(entry.digest)
-                except Exception as exc:  # noqa: BLE001 - the kernel only gets EIO
+                except Exception as exc:
                     log.error("blob %s (file %r) cannot be mapped: %s",
                               entry.digest.hex(), entry.name, exc)
                     raise pyfuse3.FUSEError(errno.EIO) from exc
@@ -522,7 +521,7 @@ class CastoreFS(pyfuse3.Operations):
                 raise CorruptionError("blob", digest, "its pack is now shorter than the blob")
             self._note_served(mapping, off, end)
             return mapping.view[off:end]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.error("blob %s: read at %d failed: %s", digest.hex(), off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
 
@@ -599,7 +598,7 @@ def _contained(op, *, answers: bool):
             return await op(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any bug: this request only
+        except Exception as exc:
             log.error("%s%r failed unexpectedly: %s", op.__name__, args[:2], exc, exc_info=exc)
             if answers:
                 raise pyfuse3.FUSEError(errno.EIO) from exc
