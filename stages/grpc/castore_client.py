@@ -80,6 +80,7 @@ from stages.castore.services import (
     BlobReader,
     BlobService,
     BlobWriter,
+    ClosureValidator,
     DirectoryPutter,
     DirectoryService,
 )
@@ -490,17 +491,29 @@ class GrpcBlobService(BlobService):
 
 
 class _GrpcPutter(DirectoryPutter):
-    """Streams each directory as it is put; the server checks the rules."""
+    """Checks the upload as it is put, sends it whole once it is complete.
+
+    The upload rules are checked here as each directory is put, and the
+    whole upload is checked at :meth:`close` before anything is sent (the
+    server checks them again). A refused upload thus fails with its rule and
+    sends nothing: a refusal never races writes the server has stopped
+    reading, and no part of it can be stored. The directories are held until
+    then, as the rules need them anyway.
+    """
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
         self._call: grpc.aio.StreamUnaryCall | None = None
+        self._closure = ClosureValidator()
+        self._held: list[Directory] = []
 
     async def put(self, directory: Directory) -> None:
+        self._closure.add(directory)
+        self._held.append(directory)
+
+    async def _send(self, directory: Directory) -> None:
         conn = self._conn
-        if self._call is None:
-            await conn.ready()
-            self._call = conn.directories.Put()
+        assert self._call is not None
         try:
             await asyncio.wait_for(self._call.write(directory_to_proto(directory)),
                                    conn.options.idle_timeout)
@@ -528,8 +541,12 @@ class _GrpcPutter(DirectoryPutter):
         return response.root_digest
 
     async def close(self) -> bytes:
-        if self._call is None:
-            raise ValidationError("put-empty", "an upload must contain at least the root")
+        self._closure.finalize()  # put-empty, put-disconnected: nothing sent
+        await self._conn.ready()
+        self._call = self._conn.directories.Put()
+        for directory in self._held:
+            await self._send(directory)
+        self._held = []
         try:
             await self._call.done_writing()
         except grpc.aio.AioRpcError as exc:

@@ -278,6 +278,10 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
             putter = self.directories.put_multiple_start()
             async for message in request_iterator:
                 await putter.put(directory_from_proto(message))
+            if context.cancelled():
+                # A client that gave up (or refused its own upload) can end the
+                # stream like a finished one: store none of it.
+                raise asyncio.CancelledError
             root = await putter.close()
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)

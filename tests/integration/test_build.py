@@ -206,12 +206,17 @@ async def leak_check(env: Env):
 
 
 def _keys_of(run_dir: Path) -> list[str]:
-    from stages.service import load_build_specs
+    """The build keys of a run; none for a run that never recorded its builds.
 
-    try:
-        return [s.key for s in load_build_specs(run_dir)]
-    except Exception:  # noqa: BLE001 - a run that never started its builds has no keys
+    A builds.json that is there but unreadable fails the test: a leak check
+    over a broken record would pass by seeing no keys.
+    """
+    from stages.service import load_build_specs
+    from stages.service.runs import BUILDS_FILE
+
+    if not (run_dir / BUILDS_FILE).exists():
         return []
+    return [s.key for s in load_build_specs(run_dir)]
 
 
 def _bundle_places(env: Env, key: str) -> list[Path]:
@@ -758,3 +763,12 @@ async def test_store_fds_stay_bounded(env: Env) -> None:
     # Slack for a worker thread or pack the warm-up happened not to touch;
     # the leak this guards against was two fds per build (twenty here).
     assert sum(after.values()) <= sum(warm.values()) + 6, (warm, after)
+
+
+async def test_the_leak_check_refuses_a_broken_run_record(tmp_path: Path) -> None:
+    from stages.errors import ServiceError
+
+    (tmp_path / "builds.json").write_text("{not json")
+    with pytest.raises(ServiceError, match="builds.json"):
+        _keys_of(tmp_path)
+    assert _keys_of(tmp_path / "nothing-recorded") == []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import blake3
 import pytest
-from test_nar import expected_nar
+from nar_oracle import expected_nar
 
 from stages.castore import nixbase32
 

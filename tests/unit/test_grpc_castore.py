@@ -20,23 +20,6 @@ import blake3
 import grpc
 import pytest
 
-# The shared store contract, collected again here with our `castore` fixture.
-from test_local_store import (  # noqa: F401  (pytest collects them)
-    test_aborted_write_is_invisible,
-    test_bad_digest_length_is_refused,
-    test_blob_roundtrip,
-    test_concurrent_writers_from_tasks,
-    test_directory_put_and_get,
-    test_directory_upload_rules,
-    test_empty_directory_digest,
-    test_missing_blob,
-    test_missing_directory,
-    test_put_files,
-    test_put_files_refuses_non_regular,
-    test_recursive_get_is_breadth_first_each_once,
-    test_streamed_write_in_chunks_and_reads,
-)
-
 from stages.castore.addresses import Castore, open_castore
 from stages.castore.copy import copy_node
 from stages.castore.errors import CorruptionError, NotFoundError, StoreError, ValidationError

@@ -1,47 +1,28 @@
-"""Blob and directory services, over memory:// and the persistent local store.
+"""The persistent local store's own promises: persistence, dedup, corruption
+detection, tail garbage, unusable stores, several writers.
 
-The same contract runs against both backends (parametrized by id); the
-local store's own promises (persistence, dedup, corruption detection, tail
-garbage, unusable stores, several writers) follow.
+The contract every backend keeps is tests/unit/test_store_contract.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 from pathlib import Path
 
-import blake3
 import pytest
+from castore_helpers import b3, pattern
+from castore_helpers import tree as _tree
 
 from stages.castore import local
-from stages.castore.addresses import Castore, open_castore
+from stages.castore.addresses import open_castore
 from stages.castore.errors import (
     CorruptionError,
     IngestError,
     NotFoundError,
     StoreError,
-    ValidationError,
 )
 from stages.castore.local import LocalStore, open_local_store
-from stages.castore.nodes import (
-    EMPTY_DIRECTORY_DIGEST,
-    Directory,
-    DirectoryNode,
-    FileNode,
-    SymlinkNode,
-)
-
-
-def b3(data: bytes) -> bytes:
-    return blake3.blake3(data).digest()
-
-
-def pattern(n: int, seed: int = 0) -> bytes:
-    """n bytes that are not all alike (so a flipped byte changes the digest)."""
-    block = bytes((i * 31 + seed) % 251 for i in range(4096))
-    return (block * (n // len(block) + 1))[:n]
 
 
 def pack_bytes(store: LocalStore) -> int:
@@ -50,172 +31,8 @@ def pack_bytes(store: LocalStore) -> int:
 
 # --- blobs, both backends -----------------------------------------------------
 
-@pytest.mark.parametrize("size", [0, 1, 1000, local.SMALL_BLOB, local.SMALL_BLOB + 1, 3 << 20],
-                         ids=lambda s: f"{s}B")
-async def test_blob_roundtrip(castore: Castore, size: int) -> None:
-    data = pattern(size)
-    digest = await castore.blobs.put(data)
-    assert digest == b3(data)
-    assert await castore.blobs.stat(digest) == size
-    assert await castore.blobs.has(digest)
-    assert await castore.blobs.get(digest) == data
-
-
-async def test_streamed_write_in_chunks_and_reads(castore: Castore) -> None:
-    data = pattern(5 << 20, seed=7)
-    writer = castore.blobs.open_write()
-    async with writer:
-        for i in range(0, len(data), 300_000):
-            await writer.write(data[i:i + 300_000])
-        digest = await writer.close()
-    assert digest == b3(data)
-    async with await castore.blobs.open_read(digest) as reader:
-        assert reader.size == len(data)
-        assert await reader.pread(1_234_567, 1000) == data[1_234_567:1_235_567]
-        assert await reader.pread(len(data) - 10, 100) == data[-10:]
-        parts = []
-        while chunk := await reader.read(777_777):
-            parts.append(chunk)
-        assert b"".join(parts) == data
-        await reader.verify()
-
-
-async def test_missing_blob(castore: Castore) -> None:
-    digest = b3(b"never stored")
-    assert await castore.blobs.stat(digest) is None
-    with pytest.raises(NotFoundError, match=digest.hex()):
-        await castore.blobs.open_read(digest)
-
-
-async def test_bad_digest_length_is_refused(castore: Castore) -> None:
-    with pytest.raises(ValidationError, match="digest-length"):
-        await castore.blobs.stat(b"short")
-
-
-@pytest.mark.parametrize("size", [10, 2 << 20], ids=["small", "streamed"])
-async def test_aborted_write_is_invisible(castore: Castore, size: int) -> None:
-    data = pattern(size, seed=3)
-    writer = castore.blobs.open_write()
-    with pytest.raises(RuntimeError):
-        async with writer:
-            await writer.write(data)
-            raise RuntimeError("upload interrupted")
-    assert await castore.blobs.stat(b3(data)) is None
-    writer = castore.blobs.open_write()
-    async with writer:
-        await writer.write(data)
-        # leaving without close() drops it too
-    assert await castore.blobs.stat(b3(data)) is None
-
-
-async def test_concurrent_writers_from_tasks(castore: Castore) -> None:
-    blobs = [pattern(n, seed=n % 200) for n in (0, 5, 70_000, 1_500_000, 2_500_000, 333)]
-
-    async def put_slowly(data: bytes) -> bytes:
-        writer = castore.blobs.open_write()
-        async with writer:
-            for i in range(0, max(len(data), 1), 65536):
-                await writer.write(data[i:i + 65536])
-                await asyncio.sleep(0)
-            return await writer.close()
-
-    digests = await asyncio.gather(*(put_slowly(d) for d in blobs))
-    assert digests == [b3(d) for d in blobs]
-    for d, data in zip(digests, blobs):
-        assert await castore.blobs.get(d) == data
-
-
-async def test_put_files(castore: Castore, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    contents = {f"f{i}".encode(): pattern(i * 9000, seed=i) for i in range(40)}
-    contents[b"big"] = pattern(local.SMALL_BLOB * 2 + 5, seed=99)
-    contents[b"dup"] = contents[b"f3"]
-    for name, data in contents.items():
-        (src / name.decode()).write_bytes(data)
-    os.chmod(src / "f1", 0o755)
-    paths = [os.fsencode(src / n.decode()) for n in contents]
-    results = await castore.blobs.put_files(paths)
-    assert [r.digest for r in results] == [b3(d) for d in contents.values()]
-    assert [r.size for r in results] == [len(d) for d in contents.values()]
-    assert results[1].mode & 0o100 and not results[0].mode & 0o100
-    for r, data in zip(results, contents.values()):
-        assert await castore.blobs.get(r.digest) == data
-
-
-async def test_put_files_refuses_non_regular(castore: Castore, tmp_path: Path) -> None:
-    os.mkfifo(tmp_path / "fifo")
-    (tmp_path / "target").write_bytes(b"x")
-    os.symlink("target", tmp_path / "link")
-    for name in ("fifo", "link"):
-        with pytest.raises(IngestError, match=name):
-            await castore.blobs.put_files([os.fsencode(tmp_path / name)])
-
 
 # --- directories, both backends -----------------------------------------------
-
-def _file(name: bytes, data: bytes, executable: bool = False) -> FileNode:
-    return FileNode(name=name, digest=b3(data), size=len(data), executable=executable)
-
-
-def _tree() -> tuple[list[Directory], Directory]:
-    """A small tree with a shared child: leaves first, root last."""
-    empty = Directory()
-    leaf = Directory(files=[_file(b"x", b"x")], symlinks=[SymlinkNode(name=b"l", target=b"x")])
-    mid = Directory(directories=[leaf.as_node(b"leaf"), empty.as_node(b"void")])
-    root = Directory(directories=[leaf.as_node(b"a"), mid.as_node(b"b"), empty.as_node(b"c")],
-                     files=[_file(b"f", b"hello", True)])
-    return [empty, leaf, mid, root], root
-
-
-async def test_directory_put_and_get(castore: Castore) -> None:
-    dirs, root = _tree()
-    assert await castore.directories.put_tree(dirs) == root.digest
-    for d in dirs:
-        assert await castore.directories.get(d.digest) == d
-    # f; a = 1 + leaf (x, l); b = 1 + mid (1 + leaf, 1 + void); c = 1 + void
-    assert root.size == 1 + (1 + 2) + (1 + (1 + 2) + (1 + 0)) + (1 + 0)
-
-
-async def test_recursive_get_is_breadth_first_each_once(castore: Castore) -> None:
-    dirs, root = _tree()
-    empty, leaf, mid, _ = dirs
-    await castore.directories.put_tree(dirs)
-    got = [d async for d in castore.directories.get_recursive(root.digest)]
-    # root; its children in list order (a=leaf, b=mid, c=empty); leaf and
-    # empty are not repeated below mid.
-    assert got == [root, leaf, mid, empty]
-
-
-async def test_empty_directory_digest(castore: Castore) -> None:
-    assert await castore.directories.put_tree([Directory()]) == EMPTY_DIRECTORY_DIGEST
-    assert await castore.directories.get(EMPTY_DIRECTORY_DIGEST) == Directory()
-
-
-async def test_directory_upload_rules(castore: Castore) -> None:
-    leaf = Directory(files=[_file(b"x", b"x")])
-    wrong_size = Directory(directories=[DirectoryNode(name=b"d", digest=leaf.digest, size=7)])
-    with pytest.raises(ValidationError, match="directory-size"):
-        await castore.directories.put_tree([leaf, wrong_size])
-    parent = Directory(directories=[leaf.as_node(b"d")])
-    with pytest.raises(ValidationError, match="put-order"):
-        await castore.directories.put_tree([parent, leaf])
-    stray = Directory(files=[_file(b"stray", b"s")])
-    with pytest.raises(ValidationError, match="put-disconnected"):
-        await castore.directories.put_tree([stray, leaf, parent])
-    with pytest.raises(ValidationError, match="put-empty"):
-        await castore.directories.put_tree([])
-    # nothing of the refused uploads was stored
-    for d in (leaf, parent, stray, wrong_size):
-        assert await castore.directories.get(d.digest) is None
-
-
-async def test_missing_directory(castore: Castore) -> None:
-    digest = b3(b"no such directory")
-    assert await castore.directories.get(digest) is None
-    with pytest.raises(NotFoundError, match=digest.hex()):
-        async for _ in castore.directories.get_recursive(digest):
-            pass
 
 
 # --- the local store's own promises ---------------------------------------------

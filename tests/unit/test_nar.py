@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nar_oracle import expected_nar, s
 
 from stages.castore import nixbase32
 from stages.castore.addresses import Castore
@@ -55,35 +55,6 @@ async def _build(castore: Castore, spec, name: bytes, uploads: list[Directory]):
     directory = Directory.from_nodes(children)
     uploads.append(directory)
     return directory.as_node(name)
-
-
-# --- an independent NAR writer, straight from the grammar ---------------------
-
-def s(data: bytes) -> bytes:
-    return struct.pack("<Q", len(data)) + data + bytes((8 - len(data) % 8) % 8)
-
-
-def expected_nar(spec) -> bytes:
-    def node(spec) -> bytes:
-        if isinstance(spec, bytes):
-            return s(b"(") + s(b"type") + s(b"regular") + s(b"contents") + s(spec) + s(b")")
-        if spec[0] == "x":
-            return (s(b"(") + s(b"type") + s(b"regular") + s(b"executable") + s(b"")
-                    + s(b"contents") + s(spec[1]) + s(b")"))
-        if spec[0] == "l":
-            return s(b"(") + s(b"type") + s(b"symlink") + s(b"target") + s(spec[1]) + s(b")")
-        raise AssertionError(spec)
-
-    def tree(spec) -> bytes:
-        if not isinstance(spec, dict):
-            return node(spec)
-        out = s(b"(") + s(b"type") + s(b"directory")
-        for name in sorted(spec):
-            out += (s(b"entry") + s(b"(") + s(b"name") + s(name) + s(b"node")
-                    + tree(spec[name]) + s(b")"))
-        return out + s(b")")
-
-    return s(b"nix-archive-1") + tree(spec)
 
 
 SPECS = {
