@@ -258,6 +258,11 @@ async def test_cancellation_leaves_no_container_or_process(sb) -> None:
 
     task = asyncio.create_task(build())
     await asyncio.wait_for(started.wait(), 20)
+    # "started" comes out before the shell has forked the second sleep.
+    for _ in range(200):
+        if len(processes_with(f"sleep {marker}")) == 2:
+            break
+        await asyncio.sleep(0.01)
     assert len(processes_with(f"sleep {marker}")) == 2
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
