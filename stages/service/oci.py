@@ -8,12 +8,8 @@ across all its runs: concurrent ``do_build`` calls, each its own graph,
 share those caps (:attr:`OciBuildService.limiters`) as the builds of one
 graph do.
 
-Addresses, as tvix spells them (``BUILD_SERVICE_ADDR``):
-
-- ``oci:///abs/state/dir``: the OCI service keeping its state there;
-- ``dummy://``: refuses every build (for wiring tests);
-- without an address: ``oci://`` + ``$OCIBUILD_STATE``, else
-  ``/var/lib/ocibuild`` for root, else ``$XDG_STATE_HOME/ocibuild``.
+Addresses (``oci:///abs/state/dir``, ``dummy://``, ...) are read by
+:mod:`stages.service.addresses`.
 
 Every directory from / down to the bundles and the FUSE mountpoint must be
 searchable by others (o+x): the container's mapped root reaches them from
@@ -43,11 +39,8 @@ tmpfs, while what the builder writes may be large. The runtime directory is
 used only if it is a real directory owned by us and writable by nobody
 else, on a file system of at least 256 MiB; otherwise bundles stay on disk.
 
-Crash recovery: a starting service takes every instance whose lock is free
-(its owner died), unmounts what it left mounted, kills and deletes its
-containers, removes its bundles unless kept, its runtime directory and its
-directory, before it builds anything. Several services may share one state
-directory.
+Crash recovery (what a starting service does about dead instances on the
+same state directory) is :mod:`stages.service.recovery`.
 """
 
 from __future__ import annotations
