@@ -182,6 +182,17 @@ async def _next_message(reader: BlobReader) -> bytes | None:
     return encode_chunk(Chunk(data)) if data else None
 
 
+async def _unless_cancelled(context: grpc.aio.ServicerContext) -> None:
+    """Raise CancelledError if the client cancelled its upload stream.
+
+    A client that cancels can end the request iteration like a half-close
+    would; only a real end of upload may commit (blobs and directories alike).
+    """
+    await asyncio.sleep(0)
+    if context.cancelled():
+        raise asyncio.CancelledError("the client cancelled the upload")
+
+
 class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
     """tvix.castore.v1.BlobService over any :class:`BlobService`."""
 
@@ -237,11 +248,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
                 async for chunk in request_iterator:
                     if chunk.data:
                         await writer.write(chunk.data)
-                # A client that cancels can end the iteration like a
-                # half-close would; only a real end of upload commits.
-                await asyncio.sleep(0)
-                if context.cancelled():
-                    raise asyncio.CancelledError("the client cancelled the upload")
+                await _unless_cancelled(context)
                 digest = await writer.close()
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
@@ -278,10 +285,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
             putter = self.directories.put_multiple_start()
             async for message in request_iterator:
                 await putter.put(directory_from_proto(message))
-            if context.cancelled():
-                # A client that gave up (or refused its own upload) can end the
-                # stream like a finished one: store none of it.
-                raise asyncio.CancelledError
+            await _unless_cancelled(context)
             root = await putter.close()
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)

@@ -14,6 +14,7 @@ reads the outcome of one build of a finished run.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,8 +37,6 @@ BUILDS_FILE = "builds.json"
 def default_state_dir() -> Path:
     """``$OCIBUILD_STATE``, else /var/lib/ocibuild for root, else the user's
     state directory (:func:`stages.util.dirs.state_dir`)."""
-    import os
-
     explicit = os.environ.get("OCIBUILD_STATE")
     if explicit:
         return Path(explicit).absolute()
