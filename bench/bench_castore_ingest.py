@@ -32,6 +32,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TREES = [Path("/root/.pyenv/versions/3.11.7/lib/python3.11"),
@@ -57,9 +58,9 @@ def _files(tree: Path) -> list[str]:
     return out
 
 
-def _timed(cmd: list[str], **kw: object) -> tuple[float, subprocess.CompletedProcess]:
+def _timed(cmd: list[str], **kw: Any) -> tuple[float, subprocess.CompletedProcess[bytes]]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, check=True, capture_output=True, **kw)  # type: ignore[call-overload]
+    proc = subprocess.run(cmd, check=True, capture_output=True, **kw)
     return time.perf_counter() - start, proc
 
 

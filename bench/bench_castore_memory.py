@@ -49,10 +49,11 @@ def _child(scenario: str, store_dir: Path, path: Path) -> None:
     sys.path.insert(0, str(REPO))
     from stages.castore.addresses import open_castore
     from stages.castore.ingest import ingest_path
+    from stages.castore.local import open_local_store
 
     address = f"local://{store_dir}"
     castore = open_castore(address, address)
-    store = castore.blobs.store  # type: ignore[attr-defined]
+    store = open_local_store(store_dir)  # the same store object the services use
 
     async def run() -> dict:
         digest_file = store_dir / "bench-digest"

@@ -54,12 +54,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from stages.castore.refscan import NeedleScanner
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from stages.castore.refscan import NeedleScanner  # noqa: E402
+T = TypeVar("T")
 
 NIXBASE32 = b"0123456789abcdfghijklmnpqrsvwxyz"
 _PIECE = 16 << 20
@@ -113,9 +113,9 @@ def _read_tree(tree: Path) -> int:
     return total
 
 
-def _median_seconds(fn: Callable[[], object], runs: int,
-                    clock: Callable[[], float] = time.perf_counter) -> tuple[float, object]:
-    times, result = [], None
+def _median_seconds(fn: Callable[[], T], runs: int,
+                    clock: Callable[[], float] = time.perf_counter) -> tuple[float, T]:
+    times: list[float] = []
     for _ in range(runs):
         start = clock()
         result = fn()
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
             _read(data)  # warm the page cache
             row: dict[str, float | int] = {"bytes": size, "planted": planted}
             seconds, found = _median_seconds(lambda: scanner.scan_path(data), args.runs)
-            row["ocibuild_s"], row["found"] = seconds, len(found)  # type: ignore[arg-type]
+            row["ocibuild_s"], row["found"] = seconds, len(found)
             row["cpu_s"] = _median_seconds(lambda: scanner.scan_path(data), args.runs,
                                            time.process_time)[0]
             row["read_s"] = _median_seconds(lambda: _read(data), args.runs)[0]
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
             rates = {k.removesuffix("_s"): size / v / 1e9 for k, v in row.items()
                      if k.endswith("_s")}
             print(f"{kind:13s} " + "  ".join(f"{k} {v:5.2f} GB/s" for k, v in rates.items())
-                  + f"  (found {len(found)} of {len(needles)})", flush=True)  # type: ignore[arg-type]
+                  + f"  (found {len(found)} of {len(needles)})", flush=True)
             data.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
         total = _read_tree(args.tree)  # warms the page cache too
         row = {"bytes": total, "planted": 0}
         seconds, found = _median_seconds(lambda: scanner.scan_path(args.tree), args.runs)
-        row["ocibuild_s"], row["found"] = seconds, len(found)  # type: ignore[arg-type]
+        row["ocibuild_s"], row["found"] = seconds, len(found)
         row["cpu_s"] = _median_seconds(lambda: scanner.scan_path(args.tree), args.runs,
                                        time.process_time)[0]
         row["read_s"] = _median_seconds(lambda: _read_tree(args.tree), args.runs)[0]

@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stages.castore import ingest_path, open_castore
+from stages.castore import FileNode, ingest_path, open_castore
 from stages.request import BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService, build_result
 
@@ -103,12 +103,13 @@ async def main() -> int:
             run, specs = await svc.resume_run(run.run_dir)
         build = build_result(run, specs[0])
         out = build.outputs[0]
+        assert isinstance(out, FileNode), "the example's output is one file"
         print(f"resumed:     {run.status.value}")
         for name, outcome in run.stages.items():
             took = f"{outcome.duration * 1000:.1f} ms" if outcome.duration is not None else ""
             print(f"  {name:<9} {outcome.state.value:<9} {took}")
-        print(f"output:      build/out -> {out.digest.hex()}")  # type: ignore[union-attr]
-        print(f"contents:    {(await castore.blobs.get(out.digest)).decode()!r}")  # type: ignore[union-attr]
+        print(f"output:      build/out -> {out.digest.hex()}")
+        print(f"contents:    {(await castore.blobs.get(out.digest)).decode()!r}")
         print(f"bundle gone: {not bundle.exists()}")
     finally:
         await castore.aclose()

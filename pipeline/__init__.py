@@ -50,7 +50,16 @@ from pipeline.events import (
 from pipeline.render import STATE_COLORS, render_image, to_dot, to_mermaid, to_text
 from pipeline.resume import plan_resume, resume
 from pipeline.runner import Runner
-from pipeline.state import MISSING, Run, RunStatus, StageOutcome, StageState, load_run
+from pipeline.state import (
+    MISSING,
+    Run,
+    RunStatus,
+    StageOutcome,
+    StageState,
+    load_run,
+    new_run_dir,
+    run_token,
+)
 from pipeline.sync import run_sync
 
 __all__ = [
@@ -95,10 +104,12 @@ __all__ = [
     "StateError",
     "Subscriber",
     "load_run",
+    "new_run_dir",
     "plan_resume",
     "render_image",
     "resume",
     "run_sync",
+    "run_token",
     "to_dot",
     "to_mermaid",
     "to_text",

@@ -44,6 +44,11 @@ def _cap(value: int | None, what: str) -> None:
                               field=what)
 
 
+def _int_map(value: Mapping[str, int]) -> dict[str, int]:
+    """A private copy of a caps mapping (typed: attrs cannot infer ``dict``'s)."""
+    return dict(value)
+
+
 @attrs.frozen(kw_only=True)
 class Caps:
     """Concurrency caps for a run.
@@ -53,7 +58,7 @@ class Caps:
     """
 
     running: int | None = None
-    kinds: Mapping[str, int] = attrs.field(factory=dict, converter=dict)
+    kinds: Mapping[str, int] = attrs.field(factory=dict, converter=_int_map)
 
     def __attrs_post_init__(self) -> None:
         _cap(self.running, "running")

@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import secrets
 import shutil
 import tempfile
 import time
@@ -77,6 +76,7 @@ from pipeline.state import (
     StageOutcome,
     StageState,
     atomic_write_json,
+    new_run_dir,
 )
 
 __all__ = ["Runner", "StageContext"]
@@ -245,10 +245,7 @@ class Runner:
         every build in a composed graph).
         """
         if self.run_dir is None and self._run_root is not None:
-            self._run_root.mkdir(parents=True, exist_ok=True)
-            run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-            self.run_dir = self._run_root / run_id
-            self.run_dir.mkdir()
+            self.run_dir = new_run_dir(self._run_root)
         return await self._execute(stop_after=stop_after, reused={}, attempt=1,
                                    from_stage=None)
 

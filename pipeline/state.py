@@ -24,7 +24,9 @@ from __future__ import annotations
 import enum
 import json
 import os
+import secrets
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ __all__ = [
     "StageState",
     "atomic_write_json",
     "load_run",
+    "new_run_dir",
+    "run_token",
 ]
 
 JOURNAL = "journal.jsonl"
@@ -165,6 +169,30 @@ class Run:
             "errors": list(self.errors),
             "stages": {n: o.to_json() for n, o in self.stages.items()},
         }
+
+
+def new_run_dir(root: Path, label: str = "") -> Path:
+    """Make a new, empty run directory under ``root`` and return it.
+
+    The one place run ids are minted: ``YYYYMMDD-HHMMSS[-LABEL]-TOKEN``,
+    with TOKEN six random hex digits, so ids sort by start time and two
+    runs started in the same second do not collide (one that does gets
+    another token).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = time.strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
+    while True:
+        run_dir = root / f"{prefix}-{secrets.token_hex(3)}"
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        return run_dir
+
+
+def run_token(run_dir: Path) -> str:
+    """The random part of a run id made by :func:`new_run_dir`."""
+    return run_dir.name.rsplit("-", 1)[-1]
 
 
 def atomic_write_json(path: Path, value: Any) -> None:

@@ -286,8 +286,8 @@ class _Writer:
         # Indented for people reading a kept bundle; json's C encoder (5x
         # faster) does only the compact form.
         text = json.dumps(config, indent=2) if self.pretty else json.dumps(config)
-        with open(self.tmp.config, "w") as f:
-            f.write(text + "\n")
+        with open(self.tmp.config, "w") as config_file:
+            config_file.write(text + "\n")
 
     def publish_rootfs(self) -> None:
         """Rename a newly written shared root into place (once the bundle is whole).
@@ -315,7 +315,7 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
                  config: dict | None = None, scratch_root: Path | str | None = None,
                  check_parents: bool = True, pretty: bool = True,
                  shared_rootfs: Path | str | None = None, validated: bool = False,
-                 **spec_options: object) -> BundleLayout:
+                 **spec_options: Any) -> BundleLayout:
     """Write the whole bundle for ``req`` at ``bundle_dir`` (which must not exist).
 
     ``input_paths`` maps each non-symlink input's name to the host path to
@@ -356,7 +356,7 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
     layout = BundleLayout(final, scratch, shared)
     opts = SpecOptions(idmap=idmap, rootfs=layout.rootfs,
                        scratch_dirs=layout.scratch_dirs(req.scratch_paths),
-                       input_paths=dict(input_paths or {}), **spec_options)  # type: ignore[arg-type]
+                       input_paths=dict(input_paths or {}), **spec_options)
     writer = _Writer(tmp, final, req, idmap, scratch, pretty, shared)
     try:
         writer.write(opts, config)

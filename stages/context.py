@@ -141,8 +141,11 @@ class BuildHost:
         if self.trash_dir is None:
             remove_bundle(bundle)
             return
-        trash = (self.runtime_dir / "trash" if self.on_runtime(build)  # type: ignore[operator]
-                 else self.trash_dir)
+        if self.on_runtime(build):
+            assert self.runtime_dir is not None  # on_runtime checked it
+            trash = self.runtime_dir / "trash"
+        else:
+            trash = self.trash_dir
         moved = trash_bundle(bundle, trash, scratch_trash_dir=self.trash_dir)
         if self.on_runtime(build) and moved and remove_if_small(moved[0]):
             moved = moved[1:]  # the skeleton, on the tmpfs: gone at once

@@ -70,7 +70,8 @@ def workspace_cap(jobs: int) -> int:
 
 def build_caps(jobs: int) -> Caps:
     """The caps of a run of builds with ``jobs`` concurrent containers."""
-    return Caps(kinds={"container": jobs, "workspace": workspace_cap(jobs)})
+    kinds = {"container": jobs, "workspace": workspace_cap(jobs)}
+    return Caps(kinds=kinds)
 
 
 def _request_digest(request: BuildRequest) -> str:

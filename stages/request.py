@@ -59,6 +59,31 @@ def _tuple_of(kind: type | tuple[type, ...]) -> Callable[[object, attrs.Attribut
     return check
 
 
+# Typed converters (attrs' mypy plugin cannot solve converter=tuple's type variable).
+def _strs(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
+
+
+def _ints(items: Iterable[int]) -> tuple[int, ...]:
+    return tuple(items)
+
+
+def _nodes(items: Iterable[Node]) -> tuple[Node, ...]:
+    return tuple(items)
+
+
+def _env_vars(items: Iterable[EnvVar]) -> tuple[EnvVar, ...]:
+    return tuple(items)
+
+
+def _additional_files(items: Iterable[AdditionalFile]) -> tuple[AdditionalFile, ...]:
+    return tuple(items)
+
+
+def _output_needles(items: Iterable[OutputNeedles]) -> tuple[OutputNeedles, ...]:
+    return tuple(items)
+
+
 @attrs.frozen(kw_only=True)
 class EnvVar:
     """One environment variable; the value is raw bytes as on the wire."""
@@ -73,7 +98,7 @@ class BuildConstraints:
 
     system: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     min_memory: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
-    available_ro_paths: tuple[str, ...] = attrs.field(default=(), converter=tuple,
+    available_ro_paths: tuple[str, ...] = attrs.field(default=(), converter=_strs,
                                                       validator=_tuple_of(str))
     network_access: bool = False
     provide_bin_sh: bool = False
@@ -87,28 +112,28 @@ class AdditionalFile:
     contents: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
 
 
-_NODE_TYPES: tuple[type, ...] = Node.__args__  # type: ignore[attr-defined]
+_NODE_TYPES: tuple[type, ...] = Node.__args__
 
 
 @attrs.frozen(kw_only=True)
 class BuildRequest:
     """Everything a builder needs for one hermetic build (tvix.build.v1)."""
 
-    inputs: tuple[Node, ...] = attrs.field(default=(), converter=tuple,
+    inputs: tuple[Node, ...] = attrs.field(default=(), converter=_nodes,
                                            validator=_tuple_of(_NODE_TYPES))
-    command_args: tuple[str, ...] = attrs.field(default=(), converter=tuple,
+    command_args: tuple[str, ...] = attrs.field(default=(), converter=_strs,
                                                 validator=_tuple_of(str))
     working_dir: str = ""
-    scratch_paths: tuple[str, ...] = attrs.field(default=(), converter=tuple,
+    scratch_paths: tuple[str, ...] = attrs.field(default=(), converter=_strs,
                                                  validator=_tuple_of(str))
     inputs_dir: str = ""
-    outputs: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_tuple_of(str))
-    environment_vars: tuple[EnvVar, ...] = attrs.field(default=(), converter=tuple,
+    outputs: tuple[str, ...] = attrs.field(default=(), converter=_strs, validator=_tuple_of(str))
+    environment_vars: tuple[EnvVar, ...] = attrs.field(default=(), converter=_env_vars,
                                                        validator=_tuple_of(EnvVar))
     constraints: BuildConstraints | None = None
     additional_files: tuple[AdditionalFile, ...] = attrs.field(
-        default=(), converter=tuple, validator=_tuple_of(AdditionalFile))
-    refscan_needles: tuple[str, ...] = attrs.field(default=(), converter=tuple,
+        default=(), converter=_additional_files, validator=_tuple_of(AdditionalFile))
+    refscan_needles: tuple[str, ...] = attrs.field(default=(), converter=_strs,
                                                    validator=_tuple_of(str))
 
     @property
@@ -128,7 +153,7 @@ class BuildRequest:
 class OutputNeedles:
     """Indexes into the request's refscan_needles found in one output."""
 
-    needles: tuple[int, ...] = attrs.field(default=(), converter=tuple, validator=_tuple_of(int))
+    needles: tuple[int, ...] = attrs.field(default=(), converter=_ints, validator=_tuple_of(int))
 
 
 @attrs.frozen(kw_only=True)
@@ -136,10 +161,10 @@ class Build:
     """A finished build: the request, one anonymous node per output, needles."""
 
     build_request: BuildRequest
-    outputs: tuple[Node, ...] = attrs.field(default=(), converter=tuple,
+    outputs: tuple[Node, ...] = attrs.field(default=(), converter=_nodes,
                                             validator=_tuple_of(_NODE_TYPES))
-    outputs_needles: tuple[OutputNeedles, ...] = attrs.field(default=(), converter=tuple,
-                                                             validator=_tuple_of(OutputNeedles))
+    outputs_needles: tuple[OutputNeedles, ...] = attrs.field(
+        default=(), converter=_output_needles, validator=_tuple_of(OutputNeedles))
 
 
 # --- the protobuf boundary -------------------------------------------------

@@ -280,12 +280,12 @@ def shared_rootfs_key(req: BuildRequest, idmap: IdMap) -> str | None:
 
 
 def spec_options(layout_root: Path | str, req: BuildRequest, idmap: IdMap,
-                 input_paths: Mapping[bytes, object], **kw: object) -> SpecOptions:
+                 input_paths: Mapping[bytes, object], **kw: Any) -> SpecOptions:
     """SpecOptions for a bundle laid out by :class:`stages.oci.layout.BundleLayout`."""
     layout = BundleLayout(layout_root)
     return SpecOptions(idmap=idmap, rootfs=layout.rootfs,
                        scratch_dirs=layout.scratch_dirs(req.scratch_paths),
-                       input_paths=input_paths, **kw)  # type: ignore[arg-type]
+                       input_paths=input_paths, **kw)
 
 
 def build_layout(build: BuildSpec, host: BuildHost, req: BuildRequest) -> BundleLayout:

@@ -289,6 +289,7 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[st
         req = validate_request(build.request)
         return {"inputs": len(req.inputs), "outputs": list(req.outputs),
                 "command": list(req.command_args)}
+    assert build.request_from is not None  # a BuildSpec holds a request or request_from
     req = validate_request(request_from_result(ctx.results[build.request_from]))
     return {"inputs": len(req.inputs), "outputs": list(req.outputs),
             "command": list(req.command_args), "request": request_to_result(req)}

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def _probe(marker: str) -> str | None:
         if not os.path.exists("/dev/fuse"):
             return "/dev/fuse is missing"
         try:
-            import pyfuse3  # noqa: F401
+            import pyfuse3  # noqa: F401 - imported only to see that it loads
         except ImportError as exc:
             return f"pyfuse3 does not import: {exc}"
         if shutil.which("fusermount3") is None:
@@ -89,11 +90,11 @@ def _ci_missing_capability(request: pytest.FixtureRequest) -> None:
             pytest.fail(f"CI cannot skip this test: {reason}")
 
 
-def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
     """subprocess.run with check=True and captured output, for tests."""
     kw.setdefault("check", True)
     kw.setdefault("capture_output", True)
-    return subprocess.run(cmd, **kw)  # type: ignore[call-overload]
+    return subprocess.run(cmd, **kw)
 
 
 # --- stores: fixtures for unit and integration tests alike ---------------------

@@ -31,6 +31,7 @@ import asyncio
 import os
 import stat
 from pathlib import Path
+from typing import Literal
 
 from stages.castore.addresses import Castore
 from stages.castore.errors import IngestError, ValidationError
@@ -47,9 +48,13 @@ class _Dir:
 
     def __init__(self, path: bytes) -> None:
         self.path = path
-        # (name, "f", index into files) | (name, "l", target) | (name, "d", _Dir)
-        self.entries: list[tuple[bytes, str, object]] = []
+        self.entries: list[_Entry] = []
         self.node: DirectoryNode | None = None
+
+
+# (name, "f", index into files) | (name, "l", target) | (name, "d", _Dir)
+_Entry = (tuple[bytes, Literal["f"], int] | tuple[bytes, Literal["l"], bytes]
+          | tuple[bytes, Literal["d"], _Dir])
 
 
 def _kind(mode: int) -> str:
@@ -124,16 +129,18 @@ def _build(order: list[_Dir], stored: list[StoredFile]) -> list[Directory]:
         dirs: list[DirectoryNode] = []
         files: list[FileNode] = []
         links: list[SymlinkNode] = []
-        for name, kind, payload in d.entries:
+        for entry in d.entries:
+            name = entry[0]
             try:
-                if kind == "f":
-                    s = stored[payload]  # type: ignore[index]
+                if entry[1] == "f":
+                    s = stored[entry[2]]
                     files.append(FileNode(name=name, digest=s.digest, size=s.size,
                                           executable=bool(s.mode & 0o100)))
-                elif kind == "l":
-                    links.append(SymlinkNode(name=name, target=payload))  # type: ignore[arg-type]
+                elif entry[1] == "l":
+                    links.append(SymlinkNode(name=name, target=entry[2]))
                 else:
-                    child = payload.node  # type: ignore[union-attr]
+                    child = entry[2].node
+                    assert child is not None  # children come first (reversed pre-order)
                     dirs.append(DirectoryNode(name=name, digest=child.digest, size=child.size))
             except ValidationError as exc:
                 raise IngestError(os.fsdecode(os.path.join(d.path, name)), str(exc)) from exc

@@ -178,6 +178,19 @@ def _check_entries(directory: Directory) -> None:
             seen[entry.name] = kind
 
 
+# Typed converters (attrs' mypy plugin cannot solve converter=tuple's type variable).
+def _directory_nodes(items: Iterable[DirectoryNode]) -> tuple[DirectoryNode, ...]:
+    return tuple(items)
+
+
+def _file_nodes(items: Iterable[FileNode]) -> tuple[FileNode, ...]:
+    return tuple(items)
+
+
+def _symlink_nodes(items: Iterable[SymlinkNode]) -> tuple[SymlinkNode, ...]:
+    return tuple(items)
+
+
 @attrs.frozen(kw_only=True, cache_hash=True)
 class Directory:
     """One directory's entries, in the three sorted lists of the protocol.
@@ -185,9 +198,9 @@ class Directory:
     Use :meth:`from_nodes` to build one from entries in any order.
     """
 
-    directories: tuple[DirectoryNode, ...] = attrs.field(default=(), converter=tuple)
-    files: tuple[FileNode, ...] = attrs.field(default=(), converter=tuple)
-    symlinks: tuple[SymlinkNode, ...] = attrs.field(default=(), converter=tuple)
+    directories: tuple[DirectoryNode, ...] = attrs.field(default=(), converter=_directory_nodes)
+    files: tuple[FileNode, ...] = attrs.field(default=(), converter=_file_nodes)
+    symlinks: tuple[SymlinkNode, ...] = attrs.field(default=(), converter=_symlink_nodes)
 
     def __attrs_post_init__(self) -> None:
         _check_entries(self)

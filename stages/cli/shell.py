@@ -20,12 +20,12 @@ import argparse
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from stages.castore.nodes import SymlinkNode
 from stages.errors import ServiceError
+from stages.oci.runc import RuncContainer
 
 __all__ = ["open_shell", "shell_config"]
 
@@ -91,12 +91,9 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
             shutil.rmtree(shell_bundle, ignore_errors=True)
             shell_bundle.mkdir()
             (shell_bundle / "config.json").write_text(json.dumps(config, indent=2))
-            # The shell owns the terminal: run runc in the foreground, inheriting stdio.
-            proc = await asyncio.to_thread(
-                subprocess.run, ["runc", "--root", str(host.runc_root), "run", "--bundle",
-                                 str(shell_bundle), container_id])
-            return proc.returncode
+            # The shell owns the terminal: runc runs on this process's stdio.
+            async with RuncContainer(shell_bundle, container_id,
+                                     state_root=host.runc_root) as container:
+                return await container.run_attached()
         finally:
-            subprocess.run(["runc", "--root", str(host.runc_root), "delete", "--force",
-                            container_id], capture_output=True)
             shutil.rmtree(shell_bundle, ignore_errors=True)

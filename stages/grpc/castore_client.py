@@ -101,6 +101,7 @@ from stages.grpc.wire import (
     tune_malloc,
 )
 from stages.proto import (
+    castore_pb2,
     rpc_blobstore_pb2,
     rpc_blobstore_pb2_grpc,
     rpc_directory_pb2,
@@ -271,6 +272,8 @@ class _GrpcReader(BlobReader):
             message = await self._conn.next_message(self._call, "blob", self.digest)
         if message is grpc.aio.EOF:
             return None
+        # As _Connection.read decodes them (decode_chunk).
+        assert isinstance(message, Chunk) and isinstance(message.data, bytes)
         return message.data
 
     async def read(self, n: int = READ_CHUNK) -> bytes:
@@ -364,6 +367,7 @@ class _GrpcWriter(BlobWriter):
 
     async def _send(self, data: memoryview) -> None:
         conn = self._conn
+        assert self._call is not None  # write() started the call
         try:
             async with asyncio.timeout(conn.options.idle_timeout):
                 await self._call.write(Chunk(data))
@@ -379,6 +383,7 @@ class _GrpcWriter(BlobWriter):
             await self._raise_status()
 
     async def _raise_status(self) -> None:
+        assert self._call is not None  # the call it sent on
         try:
             await self._call
         except grpc.aio.AioRpcError as exc:
@@ -406,6 +411,7 @@ class _GrpcWriter(BlobWriter):
             return self.digest
         if self._call is None:
             await self._start()
+            assert self._call is not None
         conn = self._conn
         try:
             await self._call.done_writing()
@@ -529,6 +535,7 @@ class _GrpcPutter(DirectoryPutter):
 
     async def _result(self) -> bytes:
         conn = self._conn
+        assert self._call is not None  # close() started the call
         try:
             response = await asyncio.wait_for(self._call, conn.options.idle_timeout)
         except TimeoutError:
@@ -573,6 +580,7 @@ class GrpcDirectoryService(DirectoryService):
         try:
             message = first
             while message is not grpc.aio.EOF:
+                assert isinstance(message, castore_pb2.Directory)  # what Get streams
                 try:
                     yield directory_from_proto(message)
                 except ValidationError as exc:

@@ -132,12 +132,14 @@ class GrpcSyncReader:
         size = self._sizes.get(digest)
         if size is not None:
             return size
+        blobs, target = self.blobs, self._blob_target
+        assert blobs is not None and target is not None  # blobs are read only given an address
         request = rpc_blobstore_pb2.StatBlobRequest(digest=digest, send_chunks=True)
         try:
             response = self._unary(
-                lambda: self.blobs.Stat(request, timeout=self.options.call_timeout,
-                                        wait_for_ready=True),
-                self._blob_target.address, "blob", digest)
+                lambda: blobs.Stat(request, timeout=self.options.call_timeout,
+                                   wait_for_ready=True),
+                target.address, "blob", digest)
         except NotFoundError:
             return None
         if response.chunks:
@@ -157,12 +159,15 @@ class GrpcSyncReader:
             if cached is not None:
                 self._dirs.move_to_end(digest)
                 return cached
-        address = self._dir_target.address
+        directories, target = self.directories, self._dir_target
+        # Directories are read only from a reader given a directory address.
+        assert directories is not None and target is not None
+        address = target.address
         request = rpc_directory_pb2.GetDirectoryRequest(digest=digest, recursive=False)
         try:
             messages = self._unary(
-                lambda: list(self.directories.Get(request, timeout=self.options.call_timeout,
-                                                  wait_for_ready=True)),
+                lambda: list(directories.Get(request, timeout=self.options.call_timeout,
+                                             wait_for_ready=True)),
                 address, "directory", digest)
         except NotFoundError:
             return None
@@ -220,6 +225,7 @@ class GrpcSyncReader:
             self._spool(digest, None)
 
     def _read_stream(self, digest: bytes) -> Iterator[bytes]:
+        assert self.blobs is not None and self._blob_target is not None  # as in blob_size
         address = self._blob_target.address
         size = self._sizes.get(digest, 0)
         # An overall deadline scaled by size (at least 10 MB/s), as sync
@@ -252,6 +258,7 @@ class GrpcSyncReader:
             found = self._spooled.get(digest)
         if found is not None and on_chunk is None:
             return found
+        assert self._blob_target is not None  # as in blob_size
         address = self._blob_target.address
         fd = os.open(self._spool_dir or tempfile.gettempdir(),
                      os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)

@@ -44,26 +44,9 @@ Caveats:
   sent in :data:`CHUNK`-byte messages, well under gRPC's default 4 MiB, so
   other clients with default limits can read them.
 
-Throughput (issue 6; rerun: ``.venv/bin/python -m bench.bench_grpc_castore
---size-mib 512 --runs 3``). One 512 MiB blob over a unix socket, server in
-its own process, median of 3 runs, 2 shared cores at load average 1.2-2.6;
-MB/s, then CPU seconds per GiB of client / server (all threads, user+sys):
-
-::
-
-                              upload                     download
-                              MB/s     client / server   MB/s     client / server
-    local:// before           213-223  1.2-1.5 / 4.9-5.1  201-229  2.0-2.4 / 4.1-4.5
-    local:// after            312-327  0.9-1.0 / 2.8-3.7  477-514  1.6     / 1.9-2.1
-    memory:// before          238-275  0.9-1.0 / 4.1-4.8  296-297  1.8     / 3.2
-    memory:// after           212-334  0.8-1.0 / 3.5-5.1  467-691  1.3-1.9 / 1.3-1.7
-    bare grpc.aio (ceiling)   1082     0.66    / 0.94     1038     0.90    / 0.64
-    local store, in process   335-384 up (fdatasync-bound), 1.5-1.8 CPU s/GiB
-
-The 500 MB/s target is met for downloads from a local store at this load,
-not for uploads: a cold upload into a durable store is bound by the disk
-(the local store in process does 335-384 MB/s with its fdatasync), and a
-repeated one (deduplicated) runs at 400-550 MB/s when the machine is quiet.
+Throughput (one 512 MiB blob over a unix socket, against bare grpc.aio and
+the local store in process): README, "Numbers"; rerun with
+``python -m bench.bench_grpc_castore --size-mib 512 --runs 3``.
 
 Where the time went and what changed (perf and py-spy of both processes):
 
@@ -213,8 +196,10 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
             response.chunks.add(digest=request.digest, size=size)
         return response
 
-    async def Read(self, request: rpc_blobstore_pb2.ReadBlobRequest,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[rpc_blobstore_pb2.BlobChunk]:
+    # Streams by context.write, not by yielding: the generated stubs type only the latter.
+    async def Read(  # type: ignore[override]  # streams with context.write
+            self, request: rpc_blobstore_pb2.ReadBlobRequest,
+            context: grpc.aio.ServicerContext) -> None:
         try:
             validate_digest(request.digest)
             reader = await self.blobs.open_read(request.digest)
@@ -261,8 +246,10 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
     def __init__(self, directories: DirectoryService) -> None:
         self.directories = directories
 
-    async def Get(self, request: rpc_directory_pb2.GetDirectoryRequest,
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[castore_pb2.Directory]:
+    # Streams by context.write, not by yielding: the generated stubs type only the latter.
+    async def Get(  # type: ignore[override]  # streams with context.write
+            self, request: rpc_directory_pb2.GetDirectoryRequest,
+            context: grpc.aio.ServicerContext) -> None:
         try:
             if request.WhichOneof("by_what") != "digest":
                 raise ValidationError("get-by-what", "GetDirectoryRequest must carry a digest")

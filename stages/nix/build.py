@@ -31,7 +31,7 @@ prints it) and references (full store paths, self-references included), or
 
 Caveats:
 
-- Keys are ``<hash prefix>-<name>-<nonce>``: a nonce per call keeps two
+- Keys are ``<hash prefix>-<name>-<token>``, the token the run id's: one per call keeps two
   processes building the same derivation on one state directory apart; the
   later one to register keeps the earlier one's registration (store paths are
   immutable).
@@ -48,10 +48,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import secrets
+import shutil
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,8 +64,9 @@ from stages.nix.pathinfo import PathInfo, PathInfoDB, node_present
 from stages.nix.storepath import check_store_path, hash_part, name_part
 
 if TYPE_CHECKING:
-    from pipeline import Run, Subscriber
+    from pipeline import Graph, Run, Subscriber
     from stages.castore.addresses import Castore
+    from stages.context import BuildHost, BuildSpec
     from stages.nix.to_request import DerivationRequest
     from stages.service import OciBuildService
 
@@ -378,7 +378,7 @@ def _make_request(plan: _Plan, drv_path: str, cores: int) -> DerivationRequest:
     return dreq
 
 
-def _graph(plan: _Plan, host: object, cores: int):
+def _graph(plan: _Plan, host: BuildHost, cores: int) -> tuple[list[BuildSpec], Graph | None]:
     """The builds and the graph; a derivation whose inputs are all there already gets its
     request now (no request stage: one less JSON round trip per stage of its build)."""
     from pipeline import Stage
@@ -415,7 +415,7 @@ def _graph(plan: _Plan, host: object, cores: int):
     plan.to_build = [d for d in plan.to_build if d in building]
     if not specs:
         return specs, None
-    return specs, graph_for_requests(specs, host, stages=extra)  # type: ignore[arg-type]
+    return specs, graph_for_requests(specs, host, stages=extra)
 
 
 def _request_fn(plan: _Plan, drv_path: str, cores: int):
@@ -497,16 +497,14 @@ def _failure(run: Run, plan: _Plan, drv_path: str) -> str:
     return f"did not finish (run {run.status.value})"
 
 
-async def _run(service: OciBuildService, graph: object, specs: list, nonce: str, jobs: int,
+async def _run(service: OciBuildService, run_dir: Path, graph: Graph, specs: list, jobs: int,
                subscribers: Iterable[Subscriber]) -> Run:
     from pipeline import Runner
     from stages.graph import build_caps
 
-    run_dir = service.runs_dir / (time.strftime("%Y%m%d-%H%M%S") + f"-nix-{nonce}")
-    run_dir.mkdir(parents=True)
     # So that crash recovery (a later service) removes their bundles.
     service.record_keys(spec.key for spec in specs)
-    runner = Runner(graph, run_dir=run_dir, caps=build_caps(jobs),  # type: ignore[arg-type]
+    runner = Runner(graph, run_dir=run_dir, caps=build_caps(jobs),
                     subscribers=[*service.subscribers, *subscribers],
                     # The service's own caps, shared with its other runs, unless
                     # this build asked for another number of containers.
@@ -537,11 +535,19 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
     await _import_sources(plan)
 
     if plan.to_build:
-        nonce = secrets.token_hex(3)
-        plan.keys = {d: _key(d, plan.drvs[d], nonce) for d in plan.to_build}
-        specs, graph = _graph(plan, host, cores)
-        if graph is not None:
-            run = await _run(service, graph, specs, nonce, jobs, subscribers)
+        from pipeline import new_run_dir, run_token
+
+        run_dir = new_run_dir(service.runs_dir, "nix")
+        try:
+            plan.keys = {d: _key(d, plan.drvs[d], run_token(run_dir)) for d in plan.to_build}
+            specs, graph = _graph(plan, host, cores)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
+            raise
+        if graph is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            run = await _run(service, run_dir, graph, specs, jobs, subscribers)
             for drv_path in plan.to_build:  # dependencies first: a failed input is known
                 outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
                 if outcome is None or not outcome.state.ok:

@@ -38,8 +38,9 @@ Caveats:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 
@@ -69,6 +70,11 @@ def _sorted_map(items: Iterable[tuple[str, object]]) -> dict:
 
 def _sorted_strs(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(items, key=_utf8))
+
+
+def _strs(items: Iterable[str]) -> tuple[str, ...]:
+    """A typed converter (attrs' mypy plugin cannot solve converter=tuple's type variable)."""
+    return tuple(items)
 
 
 @attrs.frozen(kw_only=True)
@@ -124,7 +130,7 @@ class Derivation:
     input_srcs: tuple[str, ...] = attrs.field(default=(), converter=_sorted_strs)
     system: str
     builder: str
-    args: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    args: tuple[str, ...] = attrs.field(default=(), converter=_strs)
     env: Mapping[str, str] = attrs.field(factory=dict, converter=_env)
 
     @property
@@ -173,6 +179,7 @@ def serialize_derivation(drv: Derivation) -> str:
 _STRING = re.compile(r'"([^"\\]*(?:\\.[^"\\]*)*)"', re.DOTALL)
 _OTHER_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 _UNESCAPE = {"n": "\n", "r": "\r", "t": "\t"}
+_T = TypeVar("_T")
 
 
 def _unescape(raw: str) -> str:
@@ -238,10 +245,10 @@ class _Parser:
         except StorePathError as exc:
             raise self.error(f"{what}: {exc}", start) from exc
 
-    def items(self, item, what: str) -> list:
+    def items(self, item: Callable[[], _T], what: str) -> list[_T]:
         """``[item,item,...]``."""
         self.expect("[", f"start of the list of {what}")
-        result = []
+        result: list[_T] = []
         if self.peek("]"):
             self.pos += 1
             return result
@@ -252,7 +259,7 @@ class _Parser:
                 return result
             self.expect(",", f"',' or ']' in the list of {what}")
 
-    def unique(self, pairs: list[tuple[int, str, object]], what: str) -> dict:
+    def unique(self, pairs: Sequence[tuple[int, str, object]], what: str) -> dict:
         seen: dict = {}
         for pos, key, value in pairs:
             if key in seen:

@@ -70,7 +70,8 @@ async def export_node(castore: Castore, node: Node, dest: Path) -> None:
             raise NotFoundError("directory", node.digest)
         os.mkdir(dest, 0o755)
         os.chmod(dest, 0o755)
-        for child in [*directory.directories, *directory.files, *directory.symlinks]:
+        children: list[Node] = [*directory.directories, *directory.files, *directory.symlinks]
+        for child in children:
             await export_node(castore, child, dest / os.fsdecode(child.name))
     else:  # pragma: no cover - the node types are closed
         raise TypeError(f"not a castore node: {node!r}")

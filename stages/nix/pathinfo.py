@@ -50,6 +50,7 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -57,6 +58,9 @@ from stages.castore.hashes import format_sha256
 from stages.castore.nodes import DirectoryNode, FileNode, Node, node_from_proto, node_to_proto
 from stages.nix.errors import NixError
 from stages.nix.storepath import check_store_path
+
+if TYPE_CHECKING:
+    from stages.castore.addresses import Castore
 
 __all__ = [
     "PATHINFO_FILE",
@@ -337,15 +341,15 @@ class PathInfoDB:
         return new
 
 
-async def node_present(castore: object, node: Node) -> bool:
+async def node_present(castore: Castore, node: Node) -> bool:
     """Whether the root of ``node`` is in ``castore`` (its blob, or its root directory)."""
     from stages.castore.errors import NotFoundError
 
     try:
         if isinstance(node, FileNode):
-            return await castore.blobs.has(node.digest)  # type: ignore[attr-defined]
+            return await castore.blobs.has(node.digest)
         if isinstance(node, DirectoryNode):
-            return await castore.directories.get(node.digest) is not None  # type: ignore[attr-defined]
+            return await castore.directories.get(node.digest) is not None
     except NotFoundError:
         return False
     return True

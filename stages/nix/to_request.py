@@ -189,16 +189,16 @@ def derivation_to_request(drv: Derivation, inputs: Mapping[str, Node], *, cores:
             raise MissingInputError(drv_path, f"{what}: cannot read its input derivation "
                                               f"{drv_path}: {exc}") from exc
         for out_name in names:
-            out = input_drv.outputs.get(out_name)
-            if out is None:
+            input_out = input_drv.outputs.get(out_name)
+            if input_out is None:
                 raise NixError(f"{what}: input derivation {drv_path} has no output "
                                f"{out_name!r} (it has {', '.join(input_drv.outputs)})")
-            if not out.path:
+            if not input_out.path:
                 raise UnsupportedDerivation(what, "floating-ca",
                                             f"output {out_name!r} of input derivation "
                                             f"{drv_path} has no store path; not supported")
-            required.append((out.path, f"{out.path}, output {out_name!r} of input "
-                                       f"derivation {drv_path}"))
+            required.append((input_out.path, f"{input_out.path}, output {out_name!r} of input "
+                                             f"derivation {drv_path}"))
     for path, description in required:
         if path not in inputs:
             raise MissingInputError(path, f"{what}: no castore node given for {description}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pwd
+from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
@@ -59,12 +60,17 @@ class IdMapping:
         return {"containerID": self.container_id, "hostID": self.host_id, "size": self.size}
 
 
+def _mappings(items: Iterable[IdMapping]) -> tuple[IdMapping, ...]:
+    """A typed converter (attrs' mypy plugin cannot solve converter=tuple's type variable)."""
+    return tuple(items)
+
+
 @attrs.frozen(kw_only=True)
 class IdMap:
     """The uid and gid mappings of a build container."""
 
-    uid: tuple[IdMapping, ...] = attrs.field(converter=tuple)
-    gid: tuple[IdMapping, ...] = attrs.field(converter=tuple)
+    uid: tuple[IdMapping, ...] = attrs.field(converter=_mappings)
+    gid: tuple[IdMapping, ...] = attrs.field(converter=_mappings)
 
     @staticmethod
     def _to_host(maps: tuple[IdMapping, ...], cid: int, kind: str) -> int:

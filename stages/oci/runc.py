@@ -100,16 +100,40 @@ class RuncContainer:
         After ``timeout`` seconds the container is killed and RuncTimeoutError
         raised.
         """
+        log = open(log_path, "ab") if log_path is not None else None
+        try:
+            code = await self._run(lambda: self._pump_and_wait(on_line, log), timeout)
+        finally:
+            if log is not None:
+                log.close()
+        if check and code != 0:
+            raise RuncError(self.container_id, "the builder failed", exit_code=code,
+                            log_tail=self.log_tail)
+        return code
+
+    async def run_attached(self) -> int:
+        """``runc run`` the bundle on this process's own stdin, stdout and
+        stderr (an interactive shell on the terminal); return the exit code.
+        No log and no line callbacks; teardown as for :meth:`run`."""
+
+        async def wait() -> None:
+            assert self._proc is not None
+            await self._proc.wait()
+
+        return await self._run(wait, None, attached=True)
+
+    async def _run(self, until_exit: Callable[[], Awaitable[None]], timeout: float | None, *,
+                   attached: bool = False) -> int:
+        """Start ``runc run``, await ``until_exit()``; on anything else, destroy."""
         if self._proc is not None:
             raise RuncError(self.container_id, "a RuncContainer runs once")
         self.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log = open(log_path, "ab") if log_path is not None else None
         try:
             self._proc = Child([self.runc, "--root", str(self.state_root), "run", "--bundle",
-                                str(self.bundle_dir), self.container_id])
+                                str(self.bundle_dir), self.container_id], attached=attached)
             try:
                 async with asyncio.timeout(timeout):
-                    await self._pump_and_wait(on_line, log)
+                    await until_exit()
             except TimeoutError:
                 await finish_then_cancel(self.destroy())
                 raise RuncTimeoutError(self.container_id, timeout or 0.0,
@@ -118,16 +142,11 @@ class RuncContainer:
                 await finish_then_cancel(self.destroy())
                 raise
         finally:
-            if log is not None:
-                log.close()
             if self._proc is not None:
                 self._proc.close()
         code = self._proc.returncode
         assert code is not None
         self.exit_code = code
-        if check and code != 0:
-            raise RuncError(self.container_id, "the builder failed", exit_code=code,
-                            log_tail=self.log_tail)
         return code
 
     async def _pump_and_wait(self, on_line: LineCallback | None, log: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from typing import Any
 
 from stages.errors import ServiceError
 from stages.service.base import BuildService, DummyBuildService
@@ -28,14 +29,14 @@ __all__ = ["BUILD_SERVICE_GROUP", "open_build_service"]
 BUILD_SERVICE_GROUP = "ocibuild.build_services"
 
 
-def open_build_service(address: str | None = None, **kw: object) -> BuildService:
+def open_build_service(address: str | None = None, **kw: Any) -> BuildService:
     """A build service by address (``BUILD_SERVICE_ADDR`` when None).
 
     ``kw`` goes to OciBuildService (jobs, keep, timeout, stores, ...).
     """
     address = address or os.environ.get("BUILD_SERVICE_ADDR")
     if not address:
-        return OciBuildService(default_state_dir(), **kw)  # type: ignore[arg-type]
+        return OciBuildService(default_state_dir(), **kw)
     url = urllib.parse.urlsplit(address)
     if url.scheme == "dummy":
         return DummyBuildService()
@@ -43,7 +44,7 @@ def open_build_service(address: str | None = None, **kw: object) -> BuildService
         if url.netloc or not url.path.startswith("/"):
             raise ServiceError(address, "an oci:// address needs an absolute path: "
                                         "oci:///abs/state/dir")
-        return OciBuildService(url.path, **kw)  # type: ignore[arg-type]
+        return OciBuildService(url.path, **kw)
     opener = load_plugin(BUILD_SERVICE_GROUP, url.scheme) if url.scheme else None
     if opener is None:
         known = ["dummy://", "oci:///abs/path",

@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +69,7 @@ from stages.service.runs import (
 
 if TYPE_CHECKING:
     from pipeline import Run, Subscriber
+    from stages.castore.fuse import MountServer
     from stages.context import BuildHost, BuildSpec, Keep
     from stages.request import Build, BuildRequest
 
@@ -107,7 +106,7 @@ class OciBuildService(BuildService):
         self.host: BuildHost | None = None
         self._instance: Instance | None = None
         self._castore: Castore | None = None
-        self._mounts = None
+        self._mounts: MountServer | None = None
         self._limiters: dict | None = None
         self.cleaned: list[str] = []
 
@@ -176,10 +175,6 @@ class OciBuildService(BuildService):
 
     # -- building ---------------------------------------------------------------
 
-    def _new_run_dir(self) -> Path:
-        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        return self.runs_dir / run_id
-
     def _require_host(self) -> BuildHost:
         if self.host is None:
             raise ServiceError(str(self.state_dir), "the service is not started; "
@@ -196,24 +191,28 @@ class OciBuildService(BuildService):
         ``KEY/STAGE``, one build's); the bundles then stay for inspection
         and ``resume``.
         """
-        from pipeline import Runner
+        from pipeline import Runner, new_run_dir
         from stages.context import BuildSpec
         from stages.graph import build_caps, graph_for_requests
 
         host = self._require_host()
-        run_dir = self._new_run_dir()
         keep = keep or self.keep
-        specs = [BuildSpec(request=req, key=build_key(run_dir, i, len(requests)), keep=keep,
-                           timeout=self.timeout,
-                           ephemeral=keep == "never" and stop_after is None)
-                 for i, req in enumerate(requests)]
-        graph = graph_for_requests(specs, host)
-        run_dir.mkdir(parents=True)
-        save_specs(run_dir, specs, sources)
+        run_dir = new_run_dir(self.runs_dir)
+        try:
+            specs = [BuildSpec(request=req, key=build_key(run_dir, i, len(requests)), keep=keep,
+                               timeout=self.timeout,
+                               ephemeral=keep == "never" and stop_after is None)
+                     for i, req in enumerate(requests)]
+            graph = graph_for_requests(specs, host)
+            stops = stop_points(specs, stop_after)
+            save_specs(run_dir, specs, sources)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
+            raise
         self.record_keys(spec.key for spec in specs)
         runner = Runner(graph, run_dir=run_dir, caps=build_caps(self.jobs),
                         subscribers=[*self.subscribers, *subscribers], limiters=self.limiters)
-        run = await runner.run(stop_after=stop_points(specs, stop_after))
+        run = await runner.run(stop_after=stops)
         self._mark_paused(run, specs)
         return run, specs
 

@@ -55,6 +55,7 @@ def save_specs(run_dir: Path, specs: Sequence[BuildSpec],
     (run_dir / "requests").mkdir()
     meta = []
     for i, spec in enumerate(specs):
+        assert spec.request is not None  # the builds of a run are made from requests
         write_request_file(run_dir / "requests" / f"{i}.binpb", spec.request)
         meta.append({"key": spec.key, "keep": spec.keep, "timeout": spec.timeout,
                      "request": f"requests/{i}.binpb",

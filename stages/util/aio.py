@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import signal
 import subprocess
@@ -129,32 +130,45 @@ class Child(_Watched):
     default), one ``Popen`` (vfork) and three fds on the loop
     (:class:`ExitWatch`).
 
-    The child starts in its own session, stdin from /dev/null. :meth:`close`
-    closes the pipes; the pidfd stays on the loop until the child has exited
-    and been reaped, so :meth:`wait` works after it.
+    The child starts in its own session, stdin from /dev/null. With
+    ``attached`` it shares this process's stdin, stdout, stderr and session
+    instead (an interactive program on the terminal): ``stdout`` and
+    ``stderr`` are then None. :meth:`close` closes the pipes; the pidfd
+    stays on the loop until the child has exited and been reaped, so
+    :meth:`wait` works after it.
     """
 
-    def __init__(self, argv: list[str]) -> None:
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            self._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_w,
-                                           stderr=err_w, start_new_session=True)
-        except BaseException:
-            os.close(out_r)
-            os.close(err_r)
-            raise
-        finally:
-            os.close(out_w)
-            os.close(err_w)
+    stdout: PipeReader | None
+    stderr: PipeReader | None
+
+    def __init__(self, argv: list[str], *, attached: bool = False) -> None:
+        if attached:
+            self._popen = subprocess.Popen(argv)
+            self.stdout = self.stderr = None
+        else:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                self._popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_w,
+                                               stderr=err_w, start_new_session=True)
+            except BaseException:
+                os.close(out_r)
+                os.close(err_r)
+                raise
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            self.stdout = PipeReader(out_r)
+            self.stderr = PipeReader(err_r)
         self.pid = self._popen.pid
-        self.stdout = PipeReader(out_r)
-        self.stderr = PipeReader(err_r)
+        self.attached = attached
         self._watch = ExitWatch(self._popen)
 
     def close(self) -> None:
-        self.stdout.close()
-        self.stderr.close()
+        if self.stdout is not None:
+            self.stdout.close()
+        if self.stderr is not None:
+            self.stderr.close()
 
 
 class AdoptedProcess(_Watched):
@@ -183,7 +197,8 @@ class AdoptedProcess(_Watched):
         readers = []
         for pipe in (popen.stdout, popen.stderr):
             reader = asyncio.StreamReader(loop=loop)
-            await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+            await loop.connect_read_pipe(functools.partial(asyncio.StreamReaderProtocol, reader),
+                                         pipe)
             readers.append(reader)
         transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
                                                             popen.stdin)

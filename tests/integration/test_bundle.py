@@ -15,8 +15,8 @@ from pathlib import Path
 
 import attrs
 import pytest
-from build_strategies import valid_requests
 from hypothesis import HealthCheck, given, settings
+from strategies import valid_requests
 
 from stages import bundle as bundle_mod
 from stages import spec as spec_mod

@@ -39,9 +39,9 @@ CHILD_BIG_WRITE = textwrap.dedent("""
 
 CHILD_BULK = textwrap.dedent("""
     import sys
-    from stages.castore import local
-    local.BATCH_BYTES = int(sys.argv[4])  # small batches: many commits to land a kill between
-    store = local.LocalStore(sys.argv[1])
+    from stages.castore.local import LocalStore, importer
+    importer.BATCH_BYTES = int(sys.argv[4])  # small batches: many commits to land a kill between
+    store = LocalStore(sys.argv[1])
     tree = sys.argv[2]
     import os
     paths = sorted(os.path.join(tree, n) for n in os.listdir(tree))

@@ -58,8 +58,8 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Kernel:
 
 
 def corrupt_tail(store: LocalStore, digest: bytes, size: int) -> None:
-    pack_id, start, _ = store._locate(digest)
-    with open(store._pack_path(pack_id), "r+b") as f:
+    pack_id, start, _ = store.locate(digest)
+    with open(store.pack_path(pack_id), "r+b") as f:
         f.seek(start + size - 1)
         byte = f.read(1)
         f.seek(start + size - 1)
@@ -197,8 +197,8 @@ async def test_read_of_a_truncated_pack_is_eio(store) -> None:
     digest = store.put_blob(data)
     fs = CastoreFS(store)
     fs._open[INODE] = (digest, len(data), store.map_blob(digest))
-    pack_id, start, _ = store._locate(digest)
-    with open(store._pack_path(pack_id), "r+b") as f:
+    pack_id, start, _ = store.locate(digest)
+    with open(store.pack_path(pack_id), "r+b") as f:
         f.truncate(start + 1000)
     with pytest.raises(pyfuse3.FUSEError) as info:
         await fs.read(INODE, 0, 4096)

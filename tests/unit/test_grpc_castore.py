@@ -214,8 +214,8 @@ async def test_corrupt_blob_on_the_server(served_local: Served) -> None:
     store: LocalStore = served_local.backing.blobs.store
     data = pattern(3 * CHUNK + 17, seed=4)
     digest = store.put_blob(data)
-    pack, offset, _ = store._locate(digest)
-    with open(store._pack_path(pack), "r+b") as f:
+    pack, offset, _ = store.locate(digest)
+    with open(store.pack_path(pack), "r+b") as f:
         f.seek(offset + len(data) - 5)
         f.write(b"XXXXX")
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -436,7 +436,7 @@ class _StallingBlobs(MemoryBlobService):
         async def stall(n: int = CHUNK) -> bytes:
             await asyncio.sleep(3600)
             return b""
-        reader.read = stall  # type: ignore[method-assign]
+        reader.read = stall  # type: ignore[method-assign]  # a reader that never answers
         return reader
 
 

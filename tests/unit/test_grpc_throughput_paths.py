@@ -100,7 +100,7 @@ def blobs(tmp_path: Path):
 
 
 def _no_uncommitted_bytes(store: local.LocalStore) -> None:
-    for pack in store._idle_packs:
+    for pack in store.packs.idle:
         assert pack.pos == pack.committed
         assert Path(pack.path).stat().st_size == pack.committed
 

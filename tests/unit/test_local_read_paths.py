@@ -39,8 +39,8 @@ def test_verify_blob_offers_every_byte_in_order(store: LocalStore, size: int) ->
 def test_verify_blob_with_on_chunk_still_names_corruption(store: LocalStore) -> None:
     data = pattern(local.STREAM_CHUNK + 999, seed=4)
     digest = store.put_blob(data)
-    pack_id, start, _ = store._locate(digest)
-    with open(store._pack_path(pack_id), "r+b") as f:
+    pack_id, start, _ = store.locate(digest)
+    with open(store.pack_path(pack_id), "r+b") as f:
         f.seek(start + len(data) - 3)
         f.write(b"\x00\x01\x02")
     offered = []
@@ -67,15 +67,15 @@ def test_map_blob_maps_again_for_blobs_written_after_the_mapping(store: LocalSto
     early = store.map_blob(first)
     later_data = pattern(2 << 20, seed=2)
     later = store.put_blob(later_data)
-    assert store._locate(later)[0] == store._locate(first)[0], "same pack expected"
+    assert store.locate(later)[0] == store.locate(first)[0], "same pack expected"
     assert bytes(store.map_blob(later).view) == later_data
     assert bytes(early.view) == pattern(10_000, seed=1)  # the old view stays valid
 
 
 def test_map_blob_of_a_short_pack_is_corruption_before_mapping(store: LocalStore) -> None:
     digest = store.put_blob(pattern(9000))
-    pack_id, start, _ = store._locate(digest)
-    with open(store._pack_path(pack_id), "r+b") as f:
+    pack_id, start, _ = store.locate(digest)
+    with open(store.pack_path(pack_id), "r+b") as f:
         f.truncate(start + 10)
     with pytest.raises(CorruptionError, match=digest.hex()):
         store.map_blob(digest)
@@ -87,8 +87,8 @@ def test_intact_notices_a_pack_truncated_under_the_mapping(store: LocalStore) ->
     digest = store.put_blob(pattern(3 << 20))
     mapped = store.map_blob(digest)
     assert mapped.intact()
-    pack_id, start, _ = store._locate(digest)
-    with open(store._pack_path(pack_id), "r+b") as f:
+    pack_id, start, _ = store.locate(digest)
+    with open(store.pack_path(pack_id), "r+b") as f:
         f.truncate(start + (1 << 20))
     assert not mapped.intact()  # the caller must not touch the view now
 
@@ -109,7 +109,7 @@ def _pack_mapping_rss_kib(pack: Path) -> int:
 def test_forget_unmaps_touched_pages_and_keeps_the_bytes(store: LocalStore) -> None:
     data = pattern(8 << 20, seed=5)
     digest = store.put_blob(data)
-    pack = store._pack_path(store._locate(digest)[0])
+    pack = store.pack_path(store.locate(digest)[0])
     mapped = store.map_blob(digest)
     assert bytes(mapped.view) == data  # touches every page of the blob
     before = _pack_mapping_rss_kib(pack)

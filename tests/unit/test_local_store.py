@@ -22,7 +22,8 @@ from stages.castore.errors import (
     NotFoundError,
     StoreError,
 )
-from stages.castore.local import LocalStore, open_local_store
+from stages.castore.local import LocalStore, open_local_store, packs
+from stages.castore.local import store as local_store
 
 
 def pack_bytes(store: LocalStore) -> int:
@@ -82,13 +83,13 @@ def test_a_dropped_duplicate_keeps_its_pages_for_the_next_write(tmp_path: Path) 
     store = LocalStore(root)
     big, other = pattern(3 << 20, 4), pattern(2 << 20, 5)
     first = _streamed(store, big)
-    pack = store._pack_path(store._locate(first)[0])
+    pack = store.pack_path(store.locate(first)[0])
     assert pack.stat().st_size == len(big)
     assert _streamed(store, big) == first
     assert pack.stat().st_size == 2 * len(big)  # kept, past the committed end
     assert pack_bytes(store) == 2 * len(big)
     second = _streamed(store, other)  # written over them, then trimmed
-    assert store._locate(second)[1] == len(big)
+    assert store.locate(second)[1] == len(big)
     assert pack.stat().st_size == len(big) + len(other)
     store.verify_blob(first)
     store.verify_blob(second)
@@ -100,12 +101,12 @@ def test_a_dropped_duplicate_keeps_its_pages_for_the_next_write(tmp_path: Path) 
     store = LocalStore(root)
     try:
         assert _streamed(store, big) == first
-        store._idle_packs[0].trim = lambda: None  # as if the process died here
+        store.packs.idle[0].trim = lambda: None  # as if the process died here
         store.close()
         assert pack.stat().st_size == 2 * len(big) + len(other)
         store = LocalStore(root)
         third = store.put_blob(b"after a crash")
-        assert store._locate(third)[1] == len(big) + len(other)
+        assert store.locate(third)[1] == len(big) + len(other)
         assert pack.stat().st_size == len(big) + len(other) + len(b"after a crash")
         for digest in (first, second, third):
             store.verify_blob(digest)
@@ -120,8 +121,8 @@ def test_a_streamed_blob_starts_writeback_as_it_grows(store: LocalStore, monkeyp
         calls.append((offset, length))
         return -1  # a failing hint changes nothing
 
-    monkeypatch.setattr(local, "_sync_file_range", record)
-    monkeypatch.setattr(local, "WRITEBACK_STEP", 2 << 20)
+    monkeypatch.setattr(packs, "_sync_file_range", record)
+    monkeypatch.setattr(local_store, "WRITEBACK_STEP", 2 << 20)
     data = pattern(9 << 20, 6)
     digest = _streamed(store, data)
     # Contiguous ranges from the blob's start, each at least a step, the
@@ -145,8 +146,8 @@ def test_read_blob_at_bounds(store: LocalStore) -> None:
 
 
 def _flip_byte(store: LocalStore, digest: bytes, at: int) -> None:
-    pack_id, offset, _ = store._locate(digest)
-    with open(store._pack_path(pack_id), "r+b") as f:
+    pack_id, offset, _ = store.locate(digest)
+    with open(store.pack_path(pack_id), "r+b") as f:
         f.seek(offset + at)
         byte = f.read(1)
         f.seek(offset + at)
@@ -214,7 +215,7 @@ def test_two_stores_on_one_dir_write_to_different_packs(tmp_path: Path) -> None:
         wa.write(pattern(2 << 20, 1))
         wb.write(pattern(2 << 20, 2))
         da, db = wa.close(), wb.close()
-        assert a._locate(da)[0] != b._locate(db)[0]
+        assert a.locate(da)[0] != b.locate(db)[0]
         a.verify_blob(db)
         b.verify_blob(da)
     finally:
@@ -241,7 +242,7 @@ def test_put_files_error_leaves_nothing_uncommitted(store: LocalStore, tmp_path:
     # whatever was committed reads right; packs hold no uncommitted tail
     conn = sqlite3.connect(store.root / "index.sqlite")
     for pack_id, end in conn.execute("SELECT id, end FROM packs"):
-        assert store._pack_path(pack_id).stat().st_size == end
+        assert store.pack_path(pack_id).stat().st_size == end
     conn.close()
 
 

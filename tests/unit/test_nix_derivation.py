@@ -137,7 +137,7 @@ def test_values_are_frozen_and_sorted_on_construction() -> None:
     assert list(drv.outputs) == ["a", "z"] and list(drv.env) == ["a", "b"]
     assert drv.input_drvs[f"/nix/store/{H1}-x.drv"] == ("a", "b")
     with pytest.raises(AttributeError):
-        drv.system = "x"  # type: ignore[misc]
+        drv.system = "x"  # type: ignore[misc]  # frozen: the assignment must fail
 
 
 OK_OUT = '("out","","sha256","")'
@@ -203,7 +203,7 @@ def test_read_derivation_names_a_missing_file(tmp_path) -> None:
 
 def test_parse_refuses_other_types() -> None:
     with pytest.raises(TypeError, match="bytes or str"):
-        parse_derivation(42)  # type: ignore[arg-type]
+        parse_derivation(42)  # type: ignore[arg-type]  # the wrong type is the test
 
 
 # --- store paths ---------------------------------------------------------------

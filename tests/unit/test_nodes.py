@@ -239,7 +239,7 @@ def test_name_of_255_bytes_is_allowed() -> None:
 
 def test_name_type() -> None:
     with pytest.raises(ValidationError) as info:
-        FileNode(name="text", digest=D1, size=0)  # type: ignore[arg-type]
+        FileNode(name="text", digest=D1, size=0)  # type: ignore[arg-type]  # str on purpose
     _check(info.value, "name-type")
 
 
@@ -307,7 +307,7 @@ def test_symlink_target_of_4095_bytes_is_allowed() -> None:
 
 def test_symlink_target_type() -> None:
     with pytest.raises(ValidationError) as info:
-        SymlinkNode(name=b"l", target="x")  # type: ignore[arg-type]
+        SymlinkNode(name=b"l", target="x")  # type: ignore[arg-type]  # str on purpose
     _check(info.value, "symlink-target-type", name=b"l")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,8 +23,8 @@ from pipeline.state import StageState
 DEPS = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "teardown": ["a", "b", "c", "d"]}
 
 
-def _plan(**kw: object) -> ActivePlan:
-    return ActivePlan(DEPS, always=["teardown"], **kw)  # type: ignore[arg-type]
+def _plan(**kw: Any) -> ActivePlan:
+    return ActivePlan(DEPS, always=["teardown"], **kw)
 
 
 def _run(plan: ActivePlan, name: str, *, ok: bool = True) -> list[tuple[str, StageState]]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pipeline_strategies import Tracker, build, dag_specs
+from pipeline_tracker import Tracker, build
+from strategies import dag_specs
 
 from pipeline import Caps, Runner, RunStatus, StageState, load_run
 

@@ -8,7 +8,7 @@ import contextlib
 import json
 
 import pytest
-from pipeline_strategies import Tracker
+from pipeline_tracker import Tracker
 
 from pipeline import (
     NOT_SERIALIZABLE,

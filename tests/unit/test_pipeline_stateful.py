@@ -20,7 +20,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from pipeline_strategies import Tracker, dag_specs
+from pipeline_tracker import Tracker
+from strategies import dag_specs
 
 from pipeline import Caps, Graph, Runner, Stage, StageState, load_run
 

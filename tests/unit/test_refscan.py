@@ -313,7 +313,7 @@ def test_many_files_in_threads_and_early_stop(tmp_path: Path) -> None:
 ], ids=["empty-str", "empty-bytes", "int", "none", "bare-str", "bare-bytes"])
 def test_bad_needles(needles: object, index: int, words: str) -> None:
     with pytest.raises(NeedleError) as info:
-        NeedleScanner(needles)  # type: ignore[arg-type]
+        NeedleScanner(needles)  # type: ignore[arg-type]  # bad needles are the test
     assert info.value.index == index
     assert f"needle {index}" in str(info.value) and words in str(info.value)
     assert isinstance(info.value, ValueError) and isinstance(info.value, CastoreError)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from build_strategies import builds, valid_requests
 from google.protobuf import json_format, text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import builds, valid_requests
 
 from stages.errors import RequestError, RequestFileError
 from stages.proto import build_pb2, castore_pb2

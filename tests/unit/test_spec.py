@@ -6,8 +6,8 @@ import copy
 
 import attrs
 import pytest
-from build_strategies import valid_requests
 from hypothesis import given, settings
+from strategies import valid_requests
 
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import SpecError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from build_strategies import valid_requests
 from hypothesis import given
+from strategies import valid_requests
 
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import RequestError

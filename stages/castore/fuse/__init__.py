@@ -33,21 +33,9 @@ set of kernel lookups per build, ~3 ms of the server's CPU.) Keys remain for
 other owners: the owner adds and removes them over JSON lines on the
 server's stdin/stdout, each acknowledged.
 
-Measured here (bench/bench_fuse.py, 512 MiB file, 2 cores shared with other
-engineers' test runs at load average 2.6-3.5; five runs; rerun with
-``python -m bench.bench_fuse``):
-
-===================================  ==========================================
-start a server process and mount     400-850 ms (a process per build pays
-                                     this on every build)
-add() a key to the running server    0.18-0.42 ms round trip (median)
-native page-cache read               4.2-9.7 GB/s (9.4-9.7 in four runs)
-FUSE, first open (verify + read)     0.52-0.99 GB/s (open() 245-513 ms)
-FUSE, cold (FUSE cache dropped)      0.51-1.88 GB/s (0.96-1.88 in four)
-FUSE, warm (keep_cache)              4.2-5.6 GB/s (about 0.5x native)
-cold CPU per GiB: reader / server    0.44-0.54 s / 0.40-0.50 s
-server peak RSS (all reads, 1 GiB)   +16 MiB over its size before reading
-===================================  ==========================================
+Numbers (a server process per build against one shared server, native and
+FUSE reads, cold and warm, CPU per GiB): README, "Numbers"; rerun with
+``python -m bench.bench_fuse``.
 
 So a process per build is rejected on latency (and one fusermount3 helper
 per build). An in-process thread was not measured: pyfuse3's handlers run
@@ -57,7 +45,7 @@ stall every reader in every container; the subprocess isolates that, and
 costs one process. The server reads the store itself (a read-only mapping
 of the pack), so blob bytes never cross the control channel.
 
-Cold reads (issue 2's 1.5 GB/s target): where the time goes, measured.
+Cold reads (the 1.5 GB/s target): where the time goes, measured.
 The earlier 0.31 GB/s was taken at load 4+ on 2 cores: the server was busy
 for 0.15 s of a 1.8 s read and waited for requests, the reader was mostly
 preempted (involuntary context switches ten times its voluntary ones), and

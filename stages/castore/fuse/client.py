@@ -153,8 +153,8 @@ class MountServer:
             raise
 
     async def _read_ready(self, mountpoint: Path) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
         proc = self._proc
+        assert proc is not None and proc.stdout is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
         except TimeoutError:
@@ -215,7 +215,8 @@ class MountServer:
     async def _request(self, message: dict) -> dict:
         await self.ensure_running()
         proc = self._proc
-        assert proc is not None
+        # Started with pipes on stdin, stdout and stderr.
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
         async with self._lock:
             try:
                 proc.stdin.write(json.dumps(message).encode() + b"\n")

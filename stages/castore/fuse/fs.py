@@ -74,6 +74,8 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Sequence
+from typing import NoReturn, Protocol
 
 import pyfuse3
 import trio
@@ -123,6 +125,18 @@ class Synthetic:
 Entry = Node | Synthetic
 
 
+class _BlobMapping(Protocol):
+    """What this module uses of what a reader's ``map_blob`` returns
+    (the local store's :class:`~stages.castore.local.BlobMap`)."""
+
+    size: int
+    view: memoryview
+
+    def intact(self) -> bool: ...
+
+    def forget(self, lo: int, hi: int) -> None: ...
+
+
 class _Filler:
     """Stores a blob's bytes into the kernel's page cache of one inode.
 
@@ -141,7 +155,8 @@ class _Filler:
         if self.failed or self.stop:
             return
         try:
-            pyfuse3.notify_store(self.inode, offset, chunk)
+            pyfuse3.notify_store(self.inode, offset,
+                                 chunk)  # type: ignore[arg-type]  # any buffer; stub says bytes
             self.filled = True
         except OSError as exc:
             # Not fatal: the rest is read through requests.
@@ -150,7 +165,7 @@ class _Filler:
                 self.fs.fill_on_verify = False
             log.warning("cannot fill the page cache of inode %d: %s", self.inode, exc)
 
-    def fill_from(self, mapping: object) -> None:
+    def fill_from(self, mapping: _BlobMapping) -> None:
         """Store the whole mapped blob; the kernel copies from the pack's pages."""
         for offset in range(0, mapping.size, FILL_CHUNK):
             if self.failed or self.stop:
@@ -190,7 +205,7 @@ class CastoreFS(pyfuse3.Operations):
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._dirs: dict[bytes, tuple[Directory, dict[bytes, Node]]] = {}
         # inode -> (digest, size, mapping of the blob or None)
-        self._open: dict[int, tuple[bytes, int, object]] = {}
+        self._open: dict[int, tuple[bytes, int, _BlobMapping | None]] = {}
         # inode -> how many opens of it are not released yet; at zero the
         # entry (and its mapping of an older, shorter pack) is dropped.
         self._open_count: dict[int, int] = {}
@@ -198,7 +213,7 @@ class CastoreFS(pyfuse3.Operations):
         self._verified: dict[bytes, bool | trio.Event | str] = {}
         self._map_blob = getattr(reader, "map_blob", None)
         # The mapping last served from and its served range not yet forgotten.
-        self._served: tuple[object, int, int] | None = None
+        self._served: tuple[_BlobMapping, int, int] | None = None
         # Fill the kernel's page cache while verifying (off after one refusal).
         self.fill_on_verify = True
         self.fill_max = FILL_MAX
@@ -425,7 +440,7 @@ class CastoreFS(pyfuse3.Operations):
         if not isinstance(entry, FileNode):
             raise pyfuse3.FUSEError(errno.EISDIR if not isinstance(entry, SymlinkNode)
                                     else errno.ELOOP)
-        mapping = None
+        mapping: _BlobMapping | None = None
         if entry.size:
             await self._verify(entry, inode)
             if self._map_blob is not None:
@@ -509,7 +524,9 @@ class CastoreFS(pyfuse3.Operations):
             if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
                 log.error("cannot drop unverified pages of inode %d: %s", inode, exc)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    # pyfuse3 replies with any buffer (a view of the mapping: no copy); its stub says bytes.
+    async def read(  # type: ignore[override]  # returns a memoryview too
+            self, fh: int, off: int, size: int) -> bytes | memoryview:
         digest, length, mapping = self._open[fh]
         if off >= length:
             return b""
@@ -525,7 +542,7 @@ class CastoreFS(pyfuse3.Operations):
             log.error("blob %s: read at %d failed: %s", digest.hex(), off, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
 
-    def _note_served(self, mapping: object, lo: int, hi: int) -> None:
+    def _note_served(self, mapping: _BlobMapping, lo: int, hi: int) -> None:
         """Unmap pages served earlier from this process, in FORGET_EVERY steps.
 
         Only ranges of earlier requests are forgotten (the kernel has copied
@@ -551,7 +568,7 @@ class CastoreFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         pass
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inodes stay allocated for the mount's life so their numbers are stable.
         pass
 
@@ -578,11 +595,11 @@ class CastoreFS(pyfuse3.Operations):
 
     # --- everything that would write ----------------------------------------
 
-    async def _refuse(self, *args: object, **kwargs: object) -> None:
+    async def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse  # type: ignore[assignment]
-    create = write = setxattr = removexattr = fsync = _refuse  # type: ignore[assignment]
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refuse
+    create = write = setxattr = removexattr = fsync = _refuse
 
 
 def _contained(op, *, answers: bool):

@@ -1,4 +1,4 @@
-"""Helpers and hypothesis strategies for the pipeline tests.
+"""Helpers for the pipeline tests (their strategies are in ``strategies``).
 
 ``Tracker`` records every resource acquisition and release and every stage
 start/finish with a logical clock, so tests can check ordering and "released
@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-import attrs
-from hypothesis import strategies as st
+from strategies import DagSpec
 
 from pipeline import Graph, Resource, Stage
 
@@ -87,34 +86,6 @@ class Tracker:
 
         fn.__qualname__ = f"fn_{name}"
         return fn
-
-
-@attrs.frozen
-class DagSpec:
-    """A random DAG: deps[i] are indices < i; per-stage flags."""
-
-    deps: tuple[tuple[int, ...], ...]
-    fail: frozenset[int]
-    always: frozenset[int]
-    local_kind: tuple[str | None, ...]
-    sleeps: tuple[float, ...]
-
-
-@st.composite
-def dag_specs(draw: Any, max_stages: int = 12) -> DagSpec:
-    n = draw(st.integers(1, max_stages))
-    deps = []
-    for i in range(n):
-        if i == 0:
-            deps.append(())
-        else:
-            deps.append(tuple(sorted(draw(st.sets(st.integers(0, i - 1), max_size=3)))))
-    fail = draw(st.frozensets(st.integers(0, n - 1), max_size=max(1, n // 3)))
-    always = draw(st.frozensets(st.integers(0, n - 1), max_size=2))
-    local_kind = tuple(draw(st.sampled_from([None, None, "a", "b"])) for _ in range(n))
-    sleeps = tuple(draw(st.sampled_from([0.0, 0.0, 0.001, 0.003])) for _ in range(n))
-    return DagSpec(deps=tuple(deps), fail=fail - always, always=always,
-                   local_kind=local_kind, sleeps=sleeps)
 
 
 def build(spec: DagSpec, tracker: Tracker, *, shared: bool = True) -> Graph:
