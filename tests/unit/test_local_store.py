@@ -291,3 +291,30 @@ def test_unusable_store_foreign_format(tmp_path: Path) -> None:
 def test_bad_local_address(address: str) -> None:
     with pytest.raises(StoreError, match="local:///absolute/dir"):
         open_castore(address, "memory://")
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from stages.castore.local import LocalStore
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+LocalStore(sys.argv[1]).put_blob(b"x")
+"""
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> None:
+    # A service and its FUSE mount server open a fresh store together; SQLite
+    # refuses one of two WAL switches at once ("database is locked").
+    import subprocess
+    import sys
+    import time
+
+    for round_ in range(8):
+        root = tmp_path / f"store{round_}"
+        start = time.time() + 1.0
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, str(root), str(start)],
+                                  stderr=subprocess.PIPE) for _ in range(4)]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode()

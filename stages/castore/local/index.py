@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from stages.castore.errors import StoreError
 from stages.castore.nodes import validate_digest
@@ -41,8 +42,30 @@ CREATE TABLE IF NOT EXISTS directories (
 # Blob locations remembered in memory, at most (about 4 MB).
 _LOCATION_CACHE = 20_000
 
+T = TypeVar("T")
+
 BlobRow = tuple[bytes, int, int, int]
 """A blob's index row as the writers stage it: (digest, offset, length, pack)."""
+
+
+def _when_unlocked(fn: Callable[[], T], wait: float = 30.0) -> T:
+    """``fn()``, again while SQLite says "database is locked".
+
+    Two processes opening a new store at once (a service and its FUSE mount
+    server) both switch it to WAL and create its tables; SQLite answers one
+    of them SQLITE_BUSY at once, without its busy timeout, where waiting
+    could deadlock. The other finishes in milliseconds: try again.
+    """
+    deadline = time.monotonic() + wait
+    delay = 0.001
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 class Location(NamedTuple):
@@ -66,18 +89,23 @@ class Index:
         self._lock = threading.Lock()
         self._locations: dict[bytes, Location] = {}
         try:
-            conn = self.conn()
-            conn.executescript(_SCHEMA)
-            with self.write_txn() as c:
-                c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)",
-                          (FORMAT_VERSION,))
-            version = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
+            version = _when_unlocked(self._create)
         except sqlite3.Error as exc:
             raise StoreError(address, f"index {path} is unusable ({exc}); it is corrupt or "
                                       f"not an ocibuild store") from exc
         if version != FORMAT_VERSION:
             raise StoreError(address, f"store format {version!r}, this ocibuild reads "
                                       f"{FORMAT_VERSION!r}")
+
+    def _create(self) -> str:
+        """The tables (if new) and the store's format version."""
+        conn = self.conn()
+        conn.executescript(_SCHEMA)
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)",
+                         (FORMAT_VERSION,))
+        return str(conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0])
 
     # --- connections -------------------------------------------------------
 
@@ -88,7 +116,7 @@ class Index:
             try:
                 conn = sqlite3.connect(self.path, timeout=60, isolation_level=None,
                                        check_same_thread=False)
-                conn.execute("PRAGMA journal_mode = WAL")
+                _when_unlocked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
                 # With the pack fdatasync'ed before each commit, NORMAL can at worst
                 # lose the last commits on power loss, which leaves tail garbage only.
                 conn.execute("PRAGMA synchronous = NORMAL")
