@@ -245,12 +245,14 @@ class _Writer:
             os.mkdir(d, 0o700)
             self.set_dir(d, INPUTS_DIR_MODE if s == self.req.inputs_dir else 0o755)
 
-        ro_paths = {p[1:] for p in self.req.available_ro_paths}
+        ro_sources = {p[1:]: p if spec.ro_sources is None else spec.ro_sources.get(p, p)
+                      for p in self.req.available_ro_paths}
         for rel, kind in mount_points(self.req):
             host = self.backing(rel, strict=rel in self.req.scratch_paths)
-            if rel in ro_paths:
-                kind = "dir" if os.path.isdir("/" + rel) else "file"
-                if not os.path.exists("/" + rel):
+            if rel in ro_sources:
+                source = ro_sources[rel]
+                kind = "dir" if os.path.isdir(source) else "file"
+                if not os.path.exists(source):
                     raise BundleError(self.final.root,
                                       f"available_ro_path /{rel} does not exist on this host")
             if kind == "dir":
@@ -389,7 +391,8 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[st
         shared_rootfs=planned.shared_rootfs,
         check_parents=False,  # the service checked its directories when it started
         validated=True,  # by the validate stage
-        input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox)
+        input_paths=opts.input_paths, config=ctx.results["spec"], busybox=opts.busybox,
+        ro_sources=opts.ro_sources)
     if host.on_runtime(build):
         # On the tmpfs a bundle takes a millisecond of CPU: cheaper here than
         # a worker thread contending for the GIL with the loop. Nobody reads

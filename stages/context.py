@@ -29,6 +29,7 @@ import attrs
 
 from pipeline import StageContext
 from stages.oci.layout import BundleLayout, remove_bundle, remove_if_small, trash_bundle
+from stages.policy import Policy
 from stages.request import BuildRequest, request_to_proto
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class BuildHost:
     runc_root: Path
     idmap: IdMap
     busybox: Path = Path("/bin/busybox")
+    #: What the operator grants every build (host paths, network, limits).
+    policy: Policy = attrs.field(factory=Policy)
     #: Where discarded bundles wait to be deleted; None deletes them in place.
     trash_dir: Path | None = None
     #: A directory on a tmpfs for ephemeral bundles (bundles/, rootfs/, trash/), or None.

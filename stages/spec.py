@@ -66,10 +66,12 @@ from stages.context import BuildHost, BuildSpec, StageContext, request_of
 from stages.errors import SpecError
 from stages.oci.idmap import BUILD_GID, BUILD_UID, IdMap
 from stages.oci.layout import BundleLayout, is_under
+from stages.oci.seccomp import seccomp_profile
+from stages.policy import Policy
 from stages.request import BuildRequest
 
 __all__ = ["BUILD_GID", "BUILD_UID", "MASKED_PATHS", "READONLY_PATHS", "SpecOptions",
-           "make_spec", "masked_paths", "mount_points", "stage"]
+           "make_spec", "policy_options", "masked_paths", "mount_points", "stage"]
 
 OCI_VERSION = "1.0.2"
 
@@ -112,6 +114,29 @@ class SpecOptions:
         converter=_paths_map, factory=lambda: {p: p for p in _NETWORK_FILES})
     hostname: str = "localhost"
     nofile: int = 1024
+    #: Requested read-only path -> the host path to bind (the operator's
+    #: policy resolved it, :meth:`stages.policy.Policy.ro_source`); None
+    #: binds each at its own path (for callers that checked the paths).
+    ro_sources: Mapping[str, str] | None = None
+    #: Limits (None: none): processes, memory (bytes), the /tmp tmpfs (bytes).
+    max_pids: int | None = None
+    max_memory: int | None = None
+    tmp_size: int | None = None
+    #: The seccomp filter of :mod:`stages.oci.seccomp`.
+    seccomp: bool = True
+
+
+def policy_options(policy: Policy, req: BuildRequest) -> dict[str, Any]:
+    """The SpecOptions a service's policy sets for ``req`` (limits, host paths)."""
+    sources = {}
+    for i, p in enumerate(req.available_ro_paths):
+        source = policy.ro_source(p)
+        if source is None:  # validate refuses these; a caller that skipped it is stopped here
+            raise SpecError(f"constraints.available_ro_paths[{i}]", "ro-path-not-allowed",
+                            f"{p!r} is not in a directory this service lets builds read")
+        sources[p] = source
+    return {"ro_sources": sources, "max_pids": policy.max_pids,
+            "max_memory": policy.max_memory, "tmp_size": policy.tmp_size}
 
 
 def _sorted_by_depth(paths: list[str]) -> list[str]:
@@ -187,8 +212,9 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
     if req.network_access:
         mounts.append({"destination": "/sys", "type": "none", "source": "/sys",
                        "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+    tmp_size = [f"size={opts.tmp_size}"] if opts.tmp_size is not None else []
     mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                   "options": ["nosuid", "nodev", "mode=1777", *_BUILDER_OWNS]})
+                   "options": ["nosuid", "nodev", "mode=1777", *tmp_size, *_BUILDER_OWNS]})
 
     for s in _sorted_by_depth(list(req.scratch_paths)):
         try:
@@ -210,7 +236,11 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
                             "ro", "nosuid", "nodev"))
 
     for p in req.available_ro_paths:
-        mounts.append({"destination": p, "type": "bind", "source": p,
+        ro_source = p if opts.ro_sources is None else opts.ro_sources.get(p)
+        if ro_source is None:
+            raise SpecError("constraints.available_ro_paths", "host-path-missing",
+                            f"no host path given for {p!r}")
+        mounts.append({"destination": p, "type": "bind", "source": ro_source,
                        "options": ["rbind", "ro", "nosuid", "nodev"]})
 
     if req.provide_bin_sh:
@@ -224,6 +254,23 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
     if not req.network_access:
         namespaces.append({"type": "network"})
 
+    linux: dict[str, Any] = {
+        "uidMappings": [m.as_oci() for m in opts.idmap.uid],
+        "gidMappings": [m.as_oci() for m in opts.idmap.gid],
+        "namespaces": namespaces,
+        "maskedPaths": masked_paths(req),
+        "readonlyPaths": list(READONLY_PATHS),
+    }
+    resources: dict[str, Any] = {}
+    if opts.max_pids is not None:
+        resources["pids"] = {"limit": opts.max_pids}
+    if opts.max_memory is not None:
+        # Swap included: a build that outgrows its memory is stopped, not swapped.
+        resources["memory"] = {"limit": opts.max_memory, "swap": opts.max_memory}
+    if resources:
+        linux["resources"] = resources
+    if opts.seccomp:
+        linux["seccomp"] = seccomp_profile()
     return {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -240,13 +287,7 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
         "root": {"path": opts.rootfs, "readonly": True},
         "hostname": opts.hostname,
         "mounts": mounts,
-        "linux": {
-            "uidMappings": [m.as_oci() for m in opts.idmap.uid],
-            "gidMappings": [m.as_oci() for m in opts.idmap.gid],
-            "namespaces": namespaces,
-            "maskedPaths": masked_paths(req),
-            "readonlyPaths": list(READONLY_PATHS),
-        },
+        "linux": linux,
     }
 
 
@@ -309,7 +350,7 @@ def build_spec_options(build: BuildSpec, host: BuildHost, req: BuildRequest) -> 
                        scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                        input_paths={n.name: f"{inputs}/{content_name(n)}" for n in req.inputs
                                     if not isinstance(n, SymlinkNode)},
-                       busybox=host.busybox)
+                       busybox=host.busybox, **policy_options(host.policy, req))
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:

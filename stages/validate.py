@@ -42,6 +42,7 @@ from stages.context import (
 )
 from stages.errors import RequestError
 from stages.oci.layout import is_under, longest_scratch_prefix
+from stages.policy import check_request
 from stages.request import BuildRequest
 
 __all__ = ["RESERVED_FILES", "RESERVED_TOP", "RULES", "is_under", "longest_scratch_prefix",
@@ -287,9 +288,11 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[st
     """
     if build.request is not None:
         req = validate_request(build.request)
+        check_request(req, host.policy)
         return {"inputs": len(req.inputs), "outputs": list(req.outputs),
                 "command": list(req.command_args)}
     assert build.request_from is not None  # a BuildSpec holds a request or request_from
     req = validate_request(request_from_result(ctx.results[build.request_from]))
+    check_request(req, host.policy)
     return {"inputs": len(req.inputs), "outputs": list(req.outputs),
             "command": list(req.command_args), "request": request_to_result(req)}

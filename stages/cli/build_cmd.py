@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from stages.cli import UserError
-from stages.cli.common import run_cancellable, service, state_dir, store_options, subscribers
+from stages.cli.common import (
+    check_timeout,
+    policy_options,
+    run_cancellable,
+    service,
+    state_dir,
+    store_options,
+    subscribers,
+)
 
 __all__ = ["register"]
 
@@ -69,6 +77,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                         f"stages: {', '.join(STAGE_NAMES)}")
     if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, not {args.jobs}")
+    check_timeout(args.timeout)
     requests = [read_request_file(p) for p in args.requests]
     sources = [str(p) for p in args.requests]
     from stages.cli.remote_build import remote_address, run_remote
@@ -189,6 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fetch-outputs", action="store_true",
                    help="remote builds: leave the outputs in the server's store")
     store_options(p)
+    policy_options(p)
     p.set_defaults(handler=cmd_build)
 
     p = sub.add_parser("graph", help="draw the stage graph of a build")

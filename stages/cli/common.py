@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_cancellable", "service", "state_dir", "store_options", "subscribers"]
+__all__ = ["check_timeout", "policy", "policy_options", "run_cancellable", "service",
+           "state_dir", "store_options", "subscribers"]
 
 
 def store_options(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,48 @@ def store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, metavar="DIR",
                    help="where runs and bundles live (default: $OCIBUILD_STATE or "
                         "$XDG_STATE_HOME/ocibuild)")
+
+
+def policy_options(p: argparse.ArgumentParser, *, network: bool = True) -> None:
+    """The operator's options: what builds may have (stages.policy)."""
+    from stages.policy import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIDS, DEFAULT_TMP_SIZE
+
+    p.add_argument("--allow-ro-path", action="append", default=[], metavar="PATH",
+                   help="let requests bind host paths under PATH read-only "
+                        "(constraints.available_ro_paths); repeatable; default: none")
+    if network:
+        p.add_argument("--allow-network", action="store_true",
+                       help="let requests ask for network access (default: refused)")
+    p.add_argument("--max-pids", type=int, default=DEFAULT_MAX_PIDS, metavar="N",
+                   help=f"processes per build (default {DEFAULT_MAX_PIDS})")
+    p.add_argument("--max-memory", default=str(DEFAULT_MAX_MEMORY >> 30) + "G", metavar="SIZE",
+                   help=f"memory per build, /tmp included (default "
+                        f"{DEFAULT_MAX_MEMORY >> 30}G)")
+    p.add_argument("--tmp-size", default=str(DEFAULT_TMP_SIZE >> 20) + "M", metavar="SIZE",
+                   help=f"size of a build's /tmp (default {DEFAULT_TMP_SIZE >> 20}M)")
+
+
+def policy(args: argparse.Namespace, *, allow_network: bool | None = None) -> Any:
+    """The Policy of :func:`policy_options`' options (UserError when one is bad)."""
+    from stages.cli import UserError
+    from stages.policy import Policy, parse_size
+
+    try:
+        return Policy(allowed_ro_paths=args.allow_ro_path,
+                      allow_network=(getattr(args, "allow_network", False)
+                                     if allow_network is None else allow_network),
+                      max_pids=args.max_pids, max_memory=parse_size(args.max_memory),
+                      tmp_size=parse_size(args.tmp_size))
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def check_timeout(timeout: float | None) -> None:
+    """--timeout must be a positive number of seconds."""
+    from stages.cli import UserError
+
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, not {timeout}")
 
 
 def state_dir(args: argparse.Namespace) -> Path:
@@ -56,9 +99,12 @@ def state_dir(args: argparse.Namespace) -> Path:
     return svc.state_dir
 
 
-def service(args: argparse.Namespace, **kw: Any):
+def service(args: argparse.Namespace, **kw: Any) -> Any:
+    """The OCI service of the command's options (and its policy, if it has those)."""
     from stages.service import OciBuildService
 
+    if "policy" not in kw and hasattr(args, "max_pids"):
+        kw["policy"] = policy(args)
     return OciBuildService(state_dir(args), blob_address=args.blob_service_addr,
                            directory_address=args.directory_service_addr, **kw)
 

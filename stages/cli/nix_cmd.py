@@ -26,7 +26,14 @@ import sys
 from pathlib import Path
 
 from stages.cli import UserError
-from stages.cli.common import run_cancellable, service, store_options, subscribers
+from stages.cli.common import (
+    policy,
+    policy_options,
+    run_cancellable,
+    service,
+    store_options,
+    subscribers,
+)
 
 __all__ = ["register"]
 
@@ -46,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                        help="containers running at once (default 1)")
     store_options(build)
+    policy_options(build, network=False)
     build.set_defaults(handler=_run_build)
 
     export = sub.add_parser("export", help="write a registered store path out as files",
@@ -77,7 +85,8 @@ def _run_build(args: argparse.Namespace) -> int:
 async def _build(args: argparse.Namespace) -> int:
     # The service first: its FUSE mount server boots (~0.3 s) in another
     # process while this one imports the Nix side and reads the derivations.
-    async with service(args, jobs=args.jobs) as svc:
+    # As in Nix: fixed-output derivations (only they ask) get network access.
+    async with service(args, jobs=args.jobs, policy=policy(args, allow_network=True)) as svc:
         from stages.nix.build import build_derivations
 
         with _pathinfo(args) as pathinfo:

@@ -19,6 +19,8 @@ import asyncio
 from pathlib import Path
 
 from stages.cli import UserError
+from stages.cli.common import check_timeout, policy, policy_options
+from stages.grpc.serve import DEFAULT_TIMEOUT
 
 __all__ = ["register"]
 
@@ -30,9 +32,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs must be at least 1, not {args.jobs}")
     for text in args.listen:
         parse_listen_address(text)  # bad addresses fail before anything starts
+    check_timeout(args.timeout)
     return asyncio.run(serve(args.listen, state_dir=args.state_dir,
                              blob_address=args.blob_service_addr,
-                             directory_address=args.directory_service_addr, jobs=args.jobs))
+                             directory_address=args.directory_service_addr, jobs=args.jobs,
+                             policy=policy(args), timeout=args.timeout))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,4 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--directory-service-addr", metavar="URL",
                    help="the directory store to serve and build from (default: "
                         "$DIRECTORY_SERVICE_ADDR, else the embedded local store)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"kill a builder that runs longer than this (default "
+                        f"{DEFAULT_TIMEOUT:.0f})")
+    policy_options(p)
     p.set_defaults(handler=cmd_serve)

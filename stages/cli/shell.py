@@ -22,12 +22,14 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from stages.castore.nodes import SymlinkNode
 from stages.errors import ServiceError
 from stages.oci.runc import RuncContainer
+from stages.request import BuildRequest
 
-__all__ = ["open_shell", "shell_config"]
+__all__ = ["kept_limits", "open_shell", "shell_config"]
 
 
 def shell_config(config: dict, *, command: list[str] | None, terminal: bool,
@@ -43,6 +45,23 @@ def shell_config(config: dict, *, command: list[str] | None, terminal: bool,
         config["mounts"].append({"destination": "/bin/sh", "type": "bind", "source": busybox,
                                  "options": ["bind", "ro", "nosuid", "nodev"]})
     return config
+
+
+def kept_limits(config: dict, req: BuildRequest) -> dict[str, Any]:
+    """The SpecOptions of a kept build's config.json that the operator's
+    policy decided (host paths, limits): the shell gets what the build got."""
+    ro = set(req.available_ro_paths)
+    resources = config.get("linux", {}).get("resources", {})
+    tmp = next((o for m in config["mounts"] if m["destination"] == "/tmp"
+                for o in m.get("options", []) if o.startswith("size=")), None)
+    return {
+        "ro_sources": {m["destination"]: m["source"] for m in config["mounts"]
+                       if m["destination"] in ro},
+        "max_pids": resources.get("pids", {}).get("limit"),
+        "max_memory": resources.get("memory", {}).get("limit"),
+        "tmp_size": int(tmp.removeprefix("size=")) if tmp else None,
+        "seccomp": "seccomp" in config.get("linux", {}),
+    }
 
 
 def open_shell(run_dir: Path, args: argparse.Namespace, *, command: list[str] | None) -> int:
@@ -80,7 +99,7 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
                 scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                 input_paths={n.name: host.mounts.content_path(n) for n in req.inputs
                              if not isinstance(n, SymlinkNode)},
-                busybox=host.busybox)
+                busybox=host.busybox, **kept_limits(json.loads(layout.config.read_text()), req))
             terminal = sys.stdin.isatty()
             config = shell_config(make_spec(req, opts), command=command, terminal=terminal,
                                   busybox=str(host.busybox))

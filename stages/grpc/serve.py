@@ -50,6 +50,7 @@ import attrs
 import grpc
 
 from stages.errors import ServiceError
+from stages.policy import Policy
 
 __all__ = ["ListenAddress", "parse_listen_address", "serve"]
 
@@ -57,6 +58,8 @@ __all__ = ["ListenAddress", "parse_listen_address", "serve"]
 MAX_MESSAGE = 128 << 20
 CASTORE_SERVICE_NAMES = ("tvix.castore.v1.BlobService", "tvix.castore.v1.DirectoryService")
 SHUTDOWN_GRACE = 3.0
+#: The longest a build of a remote client may run, by default (seconds).
+DEFAULT_TIMEOUT = 3600.0
 
 
 @attrs.frozen(kw_only=True)
@@ -140,11 +143,15 @@ def _print_ready(addresses: Sequence[str]) -> None:
 
 async def serve(listen: Sequence[str], *, state_dir: Path | str | None = None,
                 blob_address: str | None = None, directory_address: str | None = None,
-                jobs: int | None = None, stop: asyncio.Event | None = None,
+                jobs: int | None = None, policy: Policy | None = None,
+                timeout: float | None = DEFAULT_TIMEOUT, stop: asyncio.Event | None = None,
                 ready: Callable[[list[str]], None] | None = None,
                 handle_signals: bool = True, grace: float = SHUTDOWN_GRACE) -> int:
     """Serve castore and builds until SIGTERM/SIGINT (or ``stop`` is set); return 0.
 
+    ``policy`` is what remote requests may have (default: the defaults of
+    :class:`~stages.policy.Policy`, no host paths, no network); ``timeout``
+    bounds every build (default :data:`DEFAULT_TIMEOUT`; None: unbounded).
     ``ready`` receives the addresses listened on, once serving (default:
     print the ready line). With ``handle_signals``, SIGTERM and SIGINT
     start the shutdown described in the module docstring.
@@ -186,7 +193,8 @@ async def serve(listen: Sequence[str], *, state_dir: Path | str | None = None,
             castore = open_castore(blob_address, directory_address)
             stack.push_async_callback(castore.aclose)
             svc = OciBuildService(state_dir or default_state_dir(), blob_address=blob_address,
-                                  directory_address=directory_address, jobs=jobs)
+                                  directory_address=directory_address, jobs=jobs,
+                                  policy=policy, timeout=timeout)
             await stack.enter_async_context(svc)
 
             server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),

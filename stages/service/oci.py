@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 
 from stages.castore.addresses import Castore, open_castore
 from stages.errors import BuildError, ServiceError
+from stages.policy import Policy
 from stages.service.base import BuildService
 from stages.service.recovery import Instance, cleanup_dead_instances
 from stages.service.runs import (
@@ -90,6 +91,7 @@ class OciBuildService(BuildService):
     def __init__(self, state_dir: Path | str | None = None, *,
                  blob_address: str | None = None, directory_address: str | None = None,
                  jobs: int | None = None, keep: Keep = "never", timeout: float | None = None,
+                 policy: Policy | None = None,
                  subscribers: Iterable[Subscriber] = ()) -> None:
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
         self.blob_address = blob_address
@@ -98,7 +100,11 @@ class OciBuildService(BuildService):
         if self.jobs < 1:
             raise ServiceError(str(self.state_dir), f"jobs must be >= 1, not {self.jobs}")
         self.keep = keep
+        if timeout is not None and not timeout > 0:
+            raise ServiceError(str(self.state_dir), f"timeout must be a positive number of "
+                                                     f"seconds, not {timeout}")
         self.timeout = timeout
+        self.policy = policy if policy is not None else Policy()
         self.subscribers = list(subscribers)
         self.runs_dir = self.state_dir / "runs"
         self.bundles_dir = self.state_dir / "bundles"
@@ -150,7 +156,7 @@ class OciBuildService(BuildService):
             self.host = BuildHost(castore=self._castore, mounts=self._mounts,
                                   bundles_dir=self.bundles_dir, trash_dir=self.trash_dir,
                                   runc_root=self._instance.dir / "runc", idmap=idmap,
-                                  runtime_dir=self._instance.runtime,
+                                  runtime_dir=self._instance.runtime, policy=self.policy,
                                   scratch_dir=self._instance.dir / "scratch")
         except BaseException:
             await self.aclose()

@@ -36,6 +36,7 @@ from stages.castore.ingest import ingest_path
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import BuildFailed
 from stages.oci.schema import validate_config
+from stages.policy import Policy
 from stages.request import AdditionalFile, BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService
 
@@ -147,8 +148,9 @@ async def env():
     store = f"local://{base}/store"
     try:
         paths = _make_inputs(base)
+        # Network granted: test_network_only_when_asked builds with and without.
         async with OciBuildService(base / "state", blob_address=store, directory_address=store,
-                                   jobs=2) as svc:
+                                   jobs=2, policy=Policy(allow_network=True)) as svc:
             inputs: dict[str, object] = {}
             for name, path in paths.items():
                 inputs[name] = await ingest_path(svc.host.castore, path)

@@ -44,6 +44,7 @@ from stages.nix import (
     derivation_to_request,
     read_derivation,
 )
+from stages.policy import Policy
 from stages.service import OciBuildService
 
 pytestmark = [pytest.mark.nix, pytest.mark.runc, pytest.mark.fuse,
@@ -222,8 +223,9 @@ async def world():
         (base / "fsmodes.sh").write_text(FSMODES)
         (base / "probes.nix").write_text(PROBES)
         (base / "fod.nix").write_text(FOD)
+        # As `ocibuild nix build` does: fixed-output derivations get network.
         async with OciBuildService(base / "state", blob_address=store, directory_address=store,
-                                   jobs=2) as svc:
+                                   jobs=2, policy=Policy(allow_network=True)) as svc:
             w = World(base, svc, uuid.uuid4().hex)
             yield w
             await svc.host.drain()

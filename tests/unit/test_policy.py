@@ -1,0 +1,71 @@
+"""The operator's policy, checked without a container (the attacks are in
+tests/integration/test_hardening.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.errors import RequestError, ServiceError
+from stages.oci.seccomp import DENIED, seccomp_profile
+from stages.policy import Policy, check_request, parse_size
+from stages.request import BuildConstraints, BuildRequest
+from stages.service import OciBuildService
+
+
+@pytest.mark.parametrize("timeout", [0, -5])
+def test_a_timeout_must_be_positive(tmp_path: Path, timeout: float) -> None:
+    with pytest.raises(ServiceError, match="positive"):
+        OciBuildService(tmp_path, timeout=timeout)
+
+
+def test_policy_refusals_name_the_field() -> None:
+    policy = Policy(max_memory=1 << 30)
+    base = BuildRequest(command_args=["/bin/true"], working_dir="build",
+                        scratch_paths=["build"], inputs_dir="build")
+    cases = {
+        "constraints.system": BuildConstraints(system="aarch64-darwin"),
+        "constraints.min_memory": BuildConstraints(system="x86_64-linux", min_memory=90 << 40),
+        "constraints.network_access": BuildConstraints(system="x86_64-linux",
+                                                       network_access=True),
+    }
+    for field, constraints in cases.items():
+        req = BuildRequest(**{**{a: getattr(base, a) for a in ("command_args", "working_dir",
+                                                              "scratch_paths", "inputs_dir")},
+                              "constraints": constraints})
+        with pytest.raises(RequestError) as info:
+            check_request(req, policy)
+        assert info.value.field == field
+
+
+@pytest.mark.parametrize("text, size", [("512M", 512 << 20), ("8G", 8 << 30), ("1048576", 1 << 20),
+                                        ("64KiB", 64 << 10), ("2t", 2 << 40)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1M", "0", "1.5G", "ten"])
+def test_bad_sizes_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_ro_paths_must_lie_in_an_allowed_directory(tmp_path: Path) -> None:
+    (tmp_path / "ok" / "sub").mkdir(parents=True)
+    (tmp_path / "okay").mkdir()
+    policy = Policy(allowed_ro_paths=[str(tmp_path / "ok")])
+    assert policy.ro_source(str(tmp_path / "ok" / "sub")) == str(tmp_path / "ok" / "sub")
+    assert policy.ro_source(str(tmp_path / "ok")) == str(tmp_path / "ok")
+    assert policy.ro_source(str(tmp_path / "okay")) is None  # a prefix is not a parent
+    assert policy.ro_source(str(tmp_path)) is None
+    assert Policy().ro_source("/usr") is None  # nothing is allowed by default
+
+
+def test_the_seccomp_profile_denies_and_allows_disjoint_sets() -> None:
+    profile = seccomp_profile()
+    allowed = {n for r in profile["syscalls"] if r["action"] == "SCMP_ACT_ALLOW"
+               and "args" not in r for n in r["names"]}
+    assert not allowed & set(DENIED)
+    assert {"io_uring_setup", "unshare", "mount", "keyctl", "bpf"} <= set(DENIED)
+    assert {"read", "write", "execve", "wait4"} <= allowed
