@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 
 from pipeline import StageContext
+from stages.oci.cgroups import BuildCgroup
 from stages.oci.layout import BundleLayout, remove_bundle, remove_if_small, trash_bundle
+from stages.oci.network import RESOLV_CONF
 from stages.policy import Policy
 from stages.request import BuildRequest, request_to_proto
 
@@ -112,6 +114,13 @@ class BuildHost:
     busybox: Path = Path("/bin/busybox")
     #: What the operator grants every build (host paths, network, limits).
     policy: Policy = attrs.field(factory=Policy)
+    #: Where the builds' own cgroups go (``ocibuild``: ``ocibuild/<key>``, the
+    #: same for every instance, so a resumed build finds its own), or None
+    #: to leave the limits to runc (:mod:`stages.oci.cgroups`).
+    cgroup_root: str | None = None
+    #: Where builds with network access get their network namespaces (a
+    #: file per build, :mod:`stages.oci.network`); None shares the host's.
+    netns_dir: Path | None = None
     #: Where discarded bundles wait to be deleted; None deletes them in place.
     trash_dir: Path | None = None
     #: A directory on a tmpfs for ephemeral bundles (bundles/, rootfs/, trash/), or None.
@@ -167,6 +176,25 @@ class BuildHost:
         """Wait until every discarded bundle is deleted."""
         while self._deleting:
             await asyncio.gather(*list(self._deleting), return_exceptions=True)
+
+    def cgroup(self, build: BuildSpec) -> BuildCgroup | None:
+        """The build's own cgroup (holding its limits), if the host makes them."""
+        if self.cgroup_root is None:
+            return None
+        return BuildCgroup(f"{self.cgroup_root}/{build.key}")
+
+    def netns_path(self, build: BuildSpec) -> Path:
+        assert self.netns_dir is not None, "the host gives builds no network namespaces"
+        return self.netns_dir / build.key
+
+    def network_files(self) -> dict[str, str]:
+        """/etc files of a build with network: slirp's DNS, the host's services and hosts."""
+        assert self.netns_dir is not None
+        resolv = self.netns_dir.parent / "resolv.conf"
+        if not resolv.exists():
+            resolv.write_text(RESOLV_CONF)
+        return {"/etc/resolv.conf": str(resolv), "/etc/services": "/etc/services",
+                "/etc/hosts": "/etc/hosts"}
 
     def bundle_dir(self, build: BuildSpec) -> Path:
         return self.layout(build).root

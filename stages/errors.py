@@ -73,6 +73,7 @@ class SpecError(BuildError, ValueError):
     def __init__(self, field: str, rule: str, message: str) -> None:
         self.field = field
         self.rule = rule
+        self.detail = message
         super().__init__(f"{field}: {message} [rule {rule}]")
 
 

@@ -57,26 +57,34 @@ async def inputs_mounted(build: BuildSpec, host: BuildHost,
 
 
 async def _check_in_store(req: BuildRequest, host: BuildHost) -> None:
-    """Fail naming the first input whose root is not in the store.
+    """Fail naming the first input whose root is not in the store, or whose
+    size is not the stored one's (a file's bytes, a directory's entries).
 
     Only roots are checked (a directory's children are read lazily through
-    FUSE); without this a missing input surfaced as runc failing to open a
-    mount source with an I/O error.
+    FUSE, and checked there); without this a missing input surfaced as runc
+    failing to open a mount source with an I/O error, and a mis-sized file
+    as the builder's EIO.
     """
     for i, node in enumerate(req.inputs):
+        name = node.name.decode("utf-8", "replace")
         if isinstance(node, FileNode):
-            present = await host.castore.blobs.has(node.digest)
+            size = await host.castore.blobs.stat(node.digest)
             what = "blob"
         elif isinstance(node, DirectoryNode):
-            present = await host.castore.directories.get(node.digest) is not None
+            directory = await host.castore.directories.get(node.digest)
+            size = None if directory is None else directory.size
             what = "directory"
         else:
             continue
-        if not present:
+        if size is None:
             raise RequestError(f"inputs[{i}]", "input-in-store",
-                               f"{what} {node.digest.hex()} of input "
-                               f"{node.name.decode('utf-8', 'replace')!r} is not in the store; "
-                               f"import it first (ocibuild castore import)")
+                               f"{what} {node.digest.hex()} of input {name!r} is not in the "
+                               f"store; import it first (ocibuild castore import)")
+        if size != node.size:
+            unit = "bytes" if what == "blob" else "entries below it"
+            raise RequestError(f"inputs[{i}].size", "input-size",
+                               f"input {name!r} says size {node.size}, but {what} "
+                               f"{node.digest.hex()} in the store has {size} {unit}")
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:

@@ -12,24 +12,41 @@ killed, deleted and reaped before the stage ends
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from stages.context import BuildHost, BuildSpec, StageContext
+from stages.context import BuildHost, BuildSpec, StageContext, request_of
+from stages.errors import RuncError, RuncTimeoutError
+from stages.oci.network import SlirpNetwork
 from stages.oci.runc import RuncContainer
+from stages.util.aio import finish_then_cancel
 
 __all__ = ["container", "log_path", "stage"]
 
 
 @contextlib.asynccontextmanager
 async def container(build: BuildSpec, host: BuildHost,
-                    _ctx: StageContext) -> AsyncIterator[RuncContainer]:
-    """Resource factory: one container of the build's bundle, deleted on release."""
-    async with RuncContainer(host.bundle_dir(build), f"ocibuild-{build.key}",
-                             state_root=host.runc_root) as c:
-        yield c
+                    ctx: StageContext) -> AsyncIterator[RuncContainer]:
+    """Resource factory: one container of the build's bundle, deleted on release,
+    in the build's own cgroup (made here with the policy's limits, removed after)."""
+    cgroup = host.cgroup(build)
+    if cgroup is not None:
+        await asyncio.to_thread(cgroup.create, max_memory=host.policy.max_memory,
+                                max_pids=host.policy.max_pids)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if request_of(build, ctx).network_access and host.netns_dir is not None:
+                await stack.enter_async_context(SlirpNetwork(host.netns_path(build)))
+            c = await stack.enter_async_context(
+                RuncContainer(host.bundle_dir(build), f"ocibuild-{build.key}",
+                              state_root=host.runc_root))
+            yield c
+    finally:
+        if cgroup is not None:
+            await finish_then_cancel(asyncio.to_thread(cgroup.remove))
 
 
 def log_path(build: BuildSpec, host: BuildHost, run_dir: Path | None) -> Path:
@@ -46,5 +63,27 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[st
     def on_line(stream: str, line: bytes) -> None:
         ctx.log(line.decode("utf-8", "replace").rstrip("\n"), stream=stream)
 
-    code = await c.run(on_line=on_line, log_path=log, timeout=build.timeout)
+    try:
+        code = await c.run(on_line=on_line, log_path=log, timeout=build.timeout)
+    except RuncTimeoutError:
+        raise
+    except RuncError as exc:
+        raise _named_limit(exc, build, host) from None
     return {"exit_code": code, "log": str(log)}
+
+
+def _named_limit(exc: RuncError, build: BuildSpec, host: BuildHost) -> RuncError:
+    """The builder's failure, named after the limit it hit, if it hit one."""
+    cgroup = host.cgroup(build)
+    if cgroup is None or exc.exit_code is None:
+        return exc
+    policy = host.policy
+    if cgroup.memory_limit_hit():
+        what = (f"memory limit {policy.max_memory} bytes reached (--max-memory): the kernel "
+                f"killed the builder")
+    elif cgroup.pids_limit_hit():
+        what = (f"the builder failed after reaching the process limit {policy.max_pids} "
+                f"(--max-pids)")
+    else:
+        return exc
+    return RuncError(exc.container_id, what, exit_code=exc.exit_code, log_tail=exc.log_tail)

@@ -7,9 +7,13 @@ options.
 
 The sandbox follows Nix 2.8's: uid 1000 / gid 100, hostname ``localhost``,
 the request's environment and nothing else, cwd ``/<working_dir>``, a new
-pid, ipc, uts, mount and user namespace, and a new network namespace unless
-the request asks for network access (then the host's is shared, as Nix does
-for fixed-output derivations, with the host's resolv.conf, services and hosts).
+pid, ipc, uts, mount and user namespace, and a new network namespace. With
+network access (which only the operator grants) the service gives the build
+a network namespace of its own connected by slirp4netns
+(``network_namespace``, :mod:`stages.oci.network`), with a resolv.conf
+naming slirp's DNS and the host's services and hosts files; without a
+``network_namespace`` (library callers) the host's is shared, as Nix does for
+fixed-output derivations.
 
 Mounts, in this order (a mount's parent is always mounted before it):
 
@@ -82,6 +86,10 @@ MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 _NETWORK_FILES = ("/etc/resolv.conf", "/etc/services", "/etc/hosts")
+#: The limits a build ran under, in its config.json (also where a cgroup of
+#: the service holds them): for ``ocibuild shell`` and readers of a bundle.
+MAX_PIDS_ANNOTATION = "org.ocibuild.max-pids"
+MAX_MEMORY_ANNOTATION = "org.ocibuild.max-memory"
 # tmpfs options: the build user owns the tmpfs's root, as in Nix's sandbox.
 _BUILDER_OWNS = (f"uid={BUILD_UID}", f"gid={BUILD_GID}")
 
@@ -124,6 +132,12 @@ class SpecOptions:
     tmp_size: int | None = None
     #: The seccomp filter of :mod:`stages.oci.seccomp`.
     seccomp: bool = True
+    #: With network access: the build's own network namespace (a file the
+    #: container joins, :mod:`stages.oci.network`); None shares the host's.
+    network_namespace: str | None = None
+    #: The container's cgroup, a child of the build's own cgroup which holds
+    #: the limits (:mod:`stages.oci.cgroups`); None: runc's, with the limits.
+    cgroups_path: str | None = None
 
 
 def policy_options(policy: Policy, req: BuildRequest) -> dict[str, Any]:
@@ -253,6 +267,9 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user")]
     if not req.network_access:
         namespaces.append({"type": "network"})
+    elif opts.network_namespace is not None:
+        # The build's own, connected by slirp4netns (stages.oci.network).
+        namespaces.append({"type": "network", "path": opts.network_namespace})
 
     linux: dict[str, Any] = {
         "uidMappings": [m.as_oci() for m in opts.idmap.uid],
@@ -261,13 +278,18 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
         "maskedPaths": masked_paths(req),
         "readonlyPaths": list(READONLY_PATHS),
     }
+    annotations: dict[str, str] = {}
     resources: dict[str, Any] = {}
     if opts.max_pids is not None:
         resources["pids"] = {"limit": opts.max_pids}
+        annotations[MAX_PIDS_ANNOTATION] = str(opts.max_pids)
     if opts.max_memory is not None:
         # Swap included: a build that outgrows its memory is stopped, not swapped.
         resources["memory"] = {"limit": opts.max_memory, "swap": opts.max_memory}
-    if resources:
+        annotations[MAX_MEMORY_ANNOTATION] = str(opts.max_memory)
+    if opts.cgroups_path is not None:
+        linux["cgroupsPath"] = opts.cgroups_path  # its parent holds the limits
+    elif resources:
         linux["resources"] = resources
     if opts.seccomp:
         linux["seccomp"] = seccomp_profile()
@@ -288,6 +310,7 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
         "hostname": opts.hostname,
         "mounts": mounts,
         "linux": linux,
+        **({"annotations": annotations} if annotations else {}),
     }
 
 
@@ -343,6 +366,11 @@ def build_spec_options(build: BuildSpec, host: BuildHost, req: BuildRequest) -> 
     resource.
     """
     layout = build_layout(build, host, req)
+    cgroup = host.cgroup(build)
+    network: dict[str, Any] = {}
+    if req.network_access and host.netns_dir is not None:
+        network = {"network_namespace": str(host.netns_path(build)),
+                   "network_files": host.network_files()}
     # Through the link, stable across service instances (resume), to the
     # mount server's content directory.
     inputs = os.fspath(host.input_link(build))
@@ -350,7 +378,9 @@ def build_spec_options(build: BuildSpec, host: BuildHost, req: BuildRequest) -> 
                        scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                        input_paths={n.name: f"{inputs}/{content_name(n)}" for n in req.inputs
                                     if not isinstance(n, SymlinkNode)},
-                       busybox=host.busybox, **policy_options(host.policy, req))
+                       busybox=host.busybox, **policy_options(host.policy, req),
+                       cgroups_path=cgroup.container_path if cgroup is not None else None,
+                       **network)
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:

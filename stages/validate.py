@@ -74,7 +74,18 @@ RULES = {
     "output-outside-scratch": "an output must lie inside a scratch path",
     "collision": "two things would occupy the same place in the build root",
     "needle-empty": "a refscan needle must not be empty",
+    "exec-string-too-long": "an argument or KEY=VALUE is at most 128 KiB (the kernel's "
+                            "MAX_ARG_STRLEN)",
+    "exec-too-big": "arguments and environment together within execve's limit",
 }
+
+#: The kernel's limit on one argument or environment string, NUL included
+#: (MAX_ARG_STRLEN: 32 pages).
+MAX_EXEC_STRING = 32 * 4096
+#: What arguments and environment may take together: execve's limit with the
+#: default 8 MiB stack (a quarter of it), less room for the pointers, the
+#: loader's auxiliary vector and what runc adds.
+MAX_EXEC_TOTAL = (2 << 20) - (64 << 10)
 
 
 def _fail(field: str, rule: str, message: str) -> RequestError:
@@ -189,6 +200,7 @@ def validate_request(req: BuildRequest) -> BuildRequest:
             raise _fail(f"environment_vars[{i}].value", "nul",
                         f"the value of {env.key} contains NUL, which execve cannot pass")
     _check_sorted_unique("environment_vars", [e.key.encode() for e in req.environment_vars])
+    _check_exec_size(req)
 
     # constraints
     c = req.constraints
@@ -210,6 +222,25 @@ def validate_request(req: BuildRequest) -> BuildRequest:
 
     _check_layout(req)
     return req
+
+
+def _check_exec_size(req: BuildRequest) -> None:
+    """What execve(2) can pass: refused here, not as E2BIG inside runc."""
+    total = 0
+    strings = [(f"command_args[{i}]", a.encode()) for i, a in enumerate(req.command_args)]
+    strings += [(f"environment_vars[{i}].value", e.key.encode() + b"=" + e.value)
+                for i, e in enumerate(req.environment_vars)]
+    for field, data in strings:
+        size = len(data) + 1
+        if size > MAX_EXEC_STRING:
+            raise _fail(field, "exec-string-too-long",
+                        f"{size} bytes; execve passes at most {MAX_EXEC_STRING} per string "
+                        f"(pass large data as a file: additional_files)")
+        total += size + 8  # and its pointer
+    if total > MAX_EXEC_TOTAL:
+        raise _fail("command_args", "exec-too-big",
+                    f"arguments and environment take {total} bytes; execve passes at most "
+                    f"{MAX_EXEC_TOTAL} (pass large data as files: additional_files)")
 
 
 def _check_layout(req: BuildRequest) -> None:

@@ -6,6 +6,8 @@ chosen by ``--blob-service-addr``/``--directory-service-addr`` (or
 with state (runs, bundles) in ``--state-dir`` (or the path of an
 ``oci:///abs/dir`` ``BUILD_SERVICE_ADDR``, or ``OCIBUILD_STATE``).
 
+``runs --prune`` removes old runs and their bundles (:mod:`stages.service.prune`).
+
 The first SIGINT or SIGTERM cancels the builds cleanly: containers are
 killed and deleted, mounts removed, bundles removed unless kept. A second
 one does not cut that short.
@@ -126,6 +128,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from stages.service import list_runs
 
+    if args.prune:
+        return _prune(args)
+    given = [o for o, v in (("--keep", args.keep), ("--older-than", args.older_than),
+                            ("--dry-run", args.dry_run or None)) if v is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: only with --prune")
     state = state_dir(args)
     rows = list_runs(state)
     if not rows:
@@ -141,6 +149,47 @@ def cmd_runs(args: argparse.Namespace) -> int:
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         print(f"{path.name}  {run.status.value:<9}  {summary}")
     return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import time
+
+    from stages.service.prune import (
+        CLI_KEEP,
+        PruneSettings,
+        format_duration,
+        parse_duration,
+        prune_runs,
+    )
+
+    if args.keep is not None and args.keep < 0:
+        raise UserError(f"--keep must be 0 or more, not {args.keep}")
+    try:
+        older_than = None if args.older_than is None else parse_duration(args.older_than)
+    except ValueError as exc:
+        raise UserError(f"--older-than: {exc}") from None
+    keep = args.keep if args.keep is not None or older_than is not None else CLI_KEEP
+    state = state_dir(args)
+    now = time.time()
+    report = prune_runs(state, PruneSettings(keep=keep, older_than=older_than),
+                        dry_run=args.dry_run, now=now)
+    verb = "would remove" if args.dry_run else "removed"
+    for r in report.removed:
+        bundles = f"  with bundle{'s' if len(r.bundles) > 1 else ''} {', '.join(r.bundles)}" \
+            if r.bundles else ""
+        print(f"{verb} {r.run_id}  {r.status:<10}  last active "
+              f"{format_duration(now - r.last_active)} ago{bundles}")
+    for run_id in report.spared:
+        print(f"spared {run_id}  running")
+    for line in report.errors:
+        print(f"ocibuild: error: {line}", file=sys.stderr)
+    n, b = len(report.removed), report.bundles
+    summary = (f"{verb} {n} run{'' if n == 1 else 's'} and {b} bundle{'' if b == 1 else 's'} "
+               f"from {state / 'runs'} ({report.settings.describe()}); kept {report.kept}")
+    if report.spared:
+        summary += f", spared {len(report.spared)} running"
+    print(summary + (" (dry run)" if args.dry_run else ""))
+    return 1 if report.errors else 0
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -208,8 +257,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, metavar="FILE")
     p.set_defaults(handler=cmd_graph)
 
-    p = sub.add_parser("runs", help="list build runs and their state")
+    p = sub.add_parser("runs", help="list build runs and their state, or prune them",
+                       description="List build runs and their state. With --prune, remove "
+                                   "the runs (and their kept bundles) beyond the newest "
+                                   "--keep N and/or last active longer ago than --older-than; "
+                                   "a running run is never removed.")
     p.add_argument("--state-dir", type=Path, metavar="DIR")
+    p.add_argument("--prune", action="store_true",
+                   help="remove old runs instead of listing them")
+    p.add_argument("--keep", type=int, default=None, metavar="N",
+                   help="with --prune: keep the newest N runs (default 100 unless "
+                        "--older-than is given)")
+    p.add_argument("--older-than", default=None, metavar="DURATION",
+                   help="with --prune: remove runs last active longer ago than this "
+                        "(45s, 90m, 12h, 30d)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --prune: list what would be removed, remove nothing")
     p.set_defaults(handler=cmd_runs)
 
     p = sub.add_parser("resume", help="continue a stopped or failed run")

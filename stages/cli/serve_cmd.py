@@ -4,11 +4,13 @@
 
     ocibuild serve --listen ADDR [--listen ADDR ...] [--jobs N] [--state-dir DIR]
                    [--blob-service-addr URL] [--directory-service-addr URL]
+                   [--prune-keep N] [--prune-older-than DURATION | --no-prune]
 
 ADDR is ``unix:///abs/path`` or ``host:port``. Clients reach it as
 ``grpc+unix:///abs/path`` or ``grpc+http://host:port`` (BLOB_SERVICE_ADDR,
 DIRECTORY_SERVICE_ADDR, BUILD_SERVICE_ADDR). One line on stdout says when it
-is ready; SIGTERM or SIGINT shut it down cleanly (exit 0). See
+is ready; SIGTERM or SIGINT shut it down cleanly (exit 0). Run records are
+pruned at start and hourly (:mod:`stages.service.prune`). See
 :mod:`stages.grpc.serve`.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from stages.cli import UserError
 from stages.cli.common import check_timeout, policy, policy_options
 from stages.grpc.serve import DEFAULT_TIMEOUT
+from stages.service.prune import SERVE_KEEP, SERVE_OLDER_THAN, PruneSettings, format_duration
 
 __all__ = ["register"]
 
@@ -36,7 +39,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(args.listen, state_dir=args.state_dir,
                              blob_address=args.blob_service_addr,
                              directory_address=args.directory_service_addr, jobs=args.jobs,
-                             policy=policy(args), timeout=args.timeout))
+                             policy=policy(args), timeout=args.timeout,
+                             prune=_prune_settings(args)))
+
+
+def _prune_settings(args: argparse.Namespace) -> PruneSettings | None:
+    """The PruneSettings of --prune-keep, --prune-older-than, --no-prune (None: no pruning)."""
+    from stages.service.prune import parse_duration
+
+    if args.no_prune:
+        if args.prune_keep is not None or args.prune_older_than is not None:
+            raise UserError("--no-prune: not with --prune-keep or --prune-older-than")
+        return None
+    keep = SERVE_KEEP if args.prune_keep is None else args.prune_keep
+    if keep < 0:
+        raise UserError(f"--prune-keep must be 0 or more, not {keep}")
+    try:
+        older_than = (SERVE_OLDER_THAN if args.prune_older_than is None
+                      else parse_duration(args.prune_older_than))
+    except ValueError as exc:
+        raise UserError(f"--prune-older-than: {exc}") from None
+    return PruneSettings(keep=keep, older_than=older_than)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,5 +85,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"kill a builder that runs longer than this (default "
                         f"{DEFAULT_TIMEOUT:.0f})")
+    p.add_argument("--prune-keep", type=int, default=None, metavar="N",
+                   help=f"run records: keep the newest N (default {SERVE_KEEP}); pruned at "
+                        f"start and hourly, never a running run")
+    p.add_argument("--prune-older-than", default=None, metavar="DURATION",
+                   help=f"run records: remove those last active longer ago than this "
+                        f"(45s, 90m, 12h, 30d; default {format_duration(SERVE_OLDER_THAN)})")
+    p.add_argument("--no-prune", action="store_true",
+                   help="keep every run record")
     policy_options(p)
     p.set_defaults(handler=cmd_serve)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 
 from stages.castore.nodes import SymlinkNode
 from stages.errors import ServiceError
+from stages.oci.network import SlirpNetwork
 from stages.oci.runc import RuncContainer
 from stages.request import BuildRequest
 
@@ -50,15 +52,21 @@ def shell_config(config: dict, *, command: list[str] | None, terminal: bool,
 def kept_limits(config: dict, req: BuildRequest) -> dict[str, Any]:
     """The SpecOptions of a kept build's config.json that the operator's
     policy decided (host paths, limits): the shell gets what the build got."""
+    from stages.spec import MAX_MEMORY_ANNOTATION, MAX_PIDS_ANNOTATION
+
     ro = set(req.available_ro_paths)
-    resources = config.get("linux", {}).get("resources", {})
+    annotations = config.get("annotations", {})
     tmp = next((o for m in config["mounts"] if m["destination"] == "/tmp"
                 for o in m.get("options", []) if o.startswith("size=")), None)
+
+    def limit(name: str) -> int | None:
+        return int(annotations[name]) if name in annotations else None
+
     return {
         "ro_sources": {m["destination"]: m["source"] for m in config["mounts"]
                        if m["destination"] in ro},
-        "max_pids": resources.get("pids", {}).get("limit"),
-        "max_memory": resources.get("memory", {}).get("limit"),
+        "max_pids": limit(MAX_PIDS_ANNOTATION),
+        "max_memory": limit(MAX_MEMORY_ANNOTATION),
         "tmp_size": int(tmp.removeprefix("size=")) if tmp else None,
         "seccomp": "seccomp" in config.get("linux", {}),
     }
@@ -89,17 +97,29 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
             raise ServiceError(str(bundle), f"the bundle of run {run_dir.name} was not kept; "
                                             f"build again with --keep-failed, --keep or "
                                             f"--stop-after bundle")
+        from stages.teardown import KEPT_MARKER
+
+        if (bundle / KEPT_MARKER).exists():
+            # The run is in use: a prune spares it while this instance lives
+            # (stages.service.prune), and recovery spares a kept bundle.
+            svc.record_keys([spec.key])
         req = spec.request
         await host.mounts.ensure_running()
         shell_bundle = Path(f"{bundle}.shell")
         container_id = f"ocibuild-{spec.key}.shell"
+        network: dict[str, Any] = {}
+        netns = Path()
+        if req.network_access and host.netns_dir is not None:
+            netns = host.netns_dir / f"{spec.key}.shell"
+            network = {"network_namespace": str(netns), "network_files": host.network_files()}
         try:
             opts = SpecOptions(
                 idmap=host.idmap, rootfs=layout.rootfs,
                 scratch_dirs=layout.scratch_dirs(req.scratch_paths),
                 input_paths={n.name: host.mounts.content_path(n) for n in req.inputs
                              if not isinstance(n, SymlinkNode)},
-                busybox=host.busybox, **kept_limits(json.loads(layout.config.read_text()), req))
+                busybox=host.busybox, **kept_limits(json.loads(layout.config.read_text()), req),
+                **network)
             terminal = sys.stdin.isatty()
             config = shell_config(make_spec(req, opts), command=command, terminal=terminal,
                                   busybox=str(host.busybox))
@@ -111,8 +131,11 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
             shell_bundle.mkdir()
             (shell_bundle / "config.json").write_text(json.dumps(config, indent=2))
             # The shell owns the terminal: runc runs on this process's stdio.
-            async with RuncContainer(shell_bundle, container_id,
-                                     state_root=host.runc_root) as container:
+            async with contextlib.AsyncExitStack() as stack:
+                if network:  # the build's kind of network: a namespace of its own
+                    await stack.enter_async_context(SlirpNetwork(netns))
+                container = await stack.enter_async_context(
+                    RuncContainer(shell_bundle, container_id, state_root=host.runc_root))
                 return await container.run_attached()
         finally:
             shutil.rmtree(shell_bundle, ignore_errors=True)

@@ -11,6 +11,9 @@ Status codes of DoBuild (the one boundary where errors become codes and back):
 server side                       status code         client raises
 ================================  ==================  ================================
 request refused (RequestError)    INVALID_ARGUMENT    RequestError (same field, rule)
+refused in a later stage: policy, INVALID_ARGUMENT    RequestError (same field, rule)
+spec (SpecError)
+input not in the store            FAILED_PRECONDITION RequestError (same field, rule)
 build failed (BuildFailed)        INTERNAL            BuildFailed (same key, stage)
 other BuildError (ServiceError)   INTERNAL            ServiceError
 server shutting down              UNAVAILABLE         ServiceError
@@ -53,15 +56,16 @@ import asyncio
 import logging
 import os
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from stages.errors import BuildError, BuildFailed, RequestError, ServiceError
+from stages.errors import BuildError, BuildFailed, RequestError, ServiceError, SpecError
 
 # rpc_build_pb2 registers the service's descriptor (rpc_build_pb2_grpc does not
 # import it), which server reflection looks up in the default pool.
-from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc  # noqa: F401
+from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc  # noqa: F401 - rpc_build_pb2 registers the service descriptor reflection serves
 from stages.request import (
     Build,
     BuildRequest,
@@ -80,6 +84,8 @@ log = logging.getLogger(__name__)
 BUILD_SERVICE_NAME = "tvix.build.v1.BuildService"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
+#: Refusals that depend on the server's state, not the request alone.
+_PRECONDITIONS = frozenset({"input-in-store"})
 _KIND = "ocibuild-error"
 _FIELD = "ocibuild-field"
 _RULE = "ocibuild-rule"
@@ -102,6 +108,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         self.service = service
         self._builds: set[asyncio.Task[Build]] = set()
         self._closing = False
+        self._hidden = _host_paths(service)
 
     @property
     def running(self) -> int:
@@ -118,7 +125,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         except RequestError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc),
                          {_KIND: "request", _FIELD: exc.field, _RULE: exc.rule,
-                          _MESSAGE: exc.detail.encode()})
+                          _MESSAGE: exc.detail.encode()}, self._hidden)
         # The build runs as a task of its own so that shutdown() can cancel it
         # apart from the handler, and the handler can still answer the call.
         task = asyncio.create_task(self.service.do_build(req))
@@ -136,17 +143,27 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
             await asyncio.gather(task, return_exceptions=True)
             raise
         except BuildFailed as exc:
+            cause = _refusal(exc)
+            if cause is not None:
+                # Refused after validation (an input not in the store, a
+                # policy, an env value the spec cannot carry): the request's fault.
+                code = (grpc.StatusCode.FAILED_PRECONDITION
+                        if getattr(cause, "rule", "") in _PRECONDITIONS
+                        else grpc.StatusCode.INVALID_ARGUMENT)
+                await _abort(context, code, str(cause),
+                             {_KIND: "request", _FIELD: cause.field, _RULE: cause.rule,
+                              _MESSAGE: cause.detail.encode()}, self._hidden)
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
                          {_KIND: "build-failed", _KEY: exc.key, _STAGE: exc.stage or "",
-                          _MESSAGE: _failure_message(exc).encode()})
+                          _MESSAGE: _failure_message(exc).encode()}, self._hidden)
         except BuildError as exc:
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
-                         {_KIND: "service", _MESSAGE: str(exc).encode()})
+                         {_KIND: "service", _MESSAGE: str(exc).encode()}, self._hidden)
         except Exception as exc:
             log.exception("DoBuild failed unexpectedly")
             await _abort(context, grpc.StatusCode.INTERNAL,
                          f"internal error of the build service: {type(exc).__name__}: {exc}",
-                         {_KIND: "service"})
+                         {_KIND: "service"}, self._hidden)
         finally:
             self._builds.discard(task)
         return build_to_proto(build)
@@ -158,6 +175,17 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _refusal(exc: BaseException) -> RequestError | SpecError | None:
+    """The RequestError or SpecError a failed build's stage raised, if any
+    (through the stage's own wrapping: BuildFailed <- StageFailed <- it)."""
+    cause = exc.__cause__
+    for _ in range(8):
+        if cause is None or isinstance(cause, RequestError | SpecError):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def _current_cancelling() -> bool:
@@ -173,10 +201,34 @@ def _failure_message(exc: BuildFailed) -> str:
     return rest if sep else text
 
 
+def _host_paths(service: BuildService) -> list[str]:
+    """The server's own directories, which its answers never show a client."""
+    paths = set()
+    for attr in ("state_dir", "blob_address", "directory_address"):
+        value = getattr(service, attr, None)
+        if value is None:
+            continue
+        text = str(value)
+        if "://" in text:
+            text = urllib.parse.unquote(urllib.parse.urlsplit(text).path)
+        if text.startswith("/") and text != "/":
+            paths.update({text.rstrip("/"), os.path.realpath(text)})
+    return sorted(paths, key=len, reverse=True)
+
+
+def _redact(text: str, hidden: Sequence[str]) -> str:
+    for path in hidden:
+        text = text.replace(path, "<server>")
+    return text
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str,
-                 metadata: dict[str, str | bytes]) -> None:
-    context.set_trailing_metadata(tuple(metadata.items()))
-    await context.abort(code, details)
+                 metadata: dict[str, str | bytes], hidden: Sequence[str] = ()) -> None:
+    """End the call with ``code``; the server's own paths are cut out of what it says."""
+    clean = {k: (_redact(v.decode(errors="replace"), hidden).encode() if isinstance(v, bytes)
+                 else _redact(v, hidden)) for k, v in metadata.items()}
+    context.set_trailing_metadata(tuple(clean.items()))
+    await context.abort(code, _redact(details, hidden))
 
 
 def add_build_servicer(server: grpc.aio.Server, service: BuildService) -> BuildServicer:
@@ -268,7 +320,7 @@ def _translate(address: str, exc: grpc.aio.AioRpcError,
     message = meta.get(_MESSAGE)
     message = message.decode(errors="replace") if isinstance(message, bytes) else details
     where = f" (build service {address})"
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
         if kind == "request":
             return RequestError(str(meta.get(_FIELD, "request")), str(meta.get(_RULE, "remote")),
                                 message + where)

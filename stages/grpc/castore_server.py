@@ -203,7 +203,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
         try:
             validate_digest(request.digest)
             reader = await self.blobs.open_read(request.digest)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - _abort gives every error its status
             await _abort(context, exc)
         async with reader:
             # One message read (and encoded) ahead: the store's read of the
@@ -216,7 +216,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
                     # Writing here instead of yielding skips the generator
                     # machinery per message; await blocks on flow control.
                     await context.write(message)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - _abort gives every error its status
                 await _abort(context, exc)
             finally:
                 if not ahead.done():
@@ -235,7 +235,7 @@ class BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
                         await writer.write(chunk.data)
                 await _unless_cancelled(context)
                 digest = await writer.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - _abort gives every error its status
             await _abort(context, exc)
         return rpc_blobstore_pb2.PutBlobResponse(digest=digest)
 
@@ -263,7 +263,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
                 return
             async for directory in self.directories.get_recursive(digest):
                 await context.write(directory_to_proto(directory))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - _abort gives every error its status
             await _abort(context, exc)
 
     async def Put(self, request_iterator: AsyncIterator[castore_pb2.Directory],
@@ -274,7 +274,7 @@ class DirectoryServicer(rpc_directory_pb2_grpc.DirectoryServiceServicer):
                 await putter.put(directory_from_proto(message))
             await _unless_cancelled(context)
             root = await putter.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - _abort gives every error its status
             await _abort(context, exc)
         return rpc_directory_pb2.PutDirectoryResponse(root_digest=root)
 

@@ -16,6 +16,12 @@ everything listens, one line goes to stdout:
 ``ocibuild: serving on ADDR[, ADDR...]`` (with ``unix://`` and
 ``grpc+unix://``-style clients in mind, addresses as given, ports resolved).
 
+Run records are pruned (:mod:`stages.service.prune`): once at start, then
+every ``prune_interval`` seconds (default hourly), in a background task; by
+default the newest 1000 runs stay, none last active over 7 days ago, and a
+running run always stays. Each prune that removed something prints one line
+on stderr. Shutdown stops a prune under way after its current run.
+
 Shutdown (SIGTERM, SIGINT, or the ``stop`` event): health turns NOT_SERVING,
 new builds get UNAVAILABLE, running builds are cancelled and their teardown
 runs to the end (containers killed and deleted, mounts and bundles removed),
@@ -51,6 +57,13 @@ import grpc
 
 from stages.errors import ServiceError
 from stages.policy import Policy
+from stages.service.prune import (
+    PRUNE_INTERVAL,
+    SERVE_KEEP,
+    SERVE_OLDER_THAN,
+    PruneReport,
+    PruneSettings,
+)
 
 __all__ = ["ListenAddress", "parse_listen_address", "serve"]
 
@@ -60,6 +73,8 @@ CASTORE_SERVICE_NAMES = ("tvix.castore.v1.BlobService", "tvix.castore.v1.Directo
 SHUTDOWN_GRACE = 3.0
 #: The longest a build of a remote client may run, by default (seconds).
 DEFAULT_TIMEOUT = 3600.0
+#: What a build farm keeps of its run records, by default.
+DEFAULT_PRUNE = PruneSettings(keep=SERVE_KEEP, older_than=SERVE_OLDER_THAN)
 
 
 @attrs.frozen(kw_only=True)
@@ -141,10 +156,27 @@ def _print_ready(addresses: Sequence[str]) -> None:
     print(f"ocibuild: serving on {', '.join(addresses)}", flush=True)
 
 
+def _print_pruned(report: PruneReport) -> None:
+    if report.removed:
+        n, b = len(report.removed), report.bundles
+        print(f"ocibuild: pruned {n} run{'' if n == 1 else 's'} and {b} "
+              f"bundle{'' if b == 1 else 's'} ({report.settings.describe()}); kept {report.kept}"
+              + (f", spared {len(report.spared)} running" if report.spared else ""),
+              file=sys.stderr, flush=True)
+    for line in report.errors:
+        print(f"ocibuild: prune: {line}", file=sys.stderr, flush=True)
+
+
+def _print_prune_failed(exc: BaseException) -> None:
+    print(f"ocibuild: prune failed: {exc}", file=sys.stderr, flush=True)
+
+
 async def serve(listen: Sequence[str], *, state_dir: Path | str | None = None,
                 blob_address: str | None = None, directory_address: str | None = None,
                 jobs: int | None = None, policy: Policy | None = None,
-                timeout: float | None = DEFAULT_TIMEOUT, stop: asyncio.Event | None = None,
+                timeout: float | None = DEFAULT_TIMEOUT,
+                prune: PruneSettings | None = DEFAULT_PRUNE,
+                prune_interval: float = PRUNE_INTERVAL, stop: asyncio.Event | None = None,
                 ready: Callable[[list[str]], None] | None = None,
                 handle_signals: bool = True, grace: float = SHUTDOWN_GRACE) -> int:
     """Serve castore and builds until SIGTERM/SIGINT (or ``stop`` is set); return 0.
@@ -152,6 +184,9 @@ async def serve(listen: Sequence[str], *, state_dir: Path | str | None = None,
     ``policy`` is what remote requests may have (default: the defaults of
     :class:`~stages.policy.Policy`, no host paths, no network); ``timeout``
     bounds every build (default :data:`DEFAULT_TIMEOUT`; None: unbounded).
+    ``prune`` is what of the run records to keep (default
+    :data:`DEFAULT_PRUNE`; None: no pruning), pruned at start and every
+    ``prune_interval`` seconds.
     ``ready`` receives the addresses listened on, once serving (default:
     print the ready line). With ``handle_signals``, SIGTERM and SIGINT
     start the shutdown described in the module docstring.
@@ -163,6 +198,7 @@ async def serve(listen: Sequence[str], *, state_dir: Path | str | None = None,
     from stages.grpc.build_service import BUILD_SERVICE_NAME, add_build_servicer
     from stages.grpc.castore_server import add_castore_servicers
     from stages.service import OciBuildService, default_state_dir
+    from stages.service.prune import prune_periodically
 
     if not listen:
         raise ServiceError("serve", "nothing to listen on: give at least one --listen ADDR")
@@ -221,10 +257,18 @@ async def serve(listen: Sequence[str], *, state_dir: Path | str | None = None,
                     bound.append(a.unix_path)
                 shown.append(a.shown(port))
             await server.start()
+            pruning = None
+            if prune is not None:
+                pruning = asyncio.create_task(prune_periodically(
+                    svc.state_dir, prune, interval=prune_interval, on_report=_print_pruned,
+                    on_error=_print_prune_failed), name="ocibuild-prune")
             try:
                 (ready or _print_ready)(shown)
                 await stop.wait()
             finally:
+                if pruning is not None:  # stops after the run it is removing, if any
+                    pruning.cancel()
+                    await asyncio.gather(pruning, return_exceptions=True)
                 # Order matters: refuse and cancel builds first (their handlers
                 # answer UNAVAILABLE), then stop the server with a grace for
                 # castore calls in flight, then close the service (exit stack).

@@ -502,8 +502,6 @@ async def _run(service: OciBuildService, run_dir: Path, graph: Graph, specs: lis
     from pipeline import Runner
     from stages.graph import build_caps
 
-    # So that crash recovery (a later service) removes their bundles.
-    service.record_keys(spec.key for spec in specs)
     runner = Runner(graph, run_dir=run_dir, caps=build_caps(jobs),
                     subscribers=[*service.subscribers, *subscribers],
                     # The service's own caps, shared with its other runs, unless
@@ -540,6 +538,9 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
         run_dir = new_run_dir(service.runs_dir, "nix")
         try:
             plan.keys = {d: _key(d, plan.drvs[d], run_token(run_dir)) for d in plan.to_build}
+            # At once, before the graph is made: so that crash recovery (a later
+            # service) removes their bundles, and a concurrent prune spares the run.
+            service.record_keys(plan.keys.values())
             specs, graph = _graph(plan, host, cores)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep

@@ -22,7 +22,8 @@ Caveats:
   process of the build; ``--all`` also covers the window before that.
 - The exit code is runc's: the builder's status, or 128+N when it died of
   signal N; runc's own failures (a broken bundle) give 1 with runc's message
-  in the log.
+  in the log. runc itself killed (a negative status) is a RuncError saying
+  so, never "the builder failed"; the container is destroyed first.
 - An exception raised by ``on_line`` stops the build (with the teardown
   above) and propagates as itself.
 - stdout and stderr are read in chunks and split on newlines; a line longer
@@ -106,6 +107,12 @@ class RuncContainer:
         finally:
             if log is not None:
                 log.close()
+        if code < 0:
+            # runc's own death (the builder's shows as 128+N): not the builder's doing.
+            raise RuncError(self.container_id,
+                            f"runc itself was killed by {signal.Signals(-code).name} "
+                            f"(from outside the build); the container was killed and deleted",
+                            log_tail=self.log_tail)
         if check and code != 0:
             raise RuncError(self.container_id, "the builder failed", exit_code=code,
                             log_tail=self.log_tail)

@@ -7,7 +7,7 @@
 - instances on a state directory and the recovery of dead ones
   (:mod:`stages.service.recovery`);
 - run records: the builds of a run, their results, the list of runs
-  (:mod:`stages.service.runs`).
+  (:mod:`stages.service.runs`), and their pruning (:mod:`stages.service.prune`).
 
 Importing this package loads nothing of the build machinery (the pipeline,
 the graph, the request model): a starting service spawns its FUSE mount
@@ -25,6 +25,7 @@ _HOMES = {
     "stages.service.recovery": ("cleanup_dead_instances",),
     "stages.service.runs": ("build_result", "default_state_dir", "list_runs",
                             "load_build_specs"),
+    "stages.service.prune": ("prune_runs",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -38,6 +39,7 @@ __all__ = [
     "list_runs",
     "load_build_specs",
     "open_build_service",
+    "prune_runs",
 ]
 
 __getattr__ = lazy_exports(__name__, _HOME_OF)

@@ -48,6 +48,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,6 +116,7 @@ class OciBuildService(BuildService):
         self._castore: Castore | None = None
         self._mounts: MountServer | None = None
         self._limiters: dict | None = None
+        self._supervisor: subprocess.Popen[bytes] | None = None
         self.cleaned: list[str] = []
 
     # -- lifetime ---------------------------------------------------------------
@@ -121,6 +124,7 @@ class OciBuildService(BuildService):
     async def __aenter__(self) -> OciBuildService:
         # Only what spawning the mount server needs, before it is spawned.
         from stages.castore.fuse import MountServer
+        from stages.oci import cgroups
         from stages.oci.idmap import BUILD_GID, BUILD_UID, load_idmap
         from stages.oci.layout import check_traversable
 
@@ -136,6 +140,8 @@ class OciBuildService(BuildService):
             raise ServiceError(str(self.state_dir), str(exc)) from exc
         self._instance = Instance.create(self.state_dir)
         try:
+            # First: from now on a container of this instance dies with it.
+            self._supervisor = _start_supervisor(self._instance.dir / "runc")
             idmap = load_idmap()
             # Inputs belong to the build user, as in Nix's sandbox.
             self._mounts = MountServer(self._instance.dir / "mnt",
@@ -157,6 +163,8 @@ class OciBuildService(BuildService):
                                   bundles_dir=self.bundles_dir, trash_dir=self.trash_dir,
                                   runc_root=self._instance.dir / "runc", idmap=idmap,
                                   runtime_dir=self._instance.runtime, policy=self.policy,
+                                  cgroup_root="ocibuild" if cgroups.available() else None,
+                                  netns_dir=self._instance.dir / "netns",
                                   scratch_dir=self._instance.dir / "scratch")
         except BaseException:
             await self.aclose()
@@ -174,6 +182,9 @@ class OciBuildService(BuildService):
                 castore, self._castore = self._castore, None
                 await castore.aclose()
         finally:
+            if self._supervisor is not None:
+                supervisor, self._supervisor = self._supervisor, None
+                _stop_supervisor(supervisor)
             if self._instance is not None:
                 self._instance.close()
                 self._instance = None
@@ -204,6 +215,9 @@ class OciBuildService(BuildService):
         host = self._require_host()
         keep = keep or self.keep
         run_dir = new_run_dir(self.runs_dir)
+        # At once (no await since the mint): a concurrent prune spares a run
+        # whose keys a live instance recorded (stages.service.prune).
+        self.record_keys(build_key(run_dir, i, len(requests)) for i in range(len(requests)))
         try:
             specs = [BuildSpec(request=req, key=build_key(run_dir, i, len(requests)), keep=keep,
                                timeout=self.timeout,
@@ -215,7 +229,6 @@ class OciBuildService(BuildService):
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
             raise
-        self.record_keys(spec.key for spec in specs)
         runner = Runner(graph, run_dir=run_dir, caps=build_caps(self.jobs),
                         subscribers=[*self.subscribers, *subscribers], limiters=self.limiters)
         run = await runner.run(stop_after=stops)
@@ -289,6 +302,30 @@ class OciBuildService(BuildService):
         """
         run, specs = await self.run_builds([request])
         return build_result(run, specs[0])
+
+
+def _start_supervisor(runc_root: Path) -> subprocess.Popen[bytes]:
+    """The instance's janitor (:mod:`stages.service.supervisor`), in its own session."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.service.supervisor", "--runc-root", str(runc_root)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_supervisor(supervisor: subprocess.Popen[bytes]) -> None:
+    """Tell the janitor this instance ended normally, and reap it."""
+    from stages.service.supervisor import BYE
+
+    assert supervisor.stdin is not None
+    try:
+        supervisor.stdin.write(BYE)
+        supervisor.stdin.close()
+    except OSError:  # it died: nothing to tell
+        pass
+    try:
+        supervisor.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        supervisor.kill()
+        supervisor.wait()
 
 
 def _empty(directory: Path) -> None:

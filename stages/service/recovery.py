@@ -31,12 +31,14 @@ import attrs
 
 from stages.castore.fuse import cleanup_stale_mounts
 from stages.errors import BuildError
+from stages.oci import cgroups
 from stages.oci.layout import check_traversable, remove_bundle
+from stages.oci.network import cleanup_stale_namespaces
 from stages.oci.runc import cleanup_stale_containers
 from stages.teardown import KEPT_MARKER
 
 __all__ = ["DEFAULT_RUNTIME_BASE", "RUNTIME_ENV", "RUNTIME_MIN_BYTES", "Instance",
-           "cleanup_dead_instances"]
+           "cleanup_dead_instances", "live_instance_keys"]
 
 
 def _try_lock(path: Path) -> int | None:
@@ -68,8 +70,12 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
                 removed.append(f"mount {mnt}")
             for cid in await cleanup_stale_containers(inst / "runc"):
                 removed.append(f"container {cid}")
+            for netns in cleanup_stale_namespaces(inst / "netns"):
+                removed.append(f"network namespace {netns}")
             keys = (inst / "keys").read_text().split() if (inst / "keys").exists() else []
             for key in keys:
+                if cgroups.available():
+                    cgroups.remove_tree(f"ocibuild/{key}")
                 bundle = state_dir / "bundles" / key
                 if bundle.exists() and not (bundle / KEPT_MARKER).exists():
                     remove_bundle(bundle)
@@ -83,6 +89,37 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def live_instance_keys(state_dir: Path) -> set[str]:
+    """The build keys recorded by the live service instances on a state directory.
+
+    Live: its lock is held (by any process, this one included). A dead
+    instance's keys are not returned, and it is left for
+    :func:`cleanup_dead_instances`; its lock is taken only for the moment
+    of the test (a service starting then skips it once, as if alive).
+    """
+    keys: set[str] = set()
+    instances = state_dir / "instances"
+    if not instances.is_dir():
+        return keys
+    for inst in sorted(instances.iterdir()):
+        try:
+            # Not _try_lock: no O_CREAT, so nothing is made in a directory
+            # its instance is deleting as it closes.
+            fd = os.open(inst / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # no lock yet (its keys come after it), or gone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                keys.update((inst / "keys").read_text().split())
+            except OSError:
+                pass  # no build yet
+        finally:
+            os.close(fd)
+    return keys
 
 
 RUNTIME_ENV = "OCIBUILD_RUNTIME_DIR"

@@ -9,6 +9,15 @@
 From these a later service (``ocibuild resume``, ``ocibuild shell``)
 rebuilds the run's graph (:func:`load_build_specs`). :func:`build_result`
 reads the outcome of one build of a finished run.
+
+Build keys name a run's bundles (``bundles/<key>``) and are what a service
+instance records as its own (:mod:`stages.service.recovery`). A run's keys
+are :func:`build_key` of its id for the service's runs; a caller composing
+its own graph of builds (the Nix builder) ends each key with ``-<token>``,
+the random part of the run id (:func:`pipeline.run_token`).
+:func:`run_keys` reads a run's keys from its directory, :func:`key_of_run`
+tells a key named after a run (pruning, :mod:`stages.service.prune`, uses
+both).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ if TYPE_CHECKING:
     from stages.request import Build
 
 __all__ = ["BUILDS_FILE", "build_key", "build_result", "default_state_dir", "full_stage",
-           "list_runs", "load_build_specs",
+           "key_of_run", "list_runs", "load_build_specs", "run_keys",
            "save_specs", "stage_name", "stop_points"]
 
 BUILDS_FILE = "builds.json"
@@ -45,6 +54,38 @@ def default_state_dir() -> Path:
 
 def build_key(run_dir: Path, i: int, n: int) -> str:
     return run_dir.name if n == 1 else f"{run_dir.name}.{i}"
+
+
+def key_of_run(run_id: str, key: str) -> bool:
+    """Whether build key ``key`` is named as one of run ``run_id``'s.
+
+    The id itself or ``<id>.<i>`` (:func:`build_key`), or ending in
+    ``-<token>`` (keys of graphs composed by callers; see the module
+    docstring). The last rule may, rarely, match a key of another run
+    whose token is the same: use it only where a wrong yes is safe.
+    """
+    token = run_id.rsplit("-", 1)[-1]
+    return key == run_id or key.startswith(run_id + ".") or key.endswith("-" + token)
+
+
+def run_keys(run_dir: Path, run: Run | None = None) -> set[str]:
+    """The build keys a run directory names: its builds.json, and the stage
+    names of its journal (``run``, as :func:`pipeline.load_run` reads it):
+    ``KEY/STAGE``, or bare names for a run of one build keyed by the run id.
+
+    Unreadable parts name nothing. A run that just started may name no key
+    yet (no settled stage, no builds.json): see :func:`key_of_run`.
+    """
+    keys: set[str] = set()
+    try:
+        meta = json.loads((run_dir / BUILDS_FILE).read_text())
+        keys.update(str(m["key"]) for m in meta)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if run is not None:
+        for name in run.stages:
+            keys.add(name.split("/", 1)[0] if "/" in name else run_dir.name)
+    return keys
 
 
 def save_specs(run_dir: Path, specs: Sequence[BuildSpec],
@@ -109,8 +150,10 @@ def build_result(run: Run, spec: BuildSpec) -> Build:
     first = next((o for n, o in run.stages.items()
                   if o.state is StageState.FAILED and mine(n)), None)
     if first is not None:
+        # The stage's exception as the cause (in the process that ran it):
+        # a server answers a refused request apart from a failed build.
         raise BuildFailed(spec.key, first.error or "failed", stage=first.name,
-                          run_dir=run.run_dir)
+                          run_dir=run.run_dir) from first.exception
     if run.status is RunStatus.CANCELLED:
         raise BuildFailed(spec.key, "cancelled", run_dir=run.run_dir)
     raise BuildFailed(spec.key, f"did not reach ingest (run {run.status.value})",

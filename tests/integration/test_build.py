@@ -15,13 +15,11 @@ against the OCI runtime-spec schema.
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import blake3
@@ -36,7 +34,6 @@ from stages.castore.ingest import ingest_path
 from stages.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from stages.errors import BuildFailed
 from stages.oci.schema import validate_config
-from stages.policy import Policy
 from stages.request import AdditionalFile, BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService
 
@@ -148,9 +145,8 @@ async def env():
     store = f"local://{base}/store"
     try:
         paths = _make_inputs(base)
-        # Network granted: test_network_only_when_asked builds with and without.
         async with OciBuildService(base / "state", blob_address=store, directory_address=store,
-                                   jobs=2, policy=Policy(allow_network=True)) as svc:
+                                   jobs=2) as svc:
             inputs: dict[str, object] = {}
             for name, path in paths.items():
                 inputs[name] = await ingest_path(svc.host.castore, path)
@@ -347,40 +343,8 @@ async def test_inputs_visible_with_exact_bytes_modes_and_symlinks(env: Env) -> N
     assert (await env.blob(bb_list)).decode().split() == sorted(("busybox", *APPLETS))
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"served from the host\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def http_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-@pytest.mark.parametrize("network", [False, True], ids=["sandboxed", "network_access"])
-async def test_network_only_when_asked(env: Env, http_server: str, network: bool) -> None:
-    # (busybox's wget -T segfaults; without a network namespace of the host's
-    # the connection is simply refused.)
-    script = (f"if wget -q -O /nix/store/out {http_server}; then :; "
-              "else echo unreachable > /nix/store/out; fi")
-    build = await env.svc.do_build(env.request(script, network=network))
-    got = await env.blob(build.outputs[0])
-    assert got == (b"served from the host\n" if network else b"unreachable\n")
+# Network access (a namespace of the build's own, never the host's) is
+# tested in test_network.py, against real hosts.
 
 
 async def test_environment_and_etc_exactly(env: Env) -> None:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
 import grpc
 import pytest
 import pytest_asyncio
@@ -182,8 +183,6 @@ async def test_a_hundred_builds_with_jobs_2(env: Env) -> None:
 async def test_refused_and_failed_builds(env: Env) -> None:
     async with GrpcBuildService(env.address) as svc:
         bad = env.request("true")
-        import attrs
-
         with pytest.raises(RequestError) as info:
             await svc.do_build(attrs.evolve(bad, working_dir="../escape"))
         assert info.value.field == "working_dir"
@@ -246,4 +245,37 @@ async def test_remote_build_uploads_inputs_and_fetches_outputs(env: Env) -> None
         await svc.aclose()
         await remote.aclose()
         await local.aclose()
+    assert env.leftovers() == []
+
+
+async def test_requests_refused_after_validation_are_not_internal(env: Env) -> None:
+    # Raw gRPC, to see the status codes themselves (GrpcBuildService turns
+    # them back into errors): refusals are the request's fault, never INTERNAL.
+    from stages.proto import rpc_build_pb2_grpc
+    from stages.request import request_to_proto
+
+    missing = FileNode(name=b"missing", digest=bytes(32), size=1)
+    d = env.bb_node
+    wrong_size = type(d)(name=d.name, digest=d.digest, size=d.size + 1)
+    cases = [
+        (env.request("true", inputs=[env.bb_node, missing]),
+         grpc.StatusCode.FAILED_PRECONDITION, "inputs[1]"),
+        (env.request("true", inputs=[wrong_size]), grpc.StatusCode.INVALID_ARGUMENT,
+         "inputs[0].size"),
+        (attrs.evolve(env.request("true"), environment_vars=[
+            EnvVar(key="PATH", value=BB.encode()), EnvVar(key="X", value=b"\xff")]),
+         grpc.StatusCode.INVALID_ARGUMENT, "environment_vars[1].value"),
+        (attrs.evolve(env.request("true"), constraints=BuildConstraints(
+            system="x86_64-linux", available_ro_paths=["/var/lib"])),
+         grpc.StatusCode.INVALID_ARGUMENT, "constraints.available_ro_paths[0]"),
+    ]
+    async with grpc.aio.insecure_channel(f"unix://{env.sock}") as channel:
+        stub = rpc_build_pb2_grpc.BuildServiceStub(channel)
+        for request, code, field in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.DoBuild(request_to_proto(request))
+            assert info.value.code() is code, (field, info.value.details())
+            meta = dict(info.value.trailing_metadata() or ())
+            assert meta.get("ocibuild-field") == field
+            assert str(env.base) not in (info.value.details() or ""), "a host path leaked"
     assert env.leftovers() == []

@@ -164,7 +164,26 @@ async def test_a_memory_hog_is_stopped(env: Env) -> None:
     assert await env.out(env.python(_touch_memory(16 << 20))) == b"survived"  # the control
     with pytest.raises(BuildFailed) as info:
         await env.svc.do_build(env.python(_touch_memory(MAX_MEMORY * 2)))
-    assert info.value.stage == "run" and "exit code 137" in str(info.value)  # SIGKILL
+    message = str(info.value)
+    assert info.value.stage == "run" and "exit code 137" in message  # SIGKILL
+    assert f"memory limit {MAX_MEMORY} bytes reached" in message
+
+
+async def test_a_shell_fork_bomb_fails_naming_the_process_limit(env: Env) -> None:
+    # busybox sh gives up when it cannot fork: the failure names the limit.
+    script = "while true; do sleep 30 & done"
+    with pytest.raises(BuildFailed) as info:
+        await env.svc.do_build(env.sh(script))
+    assert f"process limit {MAX_PIDS} (--max-pids)" in str(info.value)
+
+
+async def test_no_cgroup_outlives_its_build(env: Env) -> None:
+    await env.out(env.sh("echo ok > /nix/store/out"))
+    for controller in ("memory", "pids", "cpu", "freezer"):
+        top = Path("/sys/fs/cgroup") / controller / "ocibuild"
+        left = [d for d in top.iterdir() if d.is_dir()] if top.is_dir() else []
+        # Every build of this module is a run of one request: its key is the run id.
+        assert not [d for d in left if d.name in _runs(env)], left
 
 
 async def test_tmp_is_bounded(env: Env) -> None:

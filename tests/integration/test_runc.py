@@ -349,3 +349,23 @@ async def test_concurrent_builds_share_the_mapping(sb) -> None:
         assert out(lines) == b""  # each /build starts empty: no one sees another's files
         assert lay.host_path(reqs[i].scratch_paths, "nix/store/out").read_bytes() == f"{i}\n".encode()
     assert await list_containers(sb.state) == []
+
+
+async def test_runc_killed_from_outside_is_not_the_builder_failing(sb) -> None:
+    import signal
+
+    marker = str(5_000_000 + uuid.uuid4().int % 1_000_000)
+    lay = sb.bundle(sb.request(f"echo started; sleep {marker}"))
+    started = asyncio.Event()
+    async with sb.container(lay) as c:
+        task = asyncio.create_task(c.run(on_line=lambda s, line: started.set()))
+        await asyncio.wait_for(started.wait(), 20)
+        assert c._proc is not None
+        os.kill(c._proc.pid, signal.SIGKILL)  # runc itself, not the builder
+        with pytest.raises(RuncError) as info:
+            await task
+    message = str(info.value)
+    assert "runc itself was killed by SIGKILL" in message
+    assert "the builder failed" not in message and info.value.exit_code is None
+    assert await list_containers(sb.state) == []
+    assert processes_with(f"sleep {marker}") == []

@@ -51,6 +51,12 @@ def test_generated_requests_are_valid(req) -> None:
 CASES = [
     # (id, changes, field, rule)
     ("args-empty", dict(command_args=[]), "command_args", "args-empty"),
+    ("arg-too-long", dict(command_args=["/bin/sh", "x" * (128 << 10)]), "command_args[1]",
+     "exec-string-too-long"),
+    ("env-too-long", dict(environment_vars=[EnvVar(key="A", value=b"v" * (3 << 20))]),
+     "environment_vars[0].value", "exec-string-too-long"),
+    ("exec-too-big", dict(command_args=["/bin/sh", *["y" * 100_000] * 21]), "command_args",
+     "exec-too-big"),
     ("arg0-empty", dict(command_args=["", "x"]), "command_args[0]", "arg-empty"),
     ("arg-nul", dict(command_args=["/bin/sh", "a\0b"]), "command_args[1]", "nul"),
     ("workdir-empty", dict(working_dir=""), "working_dir", "path-empty"),
