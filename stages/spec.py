@@ -210,6 +210,26 @@ def _bind(dest: str, source: str, *options: str) -> dict:
             "options": ["bind", *options]}
 
 
+#: runc hands the sources of a user-namespaced container's bind mounts to its
+#: init in one netlink attribute, whose length is a u16: their paths (each
+#: with a NUL) and a few bytes of header must fit in 65535 bytes.
+MOUNT_MESSAGE_LIMIT = 65535 - 64
+
+
+def _check_mount_message(req: BuildRequest, mounts: list[dict]) -> None:
+    """Refuse here what runc would refuse late ("cannot serialize bytemsg")."""
+    binds = [m for m in mounts if m.get("type") == "bind"
+             or {"bind", "rbind"} & set(m.get("options", ()))]
+    total = sum(len(m["source"].encode()) + 1 for m in binds)
+    if total > MOUNT_MESSAGE_LIMIT:
+        per = total // max(len(binds), 1)
+        raise SpecError("inputs", "too-many-mounts",
+                        f"{len(req.inputs)} inputs and {len(binds) - len(req.inputs)} other "
+                        f"binds: runc passes their {total} bytes of source paths in one "
+                        f"message of at most {MOUNT_MESSAGE_LIMIT}, about "
+                        f"{MOUNT_MESSAGE_LIMIT // per} binds of this length")
+
+
 def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
     """The config.json for a validated request, as a dict (no I/O)."""
     mounts: list[dict] = [
@@ -293,6 +313,7 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
         linux["resources"] = resources
     if opts.seccomp:
         linux["seccomp"] = seccomp_profile()
+    _check_mount_message(req, mounts)
     return {
         "ociVersion": OCI_VERSION,
         "process": {

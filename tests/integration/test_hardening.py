@@ -235,3 +235,24 @@ async def test_seccomp_refuses_what_a_build_never_needs(env: Env) -> None:
         assert results[name] == "-1 EPERM", (name, results[name])
     assert results["setxattr"] == "ENOTSUP" or results["setxattr"] == "EOPNOTSUPP"
     assert results["getpid"] == "True"  # the filter lets ordinary calls through
+
+
+async def test_many_inputs_build_or_are_refused_before_runc(env: Env) -> None:
+    from stages.castore.nodes import FileNode
+
+    assert env.svc.host is not None
+    data_node = await ingest_path(env.svc.host.castore, env.base / "allowed" / "file")
+
+    def many(n: int) -> BuildRequest:
+        files = [FileNode(name=f"in{i:05d}".encode(), digest=data_node.digest,
+                          size=data_node.size) for i in range(n)]
+        req = env.sh(f"cat /nix/store/in{n - 1:05d} > /nix/store/out")
+        return BuildRequest(**{**{a: getattr(req, a) for a in (
+            "command_args", "working_dir", "scratch_paths", "inputs_dir", "outputs",
+            "environment_vars", "constraints")}, "inputs": sorted([*req.inputs, *files],
+                                                              key=lambda n: n.name)})
+
+    assert await env.out(many(200)) == b"granted\n"
+    with pytest.raises(BuildFailed) as info:
+        await env.svc.do_build(many(1500))
+    assert info.value.stage == "spec" and "too-many-mounts" in str(info.value)

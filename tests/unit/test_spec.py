@@ -217,3 +217,22 @@ def test_make_spec_is_pure(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert spec_of(nix_like()) == spec_of(nix_like())
     assert list(tmp_path.iterdir()) == []
+
+
+def _with_inputs(n: int) -> BuildRequest:
+    inputs = [FileNode(name=f"{i:05d}-{'x' * 100}".encode(), digest=D, size=1)
+              for i in range(n)]
+    return nix_like(inputs=inputs, command_args=["/bin/sh"])
+
+
+def test_runcs_mount_message_limit_is_checked_before_runc() -> None:
+    # Measured against runc 1.1 (tests/integration/test_hardening.py builds
+    # just under and over it): each bind's source path and its NUL count.
+    ok = _with_inputs(300)  # 300 * ~120 bytes
+    spec_of(ok)
+    from stages.errors import SpecError
+
+    with pytest.raises(SpecError) as info:
+        spec_of(_with_inputs(600))
+    assert (info.value.field, info.value.rule) == ("inputs", "too-many-mounts")
+    assert "600 inputs" in str(info.value)
