@@ -40,7 +40,15 @@ __all__ = ["inputs_mounted", "stage"]
 @contextlib.asynccontextmanager
 async def inputs_mounted(build: BuildSpec, host: BuildHost,
                          ctx: StageContext) -> AsyncIterator[Path]:
-    """Resource factory: the link to the inputs in the mount server, for as long as held."""
+    """Resource factory: the link to the inputs in the mount server, for as long as held.
+
+    A mount server that died since the last build is replaced first, and
+    the build's log says so.
+    """
+    dead = await host.mounts.revive()
+    if dead is not None:
+        ctx.log(f"the FUSE mount server had died (exit status {dead}); a new one serves "
+                f"the inputs from now on")
     await host.mounts.ensure_running()
     path = host.mounts.content_root
     link = host.input_link(build)

@@ -63,11 +63,25 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[st
     def on_line(stream: str, line: bytes) -> None:
         ctx.log(line.decode("utf-8", "replace").rstrip("\n"), stream=stream)
 
+    generation = host.mounts.generation
+    faults = host.mounts.fault_mark()
     try:
         code = await c.run(on_line=on_line, log_path=log, timeout=build.timeout)
     except RuncTimeoutError:
         raise
     except RuncError as exc:
+        if host.mounts.exit_status is not None or host.mounts.generation != generation:
+            raise RuncError(exc.container_id,
+                            f"the FUSE mount server serving the inputs died while the build "
+                            f"ran (exit status {host.mounts.exit_status}), so its inputs "
+                            f"could not be read; the next build gets a new one",
+                            exit_code=exc.exit_code, log_tail=exc.log_tail) from None
+        refused = host.mounts.faults_since(faults)
+        if refused:
+            raise RuncError(exc.container_id,
+                            "the builder failed after the store refused to serve it bad "
+                            "input data (read as EIO): " + "; ".join(refused[:5]),
+                            exit_code=exc.exit_code, log_tail=exc.log_tail) from None
         raise _named_limit(exc, build, host) from None
     return {"exit_code": code, "log": str(log)}
 

@@ -256,3 +256,90 @@ async def test_many_inputs_build_or_are_refused_before_runc(env: Env) -> None:
     with pytest.raises(BuildFailed) as info:
         await env.svc.do_build(many(1500))
     assert info.value.stage == "spec" and "too-many-mounts" in str(info.value)
+
+
+async def test_a_dead_mount_server_is_named_and_replaced(env: Env) -> None:
+    import asyncio
+    import signal
+
+    from integration_helpers import processes_with
+
+    assert env.svc.host is not None
+    mounts = env.svc.host.mounts
+    data = env.base / f"data-{os.getpid()}"
+    data.write_bytes(os.urandom(1 << 16))  # new bytes: never in any page cache
+    data_node = await ingest_path(env.svc.host.castore, data)
+    marker = f"{7_000_000 + int.from_bytes(os.urandom(3), 'big')}"
+    req = env.sh(f"sleep {marker} & wait; cat /nix/store/{data.name} > /nix/store/out")
+    req = BuildRequest(**{**{a: getattr(req, a) for a in (
+        "command_args", "working_dir", "scratch_paths", "inputs_dir", "outputs",
+        "environment_vars", "constraints")},
+        "inputs": sorted([env.busybox, data_node], key=lambda n: n.name)})
+    task = asyncio.create_task(env.svc.do_build(req))
+    for _ in range(400):
+        if processes_with(f"sleep {marker}"):
+            break
+        await asyncio.sleep(0.05)
+    assert processes_with(f"sleep {marker}"), "the build never started"
+    assert mounts.pid is not None
+    os.kill(mounts.pid, signal.SIGKILL)
+    for pid in processes_with(f"sleep {marker}"):
+        os.kill(pid, signal.SIGKILL)  # the builder goes on to read its input
+    with pytest.raises(BuildFailed) as info:
+        await task
+    assert "FUSE mount server serving the inputs died" in str(info.value)
+    # The next build gets a new server, and says so in its log.
+    assert await env.out(env.sh("echo after > /nix/store/out")) == b"after\n"
+    assert mounts.exit_status is None
+
+
+async def _input_dir(env: Env, files: dict[bytes, object]) -> object:
+    """A directory input made of the given FileNodes (as stored, or lying)."""
+    from stages.castore.nodes import Directory
+
+    assert env.svc.host is not None
+    directory = Directory.from_nodes(files.values())  # type: ignore[arg-type]  # FileNodes
+    putter = env.svc.host.castore.directories.put_multiple_start()
+    await putter.put(directory)
+    await putter.close()
+    return directory.as_node(b"victim-" + os.urandom(4).hex().encode())
+
+
+def _reading(env: Env, node: object, path: str) -> BuildRequest:
+    req = env.sh(f"cat /nix/store/{node.name.decode()}/{path} > /nix/store/out")  # type: ignore[attr-defined]
+    return BuildRequest(**{**{a: getattr(req, a) for a in (
+        "command_args", "working_dir", "scratch_paths", "inputs_dir", "outputs",
+        "environment_vars", "constraints")},
+        "inputs": sorted([env.busybox, node], key=lambda n: n.name)})  # type: ignore[attr-defined]
+
+
+async def test_a_corrupt_blob_in_an_input_is_named(env: Env) -> None:
+    from stages.castore.nodes import FileNode
+
+    assert env.svc.host is not None
+    store = env.svc.host.castore.blobs.store  # type: ignore[attr-defined]  # the local store
+    data = os.urandom(5000)
+    digest = store.put_blob(data)
+    pack, offset, _ = store.locate(digest)
+    with open(store.pack_path(pack), "r+b") as f:
+        f.seek(offset + 100)
+        f.write(bytes([data[100] ^ 0xFF]))
+    node = await _input_dir(env, {b"bad": FileNode(name=b"bad", digest=digest, size=5000)})
+    with pytest.raises(BuildFailed) as info:
+        await env.svc.do_build(_reading(env, node, "bad"))
+    message = str(info.value)
+    assert "refused to serve it bad input data" in message
+    assert digest.hex() in message and "'bad'" in message and "corrupt" in message
+
+
+async def test_a_file_node_with_the_wrong_size_is_named(env: Env) -> None:
+    from stages.castore.nodes import FileNode
+
+    assert env.svc.host is not None
+    store = env.svc.host.castore.blobs.store  # type: ignore[attr-defined]  # the local store
+    digest = store.put_blob(os.urandom(3000))
+    node = await _input_dir(env, {b"liar": FileNode(name=b"liar", digest=digest, size=99)})
+    with pytest.raises(BuildFailed) as info:
+        await env.svc.do_build(_reading(env, node, "liar"))
+    message = str(info.value)
+    assert digest.hex() in message and "has 3000 bytes in the store" in message

@@ -90,6 +90,14 @@ class MountServer:
         self._lock = asyncio.Lock()
         self._keys: set[str] = set()
         self._ready: asyncio.Task[None] | None = None
+        self._revive_lock = asyncio.Lock()
+        #: How many server processes this MountServer has started (a revived
+        #: server counts again): a build that saw it change lost its inputs.
+        self.generation = 0
+        #: The server's ERROR lines (bad data it refused to serve, as EIO),
+        #: numbered: see :meth:`faults_since`.
+        self._faults: collections.deque[tuple[int, str]] = collections.deque(maxlen=100)
+        self._fault_count = 0
 
     @property
     def pid(self) -> int | None:
@@ -114,6 +122,7 @@ class MountServer:
         """
         if self._proc is not None:
             return
+        self.generation += 1
         mountpoint = check_mountpoint(self.mountpoint)
         blob, directory = _check_addresses(self._blob_address, self._directory_address,
                                            mountpoint)
@@ -185,6 +194,18 @@ class MountServer:
             text = line.decode(errors="replace").rstrip()
             self._stderr.append(text)
             log.info("%s", text)
+            _, sep, fault = text.partition(" ERROR ")
+            if sep:
+                self._fault_count += 1
+                self._faults.append((self._fault_count, fault))
+
+    def fault_mark(self) -> int:
+        """A mark for :meth:`faults_since` (how many faults were seen so far)."""
+        return self._fault_count
+
+    def faults_since(self, mark: int) -> list[str]:
+        """What the server refused to serve since ``mark`` (digest, file name, why)."""
+        return [text for n, text in self._faults if n > mark]
 
     async def _stderr_done(self) -> None:
         if self._stderr_task is not None:
@@ -202,6 +223,33 @@ class MountServer:
         path (ValueError).
         """
         return self.content_root / content_name(node)
+
+    @property
+    def exit_status(self) -> int | None:
+        """The server's exit status if it died (was not stopped by us), else None."""
+        proc = self._proc
+        return proc.returncode if proc is not None else None
+
+    async def revive(self) -> int | None:
+        """Replace a server that died (killed, crashed) with a new one.
+
+        Returns the dead server's exit status, or None when it was alive.
+        The dead mount is detached first (builds still using it get
+        ENOTCONN; later builds bind from the new one). Concurrent callers
+        revive once.
+        """
+        async with self._revive_lock:
+            if self._ready is not None and not self._ready.done():
+                return None  # starting
+            status = self.exit_status
+            if status is None:
+                return None
+            log.warning("the mount server at %s died (exit status %s); starting a new one",
+                        self.mountpoint, status)
+            await self._stop()
+            await self.start()
+            await self.wait_ready()
+            return status
 
     async def ensure_running(self) -> None:
         """Return once the mount is live; MountError if the server is not running."""
