@@ -243,3 +243,38 @@ def test_a_file_that_is_not_a_socket_is_not_replaced(base) -> None:
     assert server.wait(30) == 1
     assert "is not a socket" in "".join(server.stderr)
     assert victim.read_text() == "keep me\n"
+
+
+def test_sigkill_of_serve_kills_its_containers_within_2s(base) -> None:
+    path, _ = base
+    bb_node = asyncio.run(_import_busybox(path))
+    sock = path / "s.sock"
+    server = _start(base, f"unix://{sock}")
+    assert server.ready_line() == f"ocibuild: serving on unix://{sock}"
+    marker = str(8000 + os.getpid() % 1000)
+
+    async def scenario() -> float:
+        async with GrpcBuildService(f"grpc+unix://{sock}") as svc:
+            task = asyncio.create_task(svc.do_build(_request(bb_node, f"sleep {marker}")))
+            deadline = time.monotonic() + 20
+            while not processes_with(f"sleep {marker}"):
+                assert time.monotonic() < deadline, "the builder did not start"
+                await asyncio.sleep(0.05)
+            server.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(ServiceError):
+                await asyncio.wait_for(task, 30)
+            return killed
+
+    killed = asyncio.run(scenario())
+    while processes_with(f"sleep {marker}") and time.monotonic() < killed + 2:
+        time.sleep(0.05)
+    assert processes_with(f"sleep {marker}") == [], "a container outlived serve by 2 s"
+    assert _containers(path) == []
+    # The next server on the state directory removes what is left.
+    again = _start(base, f"unix://{path / 's2.sock'}")
+    assert again.ready_line().startswith("ocibuild: serving on")
+    again.proc.send_signal(signal.SIGTERM)
+    assert again.wait(30) == 0
+    assert list((path / "state" / "instances").iterdir()) == []
+    assert _mounts_under(path) == []
