@@ -299,3 +299,31 @@ def test_a_bug_in_one_request_is_eio_for_it_not_the_end_of_the_mount(store, capl
 
     trio.run(scenario)
     assert "lookup" in caplog.text and "a bug" in caplog.text and "Traceback" in caplog.text
+
+
+def test_missing_names_in_stored_directories_are_cached_negatives(store) -> None:
+    # A stored directory never changes: the kernel may remember that a name
+    # is not in it (a compiler probing include paths asks once per name).
+    from stages.castore.fuse.content import content_name
+    from stages.castore.fuse.fs import STABLE_TIMEOUT
+    from stages.castore.nodes import Directory, FileNode
+
+    digest = store.put_blob(b"#pragma once\n")
+    inner = Directory.from_nodes([FileNode(name=b"stdio.h", digest=digest, size=13)])
+    store.put_directories([inner])
+    fs = CastoreFS(store, content=True)
+    content_ino = fs._content_ino
+
+    async def scenario() -> None:
+        d = await fs.lookup(content_ino, content_name(inner.as_node(b"x")).encode(), None)
+        found = await fs.lookup(d.st_ino, b"stdio.h", None)
+        assert found.st_ino != 0
+        missing = await fs.lookup(d.st_ino, b"missing.h", None)
+        assert missing.st_ino == 0 and missing.entry_timeout == STABLE_TIMEOUT
+        # The content directory can gain entries: a missing name there is
+        # an error, never remembered.
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fs.lookup(content_ino, b"d-" + b"0" * 64, None)
+        assert info.value.errno == errno.ENOENT
+
+    trio.run(scenario)

@@ -394,7 +394,20 @@ class CastoreFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        attrs = self._attrs(self._child(parent_inode, name))
+        try:
+            attrs = self._attrs(self._child(parent_inode, name))
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT or not isinstance(self._entries.get(parent_inode),
+                                                           DirectoryNode):
+                raise
+            # A name missing from a stored directory stays missing (its
+            # contents are fixed by its digest): the kernel may remember that
+            # (st_ino 0: a negative entry), so a compiler probing every
+            # include directory asks once per name, not once per #include.
+            attrs = pyfuse3.EntryAttributes()
+            attrs.st_ino = 0
+            attrs.entry_timeout = STABLE_TIMEOUT
+            return attrs
         self._lookup_timeout(parent_inode, attrs)
         return attrs
 
