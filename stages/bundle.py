@@ -322,7 +322,7 @@ def write_bundle(bundle_dir: Path | str, req: BuildRequest, *, idmap: IdMap,
 
     ``input_paths`` maps each non-symlink input's name to the host path to
     bind; ``spec_options`` go to :class:`stages.spec.SpecOptions` (busybox,
-    network_files, nofile, hostname). ``config``, when given, is written as
+    network_files, rlimits, hostname). ``config``, when given, is written as
     config.json instead of the spec made from those options (the spec stage's
     result). ``scratch_root``, when given, is where the scratch directories
     go instead of ``<bundle>/scratch`` (which becomes a symlink to it); it

@@ -17,8 +17,9 @@ fixed-output derivations.
 
 Mounts, in this order (a mount's parent is always mounted before it):
 
-1. /proc, /dev (tmpfs), /dev/pts, /dev/shm, /dev/mqueue: runc's defaults
-   for a user namespace (``runc spec --rootless``). /sys only with network
+1. /proc, /dev (tmpfs), /dev/pts, /dev/shm: runc's defaults for a user
+   namespace (``runc spec --rootless``), less /dev/mqueue, which Nix 2.8's
+   sandbox does not have either. /sys only with network
    access, as a read-only rbind of the host's /sys (sysfs cannot be mounted
    in a user namespace that does not own the network namespace). Without
    network access there is no /sys at all, as in Nix 2.8's sandbox, and no
@@ -46,9 +47,12 @@ Caveats:
 - runc sets HOME from the build user's /etc/passwd entry (/build) when the
   environment has none; every request made from a Nix derivation sets HOME
   (/homeless-shelter), so the environment is then exactly the request's.
-- RLIMIT_NOFILE defaults to 1024 soft and hard (runc's default spec); it
-  cannot exceed the host's hard limit, since the limit is applied inside the
-  user namespace.
+- Resource limits (rlimits) are this process's own, all of them, as Nix's
+  builder gets nix's (:func:`own_rlimits`); the operator's limits (memory,
+  processes) are cgroup limits on top. They are listed explicitly because
+  runc, a Go program, raises its own soft RLIMIT_NOFILE to the hard limit,
+  and its children would inherit that. A limit cannot exceed this
+  process's hard limit, since runc applies it inside the user namespace.
 - The root is read-only; the bundle must create every mount point
   beforehand (:func:`mount_points` lists them).
 """
@@ -121,7 +125,8 @@ class SpecOptions:
     network_files: Mapping[str, str] = attrs.field(
         converter=_paths_map, factory=lambda: {p: p for p in _NETWORK_FILES})
     hostname: str = "localhost"
-    nofile: int = 1024
+    #: (name, soft, hard) of every rlimit the builder gets; default: ours.
+    rlimits: tuple[tuple[str, int, int], ...] = attrs.field(factory=lambda: own_rlimits())
     #: Requested read-only path -> the host path to bind (the operator's
     #: policy resolved it, :meth:`stages.policy.Policy.ro_source`); None
     #: binds each at its own path (for callers that checked the paths).
@@ -138,6 +143,26 @@ class SpecOptions:
     #: The container's cgroup, a child of the build's own cgroup which holds
     #: the limits (:mod:`stages.oci.cgroups`); None: runc's, with the limits.
     cgroups_path: str | None = None
+
+
+_RLIMITS = ("AS", "CORE", "CPU", "DATA", "FSIZE", "LOCKS", "MEMLOCK", "MSGQUEUE", "NICE",
+            "NOFILE", "NPROC", "RSS", "RTPRIO", "RTTIME", "SIGPENDING", "STACK")
+_UNLIMITED = (1 << 64) - 1  # RLIM_INFINITY as the runtime spec's uint64
+
+
+def own_rlimits() -> tuple[tuple[str, int, int], ...]:
+    """This process's rlimits, as the runtime spec writes them (unlimited: 2**64-1)."""
+    import resource
+
+    out = []
+    for name in _RLIMITS:
+        which = getattr(resource, f"RLIMIT_{name}", None)
+        if which is None:
+            continue
+        soft, hard = resource.getrlimit(which)
+        out.append((f"RLIMIT_{name}", _UNLIMITED if soft == resource.RLIM_INFINITY else soft,
+                    _UNLIMITED if hard == resource.RLIM_INFINITY else hard))
+    return tuple(out)
 
 
 def policy_options(policy: Policy, req: BuildRequest) -> dict[str, Any]:
@@ -240,8 +265,6 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
          "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
          "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k", *_BUILDER_OWNS]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
     ]
     if req.network_access:
         mounts.append({"destination": "/sys", "type": "none", "source": "/sys",
@@ -324,7 +347,8 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
             "cwd": f"/{req.working_dir}",
             "capabilities": {"bounding": [], "effective": [], "inheritable": [],
                              "permitted": [], "ambient": []},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}],
+            "rlimits": [{"type": name, "soft": soft, "hard": hard}
+                        for name, soft, hard in opts.rlimits],
             "noNewPrivileges": True,
         },
         "root": {"path": opts.rootfs, "readonly": True},

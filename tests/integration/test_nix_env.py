@@ -71,6 +71,14 @@ P inputdir; $B ls -la ${dep} | $B awk '$1 != "total" {print $1, $3, $4, $NF}'
 P inputdirs; $B ls -lan ${dep} | $B awk '$1 != "total" {print $1, $3, $4, $NF}'
 """
 
+# What the trivial probes never looked at: every resource limit, /dev, the mounts.
+LIMITS = r"""
+P limits; $B cat /proc/self/limits
+P ulimit; ulimit -a
+P dev; $B ls -la /dev | $B awk '$1 != "total" {print $1, $3, $4, $NF}'
+P mounts; $B awk '{print $2, $3}' /proc/self/mounts | $B sort
+"""
+
 PROBES = r"""
 { nonce }:
 let
@@ -126,6 +134,8 @@ in {
   '' { inherit dep src; };
 
   fsmodes = probe "probe-fsmodes" (builtins.readFile ./fsmodes.sh) { inherit dep; };
+
+  limits = probe "probe-limits" (builtins.readFile ./limits.sh) { };
 }
 """
 
@@ -221,6 +231,7 @@ async def world():
         shutil.copy2("/bin/busybox", base / "bbdir" / "busybox")
         (base / "common.sh").write_text(COMMON)
         (base / "fsmodes.sh").write_text(FSMODES)
+        (base / "limits.sh").write_text(LIMITS)
         (base / "probes.nix").write_text(PROBES)
         (base / "fod.nix").write_text(FOD)
         # As `ocibuild nix build` does: fixed-output derivations get network.
@@ -235,13 +246,50 @@ async def world():
         subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
 
 
+# What still differs from Nix 2.8's sandbox in the "limits" probe; README,
+# "Not done yet", lists the same. Owners: Nix maps the host's root to the
+# build user, ocibuild never maps host root (device nodes show as nobody,
+# runc's links and /dev/pts as root). /dev/kvm: Nix binds it when the host
+# has one, ocibuild does not. /dev/ptmx: runc links it relatively. Mounts:
+# ocibuild's /dev and /tmp are tmpfs mounts (Nix's are directories of its
+# chroot), runc masks and write-protects parts of /proc, the root of an
+# ephemeral build is on a tmpfs, inputs are FUSE.
+OURS_ONLY_MOUNTS = {b"/dev", b"/tmp", b"/proc/acpi", b"/proc/bus", b"/proc/fs", b"/proc/irq",
+                    b"/proc/keys", b"/proc/sys", b"/proc/timer_list"}
+NIX_ONLY = {b"kvm", b"/dev/kvm"}
+
+
+def _known_differences_out(name: str, part: bytes, nix: bool) -> bytes:
+    lines = part.split(b"\n")
+    if name == "dev":
+        out = []
+        for line in lines:
+            fields = line.split(b" ")
+            if len(fields) == 4:
+                if nix and fields[3] in NIX_ONLY:
+                    continue
+                target = b"/dev/pts/ptmx" if fields[3] == b"pts/ptmx" else fields[3]
+                line = b" ".join((fields[0], b"-", b"-", target))
+            out.append(line)
+        return b"\n".join(out)
+    if name == "mounts":
+        out = []
+        for line in lines:
+            point = line.split(b" ")[0]
+            if (nix and point in NIX_ONLY) or (not nix and point in OURS_ONLY_MOUNTS):
+                continue
+            out.append(point)  # the kind of file system differs for / and the inputs
+        return b"\n".join(out)
+    return part
+
+
 def sections(data: bytes) -> dict[str, bytes]:
     parts = data.split(b"@@@ ")
     return {p.split(b"\n", 1)[0].decode(): p for p in parts if p}
 
 
 @pytest.mark.parametrize("probe", ["plain", "passAsFile", "overrides", "args", "inputs",
-                                   "fsmodes"])
+                                   "fsmodes", "limits"])
 async def test_builder_sees_what_nix_shows(world: World, probe: str) -> None:
     drv_path = world.instantiate("probes.nix", probe, nonce=world.nonce)
     (out_path,) = world.realise(drv_path)
@@ -260,8 +308,10 @@ async def test_builder_sees_what_nix_shows(world: World, probe: str) -> None:
     nix_sections, our_sections = sections(nix_text), sections(ours)
     assert list(our_sections) == list(nix_sections)
     for name, part in nix_sections.items():
-        assert our_sections[name] == part, name
-    assert await nar_bytes(castore, node) == nix_nar
+        assert (_known_differences_out(name, our_sections[name], nix=False)
+                == _known_differences_out(name, part, nix=True)), name
+    if probe != "limits":  # its known differences are compared section by section above
+        assert await nar_bytes(castore, node) == nix_nar
     # A vacuous match is no match: the probe printed what it should.
     if probe == "args":
         assert b"argc=212" in nix_text and b"[new\nline]" in nix_text
@@ -274,6 +324,9 @@ async def test_builder_sees_what_nix_shows(world: World, probe: str) -> None:
     if probe == "inputs":
         assert b"dep-data" in nix_text and b"a source file" in nix_text
         assert b"-r--r--r-- 9 data" in nix_text
+    if probe == "limits":
+        assert b"Max open files" in nix_sections["limits"] and b"/dev/pts" in nix_text
+        assert b"(-n)" in nix_sections["ulimit"] and b" null\n" in nix_sections["dev"]
     if probe == "fsmodes":
         assert b"750 nixbld nixbld /\n700 nixbld nixbld /build\n" in nix_text
         assert b"-r--r--r-- nixbld nixbld data" in nix_text

@@ -103,7 +103,16 @@ def test_process_is_nix_like() -> None:
     assert p["terminal"] is False
     assert p["noNewPrivileges"] is True
     assert all(v == [] for v in p["capabilities"].values())
-    assert p["rlimits"] == [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}]
+    # Every rlimit, as this process has it (as Nix's builder gets nix's own).
+    import resource
+
+    limits = {r["type"]: (r["soft"], r["hard"]) for r in p["rlimits"]}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert limits["RLIMIT_NOFILE"] == (soft, hard)
+    assert {"RLIMIT_STACK", "RLIMIT_NPROC", "RLIMIT_CORE", "RLIMIT_AS"} <= set(limits)
+    unlimited = (1 << 64) - 1
+    assert limits["RLIMIT_AS"] == tuple(unlimited if v == resource.RLIM_INFINITY else v
+                                        for v in resource.getrlimit(resource.RLIMIT_AS))
 
 
 def test_root_hostname_and_paths() -> None:
@@ -136,7 +145,7 @@ def test_mount_order_and_options() -> None:
     spec = spec_of(nix_like())
     dests = destinations(spec)
     assert dests == [
-        "/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/tmp",
+        "/proc", "/dev", "/dev/pts", "/dev/shm", "/tmp",
         "/build", "/nix/store",
         "/nix/store/aaa-dep", "/nix/store/bbb-src.sh",
         "/opt/x",
