@@ -327,3 +327,30 @@ def test_missing_names_in_stored_directories_are_cached_negatives(store) -> None
         assert info.value.errno == errno.ENOENT
 
     trio.run(scenario)
+
+
+def test_stored_listings_are_built_once_and_flush_is_declined(store) -> None:
+    from stages.castore.fuse.content import content_name
+    from stages.castore.nodes import Directory, FileNode
+
+    digest = store.put_blob(b"x")
+    inner = Directory.from_nodes([FileNode(name=f"e{i}".encode(), digest=digest, size=1)
+                                  for i in range(50)])
+    store.put_directories([inner])
+    fs = CastoreFS(store, content=True)
+
+    async def scenario() -> None:
+        d = await fs.lookup(fs._content_ino, content_name(inner.as_node(b"x")).encode(), None)
+        first = fs._listing(d.st_ino)
+        assert [n for n, _ in first] == [b".", b"..", *(f"e{i}".encode()
+                                                        for i in sorted(range(50), key=str))]
+        assert fs._listing(d.st_ino) is first  # kept: a stored directory never changes
+        content = fs._listing(fs._content_ino)
+        assert fs._listing(fs._content_ino) is not content  # can gain entries: not kept
+        # A read-only file system has nothing to flush: ENOSYS, once, and the
+        # kernel stops sending FLUSH at every close.
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fs.flush(1)
+        assert info.value.errno == errno.ENOSYS
+
+    trio.run(scenario)

@@ -108,6 +108,8 @@ FILL_CHUNK = 4 << 20
 FILL_MAX = int(os.environ.get("OCIBUILD_FUSE_FILL_MAX", "0"))
 # Immutable content: let the kernel cache it for a long time.
 STABLE_TIMEOUT = 86400.0
+# Directory listings kept, in entries over all directories (~200 bytes each).
+LISTING_CACHE_ENTRIES = 200_000
 BLKSIZE = 1 << 17
 # Nix store convention: every timestamp is 1 second past the epoch.
 MTIME_NS = 1_000_000_000
@@ -204,6 +206,8 @@ class CastoreFS(pyfuse3.Operations):
         self._file_ino: dict[tuple[bytes, int, bool], int] = {}
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._dirs: dict[bytes, tuple[Directory, dict[bytes, Node]]] = {}
+        self._listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        self._listed = 0
         # inode -> (digest, size, mapping of the blob or None)
         self._open: dict[int, tuple[bytes, int, _BlobMapping | None]] = {}
         # inode -> how many opens of it are not released yet; at zero the
@@ -430,17 +434,35 @@ class CastoreFS(pyfuse3.Operations):
         # The offset handed to the kernel is the index of the next entry;
         # "." and ".." are entries 0 and 1. (The kernel neither looks them up
         # nor counts them as lookups in a readdirplus reply.)
-        children = self._children(self._entry(fh))
-        for index in range(start_id, len(children) + 2):
-            if index < 2:
-                name = b"." if index == 0 else b".."
-                attrs = self._attrs(fh if index == 0 else self._parent.get(fh, fh))
-            else:
-                name = children[index - 2][0]
-                attrs = self._attrs(self._child(fh, name))
-                self._lookup_timeout(fh, attrs)
+        listing = self._listing(fh)
+        for index in range(start_id, len(listing)):
+            name, attrs = listing[index]
             if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 break
+
+    def _listing(self, fh: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        """A directory's entries with their attributes, "." and ".." first.
+
+        A stored directory's listing never changes: it is built once and
+        kept (up to :data:`LISTING_CACHE_ENTRIES` entries in all), so
+        listing a big directory again costs the replies only.
+        """
+        cached = self._listings.get(fh)
+        if cached is not None:
+            return cached
+        entry = self._entry(fh)
+        listing = [(b".", self._attrs(fh)), (b"..", self._attrs(self._parent.get(fh, fh)))]
+        for name, _ in self._children(entry):
+            attrs = self._attrs(self._child(fh, name))
+            self._lookup_timeout(fh, attrs)
+            listing.append((name, attrs))
+        if isinstance(entry, DirectoryNode):
+            if self._listed + len(listing) > LISTING_CACHE_ENTRIES:
+                self._listings.clear()
+                self._listed = 0
+            self._listings[fh] = listing
+            self._listed += len(listing)
+        return listing
 
     async def releasedir(self, fh: int) -> None:
         pass
@@ -579,7 +601,9 @@ class CastoreFS(pyfuse3.Operations):
         self._open.pop(fh, None)
 
     async def flush(self, fh: int) -> None:
-        pass
+        # Nothing to flush on a read-only file system: ENOSYS tells the
+        # kernel so once, and it stops sending a FLUSH request at every close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Inodes stay allocated for the mount's life so their numbers are stable.
