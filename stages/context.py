@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -29,7 +28,13 @@ import attrs
 
 from pipeline import StageContext
 from stages.oci.cgroups import BuildCgroup
-from stages.oci.layout import BundleLayout, remove_bundle, remove_if_small, trash_bundle
+from stages.oci.layout import (
+    BundleLayout,
+    remove_bundle,
+    remove_if_small,
+    rmtree,
+    trash_bundle,
+)
 from stages.oci.network import RESOLV_CONF
 from stages.policy import Policy
 from stages.request import BuildRequest, request_to_proto
@@ -166,7 +171,7 @@ class BuildHost:
 
         def delete() -> None:
             for path in moved:
-                shutil.rmtree(path, ignore_errors=True)
+                rmtree(path, ignore_errors=True)
 
         task = asyncio.create_task(asyncio.to_thread(delete))
         self._deleting.add(task)

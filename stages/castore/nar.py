@@ -20,7 +20,8 @@ Caveats:
 
 - Streaming: :func:`nar_chunks` holds one directory listing per level of depth
   and one blob chunk at a time, never a whole tree or a whole file. Directories
-  are fetched one by one, when the walk reaches them.
+  are fetched one by one, when the walk reaches them. The walk is iterative
+  (an explicit stack of listings), so any depth renders.
 - A blob is verified by its reader as it streams, so corruption is detected
   only at the end of that blob: the bytes before it have already been yielded
   when :class:`CorruptionError` is raised. Consumers that must not publish bad
@@ -33,13 +34,20 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO
 
 from stages.castore.addresses import Castore
 from stages.castore.errors import CorruptionError, NotFoundError, ValidationError
 from stages.castore.hashes import format_sha256
-from stages.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, blob_digest
+from stages.castore.nodes import (
+    Directory,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    blob_digest,
+)
 from stages.castore.services import READ_CHUNK
 
 __all__ = [
@@ -96,45 +104,64 @@ async def nar_chunks(castore: Castore, node: Node) -> AsyncIterator[bytes]:
     """
     out = _Out()
     out.buf += _str(NAR_MAGIC)
-    async for chunk in _node(castore, node, out):
-        yield chunk
+    # The entries still to write of each directory being written, outermost first.
+    stack: list[Iterator[Node]] = []
+    pending: Node | None = node
+    while True:
+        if pending is not None:
+            current, pending = pending, None
+            if isinstance(current, DirectoryNode):
+                directory = await _directory(castore, current)
+                out.buf += _DIRECTORY
+                stack.append(iter(directory.entries()))
+            else:
+                if isinstance(current, SymlinkNode):
+                    out.buf += _SYMLINK + _str(current.target) + _CLOSE
+                elif isinstance(current, FileNode):
+                    out.buf += _REGULAR
+                    if current.executable:
+                        out.buf += _EXECUTABLE
+                    out.buf += _CONTENTS + struct.pack("<Q", current.size)
+                    async for chunk in _blob(castore, current, out):
+                        yield chunk
+                    out.buf += b"\0" * (-current.size % 8) + _CLOSE
+                else:
+                    raise TypeError(f"not a castore node: {current!r}")
+                # A node is done: the chunk boundaries fall where they always did.
+                if len(out.buf) >= _FLUSH_AT:
+                    yield out.take()
+                if stack:
+                    out.buf += _CLOSE  # its entry in the directory around it
+        if not stack:
+            break
+        entry = next(stack[-1], None)
+        if entry is not None:
+            out.buf += _ENTRY + _str(entry.name) + _NODE
+            pending = entry
+            continue
+        stack.pop()  # a directory is done
+        out.buf += _CLOSE
+        if len(out.buf) >= _FLUSH_AT:
+            yield out.take()
+        if not stack:
+            break
+        out.buf += _CLOSE  # its entry in the directory around it
     if out.buf:
         yield out.take()
 
 
-async def _node(castore: Castore, node: Node, out: _Out) -> AsyncIterator[bytes]:
-    if isinstance(node, SymlinkNode):
-        out.buf += _SYMLINK + _str(node.target) + _CLOSE
-    elif isinstance(node, FileNode):
-        out.buf += _REGULAR
-        if node.executable:
-            out.buf += _EXECUTABLE
-        out.buf += _CONTENTS + struct.pack("<Q", node.size)
-        async for chunk in _blob(castore, node, out):
-            yield chunk
-        out.buf += b"\0" * (-node.size % 8) + _CLOSE
-    elif isinstance(node, DirectoryNode):
-        directory = await castore.directories.get(node.digest)
-        if directory is None:
-            raise NotFoundError("directory", node.digest)
-        if directory.digest != node.digest:
-            raise CorruptionError("directory", node.digest, "directory service")
-        if directory.size != node.size:
-            raise ValidationError(
-                "directory-size",
-                f"DirectoryNode says size {node.size}, the directory has {directory.size}",
-                name=node.name or None, digest=node.digest)
-        out.buf += _DIRECTORY
-        for entry in directory.entries():
-            out.buf += _ENTRY + _str(entry.name) + _NODE
-            async for chunk in _node(castore, entry, out):
-                yield chunk
-            out.buf += _CLOSE
-        out.buf += _CLOSE
-    else:
-        raise TypeError(f"not a castore node: {node!r}")
-    if len(out.buf) >= _FLUSH_AT:
-        yield out.take()
+async def _directory(castore: Castore, node: DirectoryNode) -> Directory:
+    directory = await castore.directories.get(node.digest)
+    if directory is None:
+        raise NotFoundError("directory", node.digest)
+    if directory.digest != node.digest:
+        raise CorruptionError("directory", node.digest, "directory service")
+    if directory.size != node.size:
+        raise ValidationError(
+            "directory-size",
+            f"DirectoryNode says size {node.size}, the directory has {directory.size}",
+            name=node.name or None, digest=node.digest)
+    return directory
 
 
 async def _blob(castore: Castore, node: FileNode, out: _Out) -> AsyncIterator[bytes]:

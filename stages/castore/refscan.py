@@ -49,6 +49,9 @@ Caveats:
   needle per chunk instead of per stream.
 - Hyperscan needs an x86-64 CPU with SSSE3; elsewhere compiling the needles
   raises RefScanError.
+- Any depth, any path length: the walk is iterative and reaches directories
+  through :class:`~stages.util.deeptree.DeepTree` anchors, so no path
+  handed to the kernel passes PATH_MAX however deep the output.
 - The tree is not snapshotted: a file that changes while it is scanned is
   scanned as read. A file that turns into something else between the walk and
   the read (no longer a regular file) is refused.
@@ -77,6 +80,7 @@ from typing import Literal
 import hyperscan
 
 from stages.castore.errors import CastoreError
+from stages.util.deeptree import DeepTree, Place
 
 __all__ = [
     "CHUNK_SIZE",
@@ -245,10 +249,13 @@ class NeedleScanner:
         target; entry names are not scanned. Sockets, FIFOs and devices raise
         RefScanError naming the path, as does a path that cannot be read.
         """
-        path = Path(path)
+        with DeepTree(os.fsencode(Path(path))) as tree:
+            return self._scan_tree(tree)
+
+    def _scan_tree(self, tree: DeepTree) -> set[int]:
         found: set[int] = set()
-        files: list[tuple[bytes, int]] = []
-        for item in _walk(os.fsencode(path)):
+        files: list[tuple[_File, int]] = []
+        for item in _walk(tree):
             if item[0] == "symlink":
                 found |= self.scan_bytes(item[2])
             else:
@@ -277,13 +284,13 @@ class NeedleScanner:
                 raise
         return found
 
-    def _run_task(self, task: list[tuple[bytes, int, int | None]],
+    def _run_task(self, task: list[tuple[_File, int, int | None]],
                   done: threading.Event) -> set[int]:
         found: set[int] = set()
         self._scan_task(task, found, done)
         return found
 
-    def _scan_task(self, task: list[tuple[bytes, int, int | None]], found: set[int],
+    def _scan_task(self, task: list[tuple[_File, int, int | None]], found: set[int],
                    done: threading.Event | None) -> None:
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) != CHUNK_SIZE + self.overlap:
@@ -293,16 +300,15 @@ class NeedleScanner:
                 return
             self._scan_range(path, start, stop, buf, found)
 
-    def _scan_range(self, path: bytes, start: int, stop: int | None, buf: bytearray,
+    def _scan_range(self, file: _File, start: int, stop: int | None, buf: bytearray,
                     found: set[int]) -> None:
         """Scan the needles starting in ``[start, stop)`` of a file (stop None: to EOF)."""
         overlap = self.overlap
         end = None if stop is None else stop + overlap
         view = memoryview(buf)
+        path = file if isinstance(file, bytes) else file.display()
         try:
-            # O_NONBLOCK: a file swapped for a FIFO after the walk must not
-            # block the open; it is refused by the fstat below.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = _open_file(file)
         except OSError as e:
             raise RefScanError(f"cannot open for scanning: {e.strerror}", path=path) from e
         try:
@@ -383,9 +389,39 @@ def _refuse(path: bytes, mode: int) -> RefScanError:
                         "and symlinks", path=path)
 
 
-def _walk(root: bytes) -> Iterable[tuple[Literal["symlink"], bytes, bytes]
-                                   | tuple[Literal["file"], bytes, int]]:
-    """Yield ("symlink", path, target) and ("file", path, size), never following links."""
+class _Deep:
+    """A file a plain path cannot name: its directory's place in a tree, and its name."""
+
+    __slots__ = ("tree", "place", "name")
+
+    def __init__(self, tree: DeepTree, place: Place, name: bytes) -> None:
+        self.tree = tree
+        self.place = place
+        self.name = name
+
+    def display(self) -> bytes:
+        return self.tree.display(self.place, self.name)
+
+
+# A file to scan: its plain path, or where it is in a deep tree.
+_File = bytes | _Deep
+
+# O_NONBLOCK: a file swapped for a FIFO after the walk must not block the
+# open; it is refused by the fstat after it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _open_file(file: _File) -> int:
+    if isinstance(file, bytes):
+        return os.open(file, _FILE_FLAGS)
+    with file.tree.opened(file.place, file.name) as (path, dir_fd):
+        return os.open(path, _FILE_FLAGS, dir_fd=dir_fd)
+
+
+def _walk(tree: DeepTree) -> Iterable[tuple[Literal["symlink"], bytes, bytes]
+                                      | tuple[Literal["file"], _File, int]]:
+    """Yield ("symlink", path, target) and ("file", file, size), never following links."""
+    root = tree.root
     try:
         st = os.lstat(root)
     except OSError as e:
@@ -398,40 +434,54 @@ def _walk(root: bytes) -> Iterable[tuple[Literal["symlink"], bytes, bytes]
         return
     if not stat.S_ISDIR(st.st_mode):
         raise _refuse(root, st.st_mode)
-    stack = [root]
+    stack = [tree.top]
     while stack:
-        directory = stack.pop()
+        place = stack.pop()
         try:
-            with os.scandir(directory) as entries:
-                listed = list(entries)
+            fd = tree.open_dir(place)
         except OSError as e:
-            raise RefScanError(f"cannot list directory: {e.strerror}", path=directory) from e
-        for entry in listed:
+            raise RefScanError(f"cannot list directory: {e.strerror}",
+                               path=tree.display(place)) from e
+        try:
             try:
-                st = entry.stat(follow_symlinks=False)
+                with os.scandir(fd) as entries:
+                    listed = list(entries)
             except OSError as e:
-                raise RefScanError(f"cannot stat: {e.strerror}", path=entry.path) from e
-            if stat.S_ISLNK(st.st_mode):
-                yield "symlink", entry.path, _readlink(entry.path)
-            elif stat.S_ISREG(st.st_mode):
-                yield "file", entry.path, st.st_size
-            elif stat.S_ISDIR(st.st_mode):
-                stack.append(entry.path)
-            else:
-                raise _refuse(entry.path, st.st_mode)
+                raise RefScanError(f"cannot list directory: {e.strerror}",
+                                   path=tree.display(place)) from e
+            plain = tree.is_plain(place)
+            for entry in listed:
+                name = os.fsencode(entry.name)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as e:
+                    raise RefScanError(f"cannot stat: {e.strerror}",
+                                       path=tree.display(place, name)) from e
+                if stat.S_ISLNK(st.st_mode):
+                    shown = tree.display(place, name)
+                    yield "symlink", shown, _readlink(name, fd, shown)
+                elif stat.S_ISREG(st.st_mode):
+                    yield "file", tree.path(place, name) if plain else _Deep(tree, place, name), \
+                        st.st_size
+                elif stat.S_ISDIR(st.st_mode):
+                    stack.append(tree.child(place, name))
+                else:
+                    raise _refuse(tree.display(place, name), st.st_mode)
+        finally:
+            os.close(fd)
 
 
-def _readlink(path: bytes) -> bytes:
+def _readlink(path: bytes, dir_fd: int | None = None, shown: bytes | None = None) -> bytes:
     try:
-        return os.readlink(path)
+        return os.readlink(path, dir_fd=dir_fd)
     except OSError as e:
-        raise RefScanError(f"cannot read symlink: {e.strerror}", path=path) from e
+        raise RefScanError(f"cannot read symlink: {e.strerror}", path=shown or path) from e
 
 
-def _plan(files: list[tuple[bytes, int]]) -> list[list[tuple[bytes, int, int | None]]]:
+def _plan(files: list[tuple[_File, int]]) -> list[list[tuple[_File, int, int | None]]]:
     """Group files into tasks: big files cut into segments, small ones batched."""
-    tasks: list[list[tuple[bytes, int, int | None]]] = []
-    batch: list[tuple[bytes, int, int | None]] = []
+    tasks: list[list[tuple[_File, int, int | None]]] = []
+    batch: list[tuple[_File, int, int | None]] = []
     batch_bytes = 0
     for path, size in files:
         if size > _SEGMENT:

@@ -20,13 +20,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from stages.castore.nodes import SymlinkNode
 from stages.errors import ServiceError
+from stages.oci.layout import rmtree
 from stages.oci.network import SlirpNetwork
 from stages.oci.runc import RuncContainer
 from stages.request import BuildRequest
@@ -127,7 +127,7 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
             if not sh.exists():
                 sh.parent.mkdir(parents=True, exist_ok=True)
                 sh.touch()
-            shutil.rmtree(shell_bundle, ignore_errors=True)
+            rmtree(shell_bundle, ignore_errors=True)
             shell_bundle.mkdir()
             (shell_bundle / "config.json").write_text(json.dumps(config, indent=2))
             # The shell owns the terminal: runc runs on this process's stdio.
@@ -138,4 +138,4 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
                     RuncContainer(shell_bundle, container_id, state_root=host.runc_root))
                 return await container.run_attached()
         finally:
-            shutil.rmtree(shell_bundle, ignore_errors=True)
+            rmtree(shell_bundle, ignore_errors=True)

@@ -51,7 +51,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -295,24 +295,51 @@ class _Plan:
         return True
 
     async def visit(self, drv_path: str, done: set[str]) -> None:
-        """Add what must be built for drv_path, inputs first; errors go to self.errors."""
+        """Add what must be built for drv_path, inputs first; errors go to self.errors.
+
+        Depth first, with an explicit stack: a chain of input derivations
+        may be as long as a request makes it.
+        """
         if drv_path in done:
             return
+        drv = await self._enter(drv_path, done)
+        if drv is None:
+            return
+        # Each derivation being visited, with its inputs still to visit.
+        stack: list[tuple[str, Iterator[str]]] = [(drv_path, iter(drv.input_drvs))]
+        while stack:
+            path, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is not None:
+                if dep not in done:
+                    dep_drv = await self._enter(dep, done)
+                    if dep_drv is not None:
+                        stack.append((dep, iter(dep_drv.input_drvs)))
+                        continue  # its failure, if any, is passed on when it is done
+                self._pass_failure(path, dep)
+                continue
+            stack.pop()
+            if path not in self.errors:
+                self.to_build.append(path)
+            if stack:
+                self._pass_failure(stack[-1][0], path)
+
+    async def _enter(self, drv_path: str, done: set[str]) -> Derivation | None:
+        """Start visiting drv_path: its derivation when its inputs are to be visited."""
         done.add(drv_path)
         try:
             drv = self.load(drv_path)
             if await self.have_outputs(drv):
-                return
+                return None
         except NixError as exc:
             self.errors[drv_path] = str(exc)
-            return
-        for dep in drv.input_drvs:
-            await self.visit(dep, done)
-            if dep in self.errors:
-                self.errors.setdefault(drv_path, f"input derivation {dep} failed: "
-                                                 f"{self.errors[dep]}")
-        if drv_path not in self.errors:
-            self.to_build.append(drv_path)
+            return None
+        return drv
+
+    def _pass_failure(self, drv_path: str, dep: str) -> None:
+        if dep in self.errors:
+            self.errors.setdefault(drv_path, f"input derivation {dep} failed: "
+                                             f"{self.errors[dep]}")
 
     def input_paths(self, drv: Derivation) -> list[str]:
         paths = list(drv.input_srcs)
@@ -465,20 +492,27 @@ def _check_output_cycles(drv_path: str, names: Sequence[str], infos: list[PathIn
     edges = {i.path: [r for r in i.references if r in name_of and r != i.path] for i in infos}
     state: dict[str, int] = {}  # 1: on the current walk, 2: done
 
-    def walk(path: str, trail: list[str]) -> None:
-        state[path] = 1
-        for ref in edges[path]:
+    for start in edges:
+        if start in state:
+            continue
+        # Depth first, the trail (the current walk) an explicit stack.
+        state[start] = 1
+        stack: list[tuple[str, Iterator[str]]] = [(start, iter(edges[start]))]
+        while stack:
+            path, refs = stack[-1]
+            ref = next(refs, None)
+            if ref is None:
+                state[path] = 2
+                stack.pop()
+                continue
             if state.get(ref) == 1:
+                trail = [p for p, _ in stack]
                 cycle = " -> ".join(name_of[p] for p in [*trail[trail.index(ref):], ref])
                 raise NixError(f"{drv_path}: its outputs refer to each other in a cycle "
                                f"({cycle}); Nix refuses such outputs too")
             if ref not in state:
-                walk(ref, [*trail, ref])
-        state[path] = 2
-
-    for path in edges:
-        if path not in state:
-            walk(path, [path])
+                state[ref] = 1
+                stack.append((ref, iter(edges[ref])))
 
 
 def _failure(run: Run, plan: _Plan, drv_path: str) -> str:

@@ -19,13 +19,16 @@ Caveats:
   (CorruptionError from castore), and the temporary tree is removed.
 - Everything is read through the castore services one blob at a time; a
   large tree is not held in memory.
+- Any depth, any path length: the tree is written iteratively (one listing
+  per level held) through :class:`~stages.util.deeptree.DeepTree` anchors,
+  and a failed export is removed by :func:`stages.oci.layout.rmtree`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from stages.castore.addresses import Castore
@@ -34,6 +37,8 @@ from stages.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from stages.nix.errors import NixError
 from stages.nix.pathinfo import PathInfoDB
 from stages.nix.storepath import basename
+from stages.oci.layout import rmtree
+from stages.util.deeptree import DeepTree, Place
 
 __all__ = ["ExportError", "export_node", "export_path"]
 
@@ -48,11 +53,48 @@ class ExportError(NixError):
 
 async def export_node(castore: Castore, node: Node, dest: Path) -> None:
     """Write ``node``'s tree at ``dest`` (which must not exist)."""
+    if not isinstance(node, DirectoryNode):
+        await _write_leaf(castore, node, os.fsencode(dest), None)
+        return
+    raw = os.fsencode(dest)
+    children = await _children(castore, node)
+    os.mkdir(raw, 0o755)
+    os.chmod(raw, 0o755)
+    with DeepTree(raw) as tree:
+        # The children still to write of each directory being written, outermost first.
+        stack: list[tuple[Place, Iterator[Node]]] = [(tree.top, iter(children))]
+        while stack:
+            place, todo = stack[-1]
+            child = next(todo, None)
+            if child is None:
+                stack.pop()
+                continue
+            if isinstance(child, DirectoryNode):
+                below = await _children(castore, child)
+                with tree.opened(place, child.name) as (path, dir_fd):
+                    os.mkdir(path, 0o755, dir_fd=dir_fd)
+                    os.chmod(path, 0o755, dir_fd=dir_fd)
+                stack.append((tree.child(place, child.name), iter(below)))
+            else:
+                with tree.opened(place, child.name) as (path, dir_fd):
+                    await _write_leaf(castore, child, path, dir_fd)
+
+
+async def _children(castore: Castore, node: DirectoryNode) -> list[Node]:
+    directory = await castore.directories.get(node.digest)
+    if directory is None:
+        raise NotFoundError("directory", node.digest)
+    return [*directory.directories, *directory.files, *directory.symlinks]
+
+
+async def _write_leaf(castore: Castore, node: Node, path: bytes, dir_fd: int | None) -> None:
+    """A file or a symlink at ``path`` (from ``dir_fd``), which must not exist."""
     if isinstance(node, SymlinkNode):
-        os.symlink(node.target, os.fsencode(dest))
+        os.symlink(node.target, path, dir_fd=dir_fd)
     elif isinstance(node, FileNode):
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o755 if node.executable else 0o644)
+        mode = 0o755 if node.executable else 0o644
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=dir_fd)
         try:
             async with await castore.blobs.open_read(node.digest) as reader:
                 while chunk := await reader.read():
@@ -61,18 +103,9 @@ async def export_node(castore: Castore, node: Node, dest: Path) -> None:
                         view = view[os.write(fd, view):]
                 if node.size == 0:
                     await reader.verify()
+            os.fchmod(fd, mode)  # not narrowed by the umask
         finally:
             os.close(fd)
-        os.chmod(dest, 0o755 if node.executable else 0o644)  # not narrowed by the umask
-    elif isinstance(node, DirectoryNode):
-        directory = await castore.directories.get(node.digest)
-        if directory is None:
-            raise NotFoundError("directory", node.digest)
-        os.mkdir(dest, 0o755)
-        os.chmod(dest, 0o755)
-        children: list[Node] = [*directory.directories, *directory.files, *directory.symlinks]
-        for child in children:
-            await export_node(castore, child, dest / os.fsdecode(child.name))
     else:  # pragma: no cover - the node types are closed
         raise TypeError(f"not a castore node: {node!r}")
 
@@ -104,5 +137,5 @@ async def export_path(castore: Castore, pathinfo: PathInfoDB, store_path: str,
             raise ExportError(final, f"cannot move the exported tree into place: "
                                      f"{exc.strerror}") from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        rmtree(tmp, ignore_errors=True)
     return final

@@ -329,5 +329,7 @@ def _stop_supervisor(supervisor: subprocess.Popen[bytes]) -> None:
 
 
 def _empty(directory: Path) -> None:
+    from stages.oci.layout import rmtree  # iterative: builders' trees of any depth
+
     for entry in directory.iterdir():
-        shutil.rmtree(entry, ignore_errors=True)
+        rmtree(entry, ignore_errors=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
-import shutil
 import stat
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import attrs
 from stages.castore.fuse import cleanup_stale_mounts
 from stages.errors import BuildError
 from stages.oci import cgroups
-from stages.oci.layout import check_traversable, remove_bundle
+from stages.oci.layout import check_traversable, remove_bundle, rmtree
 from stages.oci.network import cleanup_stale_namespaces
 from stages.oci.runc import cleanup_stale_containers
 from stages.teardown import KEPT_MARKER
@@ -82,9 +81,9 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
                     removed.append(f"bundle {bundle}")
             runtime = _linked_runtime(inst)
             if runtime is not None:
-                shutil.rmtree(runtime, ignore_errors=True)
+                rmtree(runtime, ignore_errors=True)
                 removed.append(f"runtime {runtime}")
-            shutil.rmtree(inst)
+            rmtree(inst)
             removed.append(f"instance {inst.name}")
         finally:
             os.close(fd)
@@ -212,6 +211,6 @@ class Instance:
 
     def close(self) -> None:
         if self.runtime is not None:
-            shutil.rmtree(self.runtime, ignore_errors=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
+            rmtree(self.runtime, ignore_errors=True)
+        rmtree(self.dir, ignore_errors=True)
         os.close(self.lock_fd)

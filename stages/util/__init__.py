@@ -2,6 +2,8 @@
 
 - :mod:`stages.util.aio`: asyncio and subprocesses (cancel-safe waits,
   non-blocking pipes, child exit watches);
+- :mod:`stages.util.deeptree`: directory trees of any depth and path length,
+  reached through a few open directory fds (no path past PATH_MAX);
 - :mod:`stages.util.dirs`: the default directories (one rule, platformdirs);
 - :mod:`stages.util.lazy`: package attributes loaded on first use;
 - :mod:`stages.util.plugins`: objects other distributions offer through

@@ -50,7 +50,7 @@ __all__ = ["MAX_OPEN", "PATH_BUDGET", "Anchor", "DeepTree", "Place"]
 
 #: Bytes of path below an anchor before a place becomes an anchor itself.
 #: With a name (<= 255 bytes) or two joined on, a path stays below PATH_MAX.
-PATH_BUDGET = 2048
+PATH_BUDGET = 1024
 #: Anchors open at once, by default.
 MAX_OPEN = 32
 
