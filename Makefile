@@ -19,9 +19,24 @@ NIX_CONF_DIR := $(CURDIR)/.nix
 export NIX_CONF_DIR
 export NIX_REMOTE := local
 
-.PHONY: install apt venv bytecode nix-setup demo lint test test-reverse proto bench clean
+.PHONY: install apt venv bytecode nix-setup sources demo lint test test-reverse proto bench clean
 
-install: apt venv bytecode nix-setup
+install: apt venv bytecode nix-setup sources
+
+# Real upstream C sources for the real-compile test and bench (Brotli: a
+# library and its command-line tool), as the PyPI sdist ships them; checked.
+SOURCES := $(CURDIR)/.cache/sources
+BROTLI_SDIST := $(SOURCES)/Brotli-1.1.0.tar.gz
+BROTLI_SHA256 := 81de08ac11bcb85841e440c13611c00b67d3bf82698314928d0b676362546724
+
+sources: $(BROTLI_SDIST)
+
+$(BROTLI_SDIST): | venv
+	@echo "sources: fetching the Brotli 1.1.0 sdist into $(SOURCES)"
+	@mkdir -p $(SOURCES)
+	@$(PIP) download --no-deps --no-binary :all: --dest $(SOURCES).tmp Brotli==1.1.0
+	@echo "$(BROTLI_SHA256)  $(SOURCES).tmp/Brotli-1.1.0.tar.gz" | sha256sum -c --quiet
+	@mv $(SOURCES).tmp/Brotli-1.1.0.tar.gz $@ && rmdir $(SOURCES).tmp
 
 # Byte-compile the project (an editable install leaves that to first import,
 # which never happens where PYTHONDONTWRITEBYTECODE is set, as on CI machines):
