@@ -69,3 +69,14 @@ def test_the_seccomp_profile_denies_and_allows_disjoint_sets() -> None:
     assert not allowed & set(DENIED)
     assert {"io_uring_setup", "unshare", "mount", "keyctl", "bpf"} <= set(DENIED)
     assert {"read", "write", "execve", "wait4"} <= allowed
+
+
+@pytest.mark.parametrize("command", [["build", "x.json"], ["serve", "--listen", "unix:///x"]])
+@pytest.mark.parametrize("timeout", ["-5", "0"])
+def test_the_cli_refuses_a_timeout_that_is_not_positive(command: list[str], timeout: str,
+                                                        capsys) -> None:
+    from stages.cli import main
+
+    assert main([*command, "--timeout", timeout]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--timeout must be a positive number" in err[0], err
