@@ -475,6 +475,7 @@ def _register_fn(plan: _Plan, drv_path: str):
                                   references=refs, nar_sha256=digest, nar_size=size,
                                   deriver=drv_path))
         _check_output_cycles(drv_path, dreq.output_names, infos)
+        check_references(drv_path, drv, infos, plan.pathinfo)
         await asyncio.to_thread(plan.pathinfo.register, infos)
         out = {}
         for name, info in zip(dreq.output_names, infos):
@@ -484,6 +485,62 @@ def _register_fn(plan: _Plan, drv_path: str):
         return out
 
     return register
+
+
+#: The output checks of a derivation's environment, as Nix 2.8 applies them
+#: (without structured attributes): (attribute, allowed?, over the closure?).
+REFERENCE_CHECKS = (("allowedReferences", True, False), ("allowedRequisites", True, True),
+                    ("disallowedReferences", False, False),
+                    ("disallowedRequisites", False, True))
+
+
+def check_references(drv_path: str, drv: Derivation, infos: Sequence[PathInfo],
+                     pathinfo: PathInfoDB) -> None:
+    """Enforce allowedReferences, allowedRequisites, disallowedReferences and
+    disallowedRequisites as Nix 2.8 does: each a space-separated list of store
+    paths or names of this derivation's outputs, applied to every output; the
+    requisites are the output's closure less the output itself. A violation
+    is NixError in Nix's words, naming the output and every offending path.
+    """
+    specs = [(attr, allowed, closure) for attr, allowed, closure in REFERENCE_CHECKS
+             if attr in drv.env]
+    if not specs:
+        return
+    own = {i.path: i for i in infos}
+
+    def resolve(attr: str) -> set[str]:
+        paths = set()
+        for item in drv.env[attr].split():
+            if item in drv.outputs:
+                paths.add(drv.outputs[item].path)
+            elif item.startswith("/nix/store/"):
+                paths.add(item)
+            else:
+                raise NixError(f"derivation '{drv_path}' contains an illegal reference "
+                               f"specifier '{item}'")
+        return paths
+
+    def requisites(path: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [path]
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            refs = own[p].references if p in own else pathinfo.get(p).references
+            todo.extend(r for r in refs if r not in seen)
+        seen.discard(path)
+        return seen
+
+    for info in infos:
+        for attr, allowed, closure in specs:
+            spec = resolve(attr)
+            used = requisites(info.path) if closure else set(info.references)
+            bad = sorted(p for p in used if (p not in spec) == allowed)
+            if bad:
+                raise NixError(f"output '{info.path}' is not allowed to refer to the "
+                               f"following paths:" + "".join(f"\n  {p}" for p in bad))
 
 
 def _check_output_cycles(drv_path: str, names: Sequence[str], infos: list[PathInfo]) -> None:

@@ -44,9 +44,10 @@ Caveats:
   true`` refuses it as well).
 - Ignored, as Nix 2.8 on Linux ignores them in the sandbox or handles them
   elsewhere: ``__impureHostDeps``, ``__sandboxProfile``,
-  ``__darwinAllowLocalNetworking`` (Darwin only); ``allowedReferences`` and
-  the other output checks, ``requiredSystemFeatures``, ``preferLocalBuild``
-  (for the caller).
+  ``__darwinAllowLocalNetworking`` (Darwin only); ``requiredSystemFeatures``,
+  ``preferLocalBuild`` (for the caller). ``allowedReferences`` and the other
+  output checks are not part of the request: the Nix builder enforces them
+  on the outputs (:func:`stages.nix.build.check_references`).
 - ``impureEnvVars`` of a fixed-output derivation take their values from
   ``impure_env`` (Nix takes them from its own environment); a name missing
   there is set to the empty string, as Nix does.

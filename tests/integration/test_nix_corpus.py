@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.nix, pytest.mark.runc, pytest.mark.fuse, pytest.mark.t
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "nix_corpus"
-CASES = ("outputs", "chain", "sources", "passasfile", "symlinks", "big", "fixed", "failing")
+CASES = ("outputs", "chain", "sources", "passasfile", "symlinks", "big", "fixed", "failing",
+         "refchecks")
 OCIBUILD = [sys.executable, "-m", "stages.cli"]
 
 
@@ -66,6 +67,10 @@ class Corpus:
     @property
     def failing(self) -> set[str]:
         return {d for k, d in self.drvs.items() if k.split(".", 1)[1].startswith("fail_")}
+
+
+def _valid(path: str) -> bool:
+    return sh("nix-store", "--check-validity", path, check=False).returncode == 0
 
 
 def _recursive_hash(base: Path, nonce: str) -> str:
@@ -116,7 +121,9 @@ def corpus():
         for drv in drvs:
             outs = json.loads(sh("nix", "show-derivation", drv).stdout)[drv]["outputs"]
             paths = {name: o["path"] for name, o in outs.items()}
-            if all(os.path.exists(p) for p in paths.values()):
+            # Valid (registered), not only there: a failed output check leaves
+            # Nix's output in the store, unregistered.
+            if all(_valid(p) for p in paths.values()):
                 c.nix_ok.add(drv)
             c.nix_outputs[drv] = paths
 
@@ -131,7 +138,10 @@ def corpus():
         made = [p for outs in c.nix_outputs.values() for p in outs.values()
                 if os.path.exists(p)]
         if made:
-            sh("nix-store", "--delete", *made, check=False)
+            sh("nix-store", "--delete", *[p for p in made if _valid(p)], check=False)
+            for p in made:  # what Nix left unregistered (failed output checks)
+                if os.path.lexists(p) and not _valid(p):
+                    subprocess.run(["rm", "-rf", p], check=False)
         if c.drvs:
             sh("nix-store", "--delete", *sorted(set(c.drvs.values())), check=False)
         shutil.rmtree(base, ignore_errors=True)
@@ -190,6 +200,17 @@ def test_failure_reasons_are_named(corpus: Corpus) -> None:
         b32 = sh("nix", "hash", "to-base32", sri).stdout.strip()
         assert f"sha256:{b32}" in err["fixed.fail_wrong_hash"], (sri, err)
     assert "specified" in err["fixed.fail_wrong_hash"]
+    # Output checks: Nix's own words, naming the output and each offending path.
+    for name, bad in (("fail_allowed_refs", "dep1"), ("fail_allowed_reqs", "dep0"),
+                      ("fail_disallowed_refs", "dep1"), ("fail_disallowed_reqs", "dep0")):
+        drv = corpus.drvs[f"refchecks.{name}"]
+        out = corpus.nix_outputs[drv]["out"]
+        offending = corpus.nix_outputs[corpus.drvs[f"refchecks.{bad}"]]["out"]
+        # (Nix's log indents the path further; its error text is the same.)
+        words = f"output '{out}' is not allowed to refer to the following paths:"
+        assert re.search(re.escape(words) + r"\n\s+" + re.escape(offending),
+                         corpus.nix_stderr), (name, corpus.nix_stderr[-2000:])
+        assert f"{words}\n  {offending}" in err[f"refchecks.{name}"], err[f"refchecks.{name}"]
 
 
 def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus) -> None:
