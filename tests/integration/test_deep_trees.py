@@ -192,8 +192,10 @@ async def test_a_10000_deep_output_builds_and_ingests(env: Env, deep_build) -> N
     assert node.size == DEPTH + 1  # every d, and f
     assert [list(o.needles) for o in deep_build.outputs_needles] == [[0]]
     # The same tree written here by Python imports to the same directory.
-    make_chain(env.base / "host", DEPTH)
-    assert (await ingest_path(env.host.castore, env.base / "host")).digest == node.digest
+    host = env.base / "host"
+    if not host.exists():  # another test of the module may have written it first
+        make_chain(host, DEPTH)
+    assert (await ingest_path(env.host.castore, host)).digest == node.digest
     assert _left_behind(env) == []
 
 
