@@ -17,7 +17,7 @@ the refusal says nothing about what exists there.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -65,6 +65,10 @@ def _normalized(paths: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(out)))
 
 
+def _aliases(value: Mapping[str, str]) -> dict[str, str]:
+    return {os.path.normpath(k): v for k, v in value.items()}
+
+
 def _positive(_self: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value < 1:
         raise ValueError(f"{attribute.name} must be positive, not {value}")
@@ -82,6 +86,9 @@ class Policy:
     max_memory: int = attrs.field(default=DEFAULT_MAX_MEMORY, validator=_positive)
     tmp_size: int = attrs.field(default=DEFAULT_TMP_SIZE, validator=_positive)
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
+    #: Read-only paths the operator maps to other host paths (target ->
+    #: source; Nix's ``sandbox-paths = TARGET=SOURCE``): allowed as they are.
+    ro_aliases: Mapping[str, str] = attrs.field(factory=dict, converter=_aliases)
 
     def ro_source(self, path: str) -> str | None:
         """The host path to bind for a requested read-only path, or None if not allowed.
@@ -90,6 +97,8 @@ class Policy:
         directory as written.
         """
         norm = os.path.normpath(path)
+        if norm in self.ro_aliases:  # the operator's own mapping: trusted as written
+            return os.path.realpath(self.ro_aliases[norm])
         if not any(_inside(norm, a) for a in self.allowed_ro_paths):
             return None
         resolved = os.path.realpath(norm)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from stages.cli import UserError
 from stages.cli.common import (
@@ -82,16 +84,42 @@ def _run_build(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from exc
 
 
+def _nix_policy(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The service's policy for Nix builds, and the sandbox paths every build gets.
+
+    As in Nix: fixed-output derivations (only they ask) get network access,
+    and nix.conf's sandbox paths are bound into every build (each source an
+    allowed read-only path, mapped at its target; optional ones whose source
+    is missing are left out, as Nix leaves them out). A /bin/sh among them
+    becomes the sandbox's own /bin/sh (a static busybox, provideBinSh).
+    """
+    import attrs
+
+    from stages.nix.config import nix_conf_path, sandbox_paths
+
+    base = policy(args, allow_network=True)
+    aliases: dict[str, str] = {}
+    for entry in sandbox_paths():
+        if not os.path.exists(entry.source):
+            if entry.optional:
+                continue
+            raise UserError(f"{nix_conf_path()}: sandbox path {entry.target}={entry.source}: "
+                            f"{entry.source} does not exist (add '?' to make it optional)")
+        aliases[entry.target] = entry.source
+    return attrs.evolve(base, ro_aliases=aliases), sorted(aliases)
+
+
 async def _build(args: argparse.Namespace) -> int:
     # The service first: its FUSE mount server boots (~0.3 s) in another
     # process while this one imports the Nix side and reads the derivations.
-    # As in Nix: fixed-output derivations (only they ask) get network access.
-    async with service(args, jobs=args.jobs, policy=policy(args, allow_network=True)) as svc:
+    nix_policy, sandbox = _nix_policy(args)
+    async with service(args, jobs=args.jobs, policy=nix_policy) as svc:
         from stages.nix.build import build_derivations
 
         with _pathinfo(args) as pathinfo:
             results = await build_derivations(args.drvs, service=svc, pathinfo=pathinfo,
-                                              jobs=args.jobs, subscribers=subscribers(args))
+                                              jobs=args.jobs, subscribers=subscribers(args),
+                                              sandbox_paths=sandbox)
     if args.json:
         print(json.dumps({d: r.to_json() for d, r in results.items()}, indent=2))
     else:

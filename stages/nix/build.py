@@ -273,6 +273,8 @@ class _Plan:
     to_build: list[str] = attrs.field(factory=list)             # dependencies first
     keys: dict[str, str] = attrs.field(factory=dict)
     requests: dict[str, DerivationRequest] = attrs.field(factory=dict)
+    #: Targets of nix.conf's sandbox paths, read-only in every build.
+    sandbox_paths: tuple[str, ...] = ()
 
     def load(self, drv_path: str) -> Derivation:
         drv = self.drvs.get(drv_path)
@@ -400,7 +402,8 @@ def _make_request(plan: _Plan, drv_path: str, cores: int) -> DerivationRequest:
     drv = plan.drvs[drv_path]
     closure = plan.pathinfo.closure(plan.input_paths(drv))
     inputs = {p: plan.pathinfo.get(p).node for p in closure}
-    dreq = derivation_to_request(drv, inputs, cores=cores, read_drv=plan.load)
+    dreq = derivation_to_request(drv, inputs, cores=cores, read_drv=plan.load,
+                                 sandbox_paths=plan.sandbox_paths)
     plan.requests[drv_path] = dreq
     return dreq
 
@@ -603,21 +606,24 @@ async def _run(service: OciBuildService, run_dir: Path, graph: Graph, specs: lis
 
 async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildService,
                             pathinfo: PathInfoDB, jobs: int = 1, cores: int = 0,
-                            subscribers: Iterable[Subscriber] = ()) -> dict[str, DrvResult]:
+                            subscribers: Iterable[Subscriber] = (),
+                            sandbox_paths: Sequence[str] = ()) -> dict[str, DrvResult]:
     """Build ``drv_paths`` and what they need; one :class:`DrvResult` per requested path.
 
     ``service`` must be started (``async with``); its castore is where inputs
     and outputs go, and ``pathinfo`` must be that castore's database.
     ``jobs`` caps concurrent containers; ``cores`` is NIX_BUILD_CORES (0:
-    every core, as Nix's default). Never raises for a derivation that
-    fails: its result says why.
+    every core, as Nix's default). ``sandbox_paths``: read-only paths of
+    every build (nix.conf's sandbox paths' targets; the service's policy
+    must grant them, see :mod:`stages.nix.config`). Never raises for a
+    derivation that fails: its result says why.
     """
     host = service.host
     if host is None:
         raise NixError("the build service is not started; use it with 'async with'")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
-    plan = _Plan(castore=host.castore, pathinfo=pathinfo)
+    plan = _Plan(castore=host.castore, pathinfo=pathinfo, sandbox_paths=tuple(sandbox_paths))
     done: set[str] = set()
     for drv_path in drv_paths:
         await plan.visit(drv_path, done)

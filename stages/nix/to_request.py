@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
@@ -156,14 +156,17 @@ def _bytes(s: str) -> bytes:
 
 def derivation_to_request(drv: Derivation, inputs: Mapping[str, Node], *, cores: int = 0,
                           impure_env: Mapping[str, str] | None = None,
-                          read_drv: Callable[[str], Derivation] = read_derivation
-                          ) -> DerivationRequest:
+                          read_drv: Callable[[str], Derivation] = read_derivation,
+                          sandbox_paths: Sequence[str] = ()) -> DerivationRequest:
     """The BuildRequest for ``drv``; see the module docstring for every rule.
 
     ``inputs``: store path -> castore node, for at least every input source
     and every used output of every input derivation (MissingInputError names
     the first one missing). ``read_drv`` reads an input derivation by its
     .drv path (default: from the file system), to learn its output paths.
+    ``sandbox_paths`` are the targets of nix.conf's sandbox paths
+    (:mod:`stages.nix.config`): read-only paths of every build, as Nix binds them;
+    /bin/sh among them is the sandbox's own (``provide_bin_sh``).
     """
     what = _describe(drv)
     if drv.env.get("__noChroot") == "1":
@@ -229,7 +232,9 @@ def derivation_to_request(drv: Derivation, inputs: Mapping[str, Node], *, cores:
         environment_vars=[EnvVar(key=k, value=_bytes(v))
                           for k, v in sorted(env.items(), key=lambda kv: _bytes(kv[0]))],
         constraints=BuildConstraints(system=drv.system, network_access=drv.is_fixed_output,
-                                     provide_bin_sh=False),
+                                     provide_bin_sh="/bin/sh" in sandbox_paths,
+                                     available_ro_paths=sorted(set(sandbox_paths) - {"/bin/sh"},
+                                                               key=_bytes)),
         additional_files=[AdditionalFile(path=f"{BUILD_DIR.lstrip('/')}/{name}",
                                          contents=_bytes(value))
                           for name, value in sorted(files)],
