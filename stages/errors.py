@@ -111,8 +111,15 @@ class RuncError(BuildError):
         if exit_code is not None:
             text += f" (exit code {exit_code})"
         if log_tail:
-            text += "\n--- last lines of the build log ---\n" + log_tail
+            text += "\n--- last lines of the build log ---\n" + _printable(log_tail)
         super().__init__(text)
+
+
+def _printable(text: str) -> str:
+    """The builder's text with control characters but newline and tab escaped:
+    an error message printed on a terminal cannot move its cursor or forge lines."""
+    return "".join(c if c in "\n\t" or (c >= " " and c != "\x7f") else f"\\x{ord(c):02x}"
+                   for c in text)
 
 
 class RuncTimeoutError(RuncError, TimeoutError):

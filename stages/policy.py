@@ -12,11 +12,19 @@ on the host (so a symlink inside an allowed directory cannot lead out of
 it), and the container binds the resolved path. A path outside every
 allowed directory is refused without looking at the host's file system, so
 the refusal says nothing about what exists there.
+
+Caveat: read-only does not stop ``connect()`` on a unix socket inside an
+allowed directory (a daemon's socket under ``/nix`` or ``/run``): a socket
+itself is never bound, but allow directories that hold none. A directory
+overlapping the service's state directory is refused when the service
+starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -36,8 +44,9 @@ DEFAULT_MAX_PIDS = 4096
 DEFAULT_MAX_MEMORY = 8 << 30
 #: Size of a build's /tmp (a tmpfs, counted in its memory too): 1 GiB.
 DEFAULT_TMP_SIZE = 1 << 30
-#: What this machine builds, as Nix 2.8 on x86-64 Linux (system plus extra-platforms).
-DEFAULT_SYSTEMS = ("x86_64-linux", "i686-linux")
+#: What this machine builds: x86-64 Linux. (Nix 2.8 also offers i686-linux
+#: here; the seccomp filter is x86-64 only, stages.oci.seccomp.)
+DEFAULT_SYSTEMS = ("x86_64-linux",)
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -102,9 +111,12 @@ class Policy:
         if not any(_inside(norm, a) for a in self.allowed_ro_paths):
             return None
         resolved = os.path.realpath(norm)
-        if any(_inside(resolved, os.path.realpath(a)) for a in self.allowed_ro_paths):
-            return resolved
-        return None
+        if not any(_inside(resolved, os.path.realpath(a)) for a in self.allowed_ro_paths):
+            return None
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.stat(resolved).st_mode):
+                return None  # read-only does not stop connect(): a daemon's socket
+        return resolved
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -92,7 +92,7 @@ def _named_limit(exc: RuncError, build: BuildSpec, host: BuildHost) -> RuncError
     if cgroup is None or exc.exit_code is None:
         return exc
     policy = host.policy
-    if cgroup.memory_limit_hit():
+    if exc.exit_code == 128 + 9 and cgroup.memory_limit_hit():  # SIGKILLed, at its limit
         what = (f"memory limit {policy.max_memory} bytes reached (--max-memory): the kernel "
                 f"killed the builder")
     elif cgroup.pids_limit_hit():

@@ -268,7 +268,7 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
     ]
     if req.network_access:
         mounts.append({"destination": "/sys", "type": "none", "source": "/sys",
-                       "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+                       "options": ["rbind", "rnosuid", "rnoexec", "rnodev", "rro"]})
     tmp_size = [f"size={opts.tmp_size}"] if opts.tmp_size is not None else []
     mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                    "options": ["nosuid", "nodev", "mode=1777", *tmp_size, *_BUILDER_OWNS]})
@@ -297,8 +297,10 @@ def make_spec(req: BuildRequest, opts: SpecOptions) -> dict:
         if ro_source is None:
             raise SpecError("constraints.available_ro_paths", "host-path-missing",
                             f"no host path given for {p!r}")
+        # rro/rnosuid/rnodev: read-only all the way down, mounts below too
+        # (plain ro on an rbind remounts only its top).
         mounts.append({"destination": p, "type": "bind", "source": ro_source,
-                       "options": ["rbind", "ro", "nosuid", "nodev"]})
+                       "options": ["rbind", "rro", "rnosuid", "rnodev"]})
 
     if req.provide_bin_sh:
         mounts.append(_bind("/bin/sh", opts.busybox, "ro", "nosuid", "nodev"))

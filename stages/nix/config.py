@@ -5,9 +5,10 @@ sandboxed build: each entry is ``PATH`` (the host's PATH at PATH) or
 ``TARGET=SOURCE``, and a trailing ``?`` makes it optional (skipped when the
 source does not exist). ``ocibuild nix build`` reads them from the same
 file Nix does (``$NIX_CONF_DIR/nix.conf``, else ``/etc/nix/nix.conf``) and
-maps them onto the operator's policy: each source becomes an allowed
-read-only path and each target a read-only path of every derivation's
-request, bound from its source (:class:`stages.policy.Policy` ``ro_aliases``).
+maps them onto the operator's policy: each target becomes a read-only path
+of every derivation's request, bound from exactly its source
+(:class:`stages.policy.Policy` ``ro_aliases``; nothing below or beside the
+source is allowed by it).
 
 Caveats: ``include``/``!include`` lines are not followed; the legacy names
 ``build-chroot-dirs``/``build-extra-chroot-dirs`` are read too.

@@ -105,7 +105,8 @@ class SlirpNetwork:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 self.slirp, "--netns-type=path", "--configure", "--mtu=65520",
-                "--disable-host-loopback", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
+                "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp",
+                f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
                 str(self.path), "tap0", pass_fds=(ready_w, exit_r),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True)

@@ -107,6 +107,13 @@ class OciBuildService(BuildService):
                                                      f"seconds, not {timeout}")
         self.timeout = timeout
         self.policy = policy if policy is not None else Policy()
+        state = os.path.realpath(self.state_dir)
+        for allowed in self.policy.allowed_ro_paths:
+            real = os.path.realpath(allowed)
+            if os.path.commonpath([state, real]) in (state, real):
+                raise ServiceError(str(self.state_dir),
+                                   f"--allow-ro-path {allowed} overlaps the state directory: "
+                                   f"builds would read each other's scratch and inputs")
         self.subscribers = list(subscribers)
         self.runs_dir = self.state_dir / "runs"
         self.bundles_dir = self.state_dir / "bundles"

@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["BYE", "kill_containers", "main"]
@@ -40,17 +41,35 @@ def _runc(runc: str, root: Path, *args: str) -> subprocess.CompletedProcess[byte
                           capture_output=True, check=False, timeout=30)
 
 
-def kill_containers(root: Path, runc: str = "runc") -> list[str]:
-    """Kill and delete every container runc knows under ``root``; return their ids."""
+def kill_containers(root: Path, runc: str = "runc", *, settle: float = 1.0) -> list[str]:
+    """Kill and delete every container runc knows under ``root``; return their ids.
+
+    Listed again until two lists in a row come back empty (``settle``
+    seconds apart at most): a ``runc run`` that was starting when its owner
+    died writes its container's state only after a first list.
+    """
+    killed: list[str] = []
+    empty = 0
+    while empty < 2:
+        ids = _list(runc, root)
+        if not ids:
+            empty += 1
+            time.sleep(settle / 4)
+            continue
+        empty = 0
+        for cid in ids:  # all killed first: the builds stop together
+            _runc(runc, root, "kill", "--all", cid, "KILL")
+        for cid in ids:
+            _runc(runc, root, "delete", "--force", cid)
+        killed += [c for c in ids if c not in killed]
+    return killed
+
+
+def _list(runc: str, root: Path) -> list[str]:
     if not root.is_dir():
         return []
     listed = _runc(runc, root, "list", "--format", "json")
-    ids = [c["id"] for c in (json.loads(listed.stdout or b"null") or [])]
-    for cid in ids:  # all killed first: the builds stop together
-        _runc(runc, root, "kill", "--all", cid, "KILL")
-    for cid in ids:
-        _runc(runc, root, "delete", "--force", cid)
-    return ids
+    return [c["id"] for c in (json.loads(listed.stdout or b"null") or [])]
 
 
 def main(argv: list[str] | None = None) -> int:

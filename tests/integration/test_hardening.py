@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -76,6 +77,9 @@ async def env():
     (base / "allowed" / "file").write_text("granted\n")
     (base / "secret").write_text("not granted\n")
     (base / "allowed" / "escape").symlink_to(base / "secret")
+    (base / "allowed" / "sub").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs",
+                    str(base / "allowed" / "sub")], check=True)
     bb = base / "inputs" / BB_NAME
     bb.mkdir(parents=True)
     shutil.copy2("/bin/busybox", bb / "busybox")
@@ -90,6 +94,7 @@ async def env():
             assert svc.host is not None
             yield Env(base, svc, await ingest_path(svc.host.castore, bb))
     finally:
+        subprocess.run(["umount", str(base / "allowed" / "sub")], check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -127,9 +132,11 @@ async def test_a_symlink_out_of_a_granted_directory_is_refused(env: Env) -> None
 
 
 async def test_a_granted_path_is_readable_and_read_only(env: Env) -> None:
+    # Read-only all the way down: also a world-writable tmpfs mounted below it.
     allowed = str(env.base / "allowed")
     script = (f"cat {allowed}/file > /nix/store/out; "
-              f"if echo x > {allowed}/new 2>/dev/null; then echo WROTE >> /nix/store/out; fi")
+              f"if echo x > {allowed}/new 2>/dev/null; then echo WROTE >> /nix/store/out; fi; "
+              f"if echo x > {allowed}/sub/new 2>/dev/null; then echo WROTE-SUB >> /nix/store/out; fi")
     assert await env.out(env.sh(script, ro_paths=(allowed,))) == b"granted\n"
 
 
@@ -217,6 +224,9 @@ out = []
 for name, (nr, a, b) in calls.items():
     res = libc.syscall(nr, a, b, 0, 0, 0)
     out.append(f"{name} {res} {errno.errorcode.get(ctypes.get_errno(), '?')}")
+for name, family in (("vsock", 40), ("vsock_high_bits", 0x1_0000_0028), ("inet", 2)):
+    res = libc.syscall(41, ctypes.c_long(family), 1, 0)
+    out.append(f"socket_{name} {'ok' if res >= 0 else errno.errorcode[ctypes.get_errno()]}")
 try:
     os.setxattr("/build", "user.x", b"1")
     out.append("setxattr ok")
@@ -235,6 +245,11 @@ async def test_seccomp_refuses_what_a_build_never_needs(env: Env) -> None:
         assert results[name] == "-1 EPERM", (name, results[name])
     assert results["setxattr"] == "ENOTSUP" or results["setxattr"] == "EOPNOTSUPP"
     assert results["getpid"] == "True"  # the filter lets ordinary calls through
+    # AF_VSOCK reaches the hypervisor whatever the network namespace; a
+    # family with high bits set must not slip past the filter's comparison.
+    assert results["socket_vsock"] == "ENOSYS"
+    assert results["socket_vsock_high_bits"] == "ENOSYS"
+    assert results["socket_inet"] == "ok"
 
 
 async def test_many_inputs_build_or_are_refused_before_runc(env: Env) -> None:

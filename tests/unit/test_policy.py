@@ -80,3 +80,32 @@ def test_the_cli_refuses_a_timeout_that_is_not_positive(command: list[str], time
     assert main([*command, "--timeout", timeout]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--timeout must be a positive number" in err[0], err
+
+
+def test_a_socket_in_an_allowed_directory_is_never_bound(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "ok").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "ok" / "daemon.sock"))
+    try:
+        policy = Policy(allowed_ro_paths=[str(tmp_path / "ok")])
+        assert policy.ro_source(str(tmp_path / "ok" / "daemon.sock")) is None
+        assert policy.ro_source(str(tmp_path / "ok")) == str(tmp_path / "ok")
+    finally:
+        sock.close()
+
+
+def test_an_allowed_path_overlapping_the_state_directory_is_refused(tmp_path: Path) -> None:
+    for allowed in (tmp_path, tmp_path / "state" / "runs"):
+        with pytest.raises(ServiceError, match="overlaps the state directory"):
+            OciBuildService(tmp_path / "state", policy=Policy(allowed_ro_paths=[str(allowed)]))
+
+
+def test_a_builders_log_cannot_move_the_terminals_cursor() -> None:
+    from stages.errors import RuncError
+
+    text = str(RuncError("c", "the builder failed", exit_code=1,
+                         log_tail="ok\n\x1b[1A\x1b[2Kocibuild: error: forged\r\tx\n"))
+    assert "\x1b" not in text and "\r" not in text
+    assert "\\x1b[1A" in text and "\tx\n" in text

@@ -157,7 +157,7 @@ def test_mount_order_and_options() -> None:
     for d in ("/nix/store/aaa-dep", "/nix/store/bbb-src.sh"):
         assert by[d]["source"] == "/fuse/" + d.rsplit("/", 1)[1]
         assert {"ro", "nosuid", "nodev"} <= set(by[d]["options"])
-    assert {"ro", "rbind"} <= set(by["/opt/x"]["options"]) and by["/opt/x"]["source"] == "/opt/x"
+    assert {"rro", "rbind", "rnosuid", "rnodev"} <= set(by["/opt/x"]["options"]) and by["/opt/x"]["source"] == "/opt/x"
     assert by["/bin/sh"]["source"] == "/bin/busybox" and "ro" in by["/bin/sh"]["options"]
 
 
@@ -174,7 +174,7 @@ def test_sys_only_with_network_access(network: bool) -> None:
     assert "/proc/kcore" in masked and "/proc/acpi" in masked
     if network:
         assert by["/sys"]["source"] == "/sys" and by["/sys"]["type"] == "none"
-        assert {"rbind", "ro"} <= set(by["/sys"]["options"])
+        assert {"rbind", "rro", "rnosuid", "rnodev"} <= set(by["/sys"]["options"])
         assert "sys" in points
         assert "/sys/firmware" in masked
     else:
