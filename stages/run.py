@@ -33,10 +33,13 @@ async def container(build: BuildSpec, host: BuildHost,
     """Resource factory: one container of the build's bundle, deleted on release,
     in the build's own cgroup (made here with the policy's limits, removed after)."""
     cgroup = host.cgroup(build)
-    if cgroup is not None:
-        await asyncio.to_thread(cgroup.create, max_memory=host.policy.max_memory,
-                                max_pids=host.policy.max_pids)
     try:
+        if cgroup is not None:
+            # Finished even when cancelled meanwhile (the thread would make it
+            # anyway): the finally below then removes what it made.
+            await finish_then_cancel(asyncio.to_thread(
+                cgroup.create, max_memory=host.policy.max_memory,
+                max_pids=host.policy.max_pids))
         async with contextlib.AsyncExitStack() as stack:
             if request_of(build, ctx).network_access and host.netns_dir is not None:
                 await stack.enter_async_context(SlirpNetwork(host.netns_path(build)))

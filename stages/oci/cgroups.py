@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["CGROUP_FS", "BuildCgroup", "available", "remove_tree"]
+__all__ = ["CGROUP_FS", "BuildCgroup", "available", "remove_tree", "sweep"]
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 _V1_LIMITS = ("memory", "pids")
@@ -62,8 +62,8 @@ def _hierarchies() -> list[Path]:
 
 
 def _rmdir(path: Path) -> None:
-    """Remove an empty cgroup, waiting briefly while its last tasks exit."""
-    for delay in (0.0, 0.01, 0.05, 0.1, 0.2, 0.5):
+    """Remove an empty cgroup, waiting a while (5 s) for its last tasks to go."""
+    for delay in (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 1.0, 1.0):
         time.sleep(delay)
         try:
             path.rmdir()
@@ -92,6 +92,35 @@ def _number(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):  # missing on this kernel, or "max"
         return None
+
+
+def sweep(root: str = "ocibuild", *, older_than: float = 300.0) -> list[str]:
+    """Remove the build cgroups under ``root`` that hold no process and are
+    older than ``older_than`` seconds: what a build left when its removal
+    failed or its service died before the next start could name its key.
+    A young empty cgroup may be a build about to start its container: kept."""
+    top = CGROUP_FS / ("memory" if not _unified() else "") / root
+    if not top.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for entry in sorted(top.iterdir()):
+        if not entry.is_dir():
+            continue
+        try:
+            young = now - entry.stat().st_ctime < older_than
+            busy = any((Path(d) / "cgroup.procs").read_text().strip()
+                       for d, _, _ in os.walk(entry))
+        except OSError:
+            continue
+        if young or busy:
+            continue
+        try:
+            remove_tree(f"{root}/{entry.name}")
+        except OSError:
+            continue  # still busy: the next start tries again
+        removed.append(entry.name)
+    return removed
 
 
 class BuildCgroup:

@@ -52,8 +52,14 @@ def _try_lock(path: Path) -> int | None:
 
 
 async def cleanup_dead_instances(state_dir: Path) -> list[str]:
-    """Clean what dead service instances left behind; return what was removed."""
+    """Clean what dead service instances left behind; return what was removed.
+
+    Build cgroups nobody uses any more (of any state directory on this
+    host: they are named by build key only) are swept too.
+    """
     removed: list[str] = []
+    if cgroups.available():
+        removed += [f"cgroup ocibuild/{key}" for key in cgroups.sweep()]
     instances = state_dir / "instances"
     if not instances.is_dir():
         return removed

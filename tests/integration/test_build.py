@@ -237,6 +237,9 @@ def assert_clean(env: Env, keys: set[str], fds_before: set[str], fuse_before: li
         assert not [n for n in os.listdir(env.host.runtime_dir / "rootfs") if n.startswith(".")]
     for key in keys:
         assert key not in info, f"a mount of build {key} survived"
+        for controller in ("memory", "pids"):  # the build's own cgroup (stages.oci.cgroups)
+            assert not Path("/sys/fs/cgroup", controller, "ocibuild", key).exists(), \
+                f"the {controller} cgroup of build {key} survived"
         assert f"ocibuild-{key}" not in _runc_ids(), f"container of {key} in the global runc list"
         if key not in kept:
             for place in _bundle_places(env, key):
