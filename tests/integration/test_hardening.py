@@ -46,9 +46,11 @@ class Env:
         self.busybox = busybox
 
     def request(self, command: list[str], *, ro_paths: tuple[str, ...] = (),
-                outputs: tuple[str, ...] = ("nix/store/out",)) -> BuildRequest:
+                outputs: tuple[str, ...] = ("nix/store/out",),
+                inputs: tuple[object, ...] = ()) -> BuildRequest:
         return BuildRequest(
-            inputs=[self.busybox], command_args=command,
+            inputs=sorted([self.busybox, *inputs], key=lambda n: n.name),  # type: ignore[attr-defined]  # nodes
+            command_args=command,
             working_dir="build", scratch_paths=["build", "nix/store"], inputs_dir="nix/store",
             outputs=list(outputs),
             environment_vars=[EnvVar(key="PATH", value=BB.encode())],
@@ -261,11 +263,7 @@ async def test_many_inputs_build_or_are_refused_before_runc(env: Env) -> None:
     def many(n: int) -> BuildRequest:
         files = [FileNode(name=f"in{i:05d}".encode(), digest=data_node.digest,
                           size=data_node.size) for i in range(n)]
-        req = env.sh(f"cat /nix/store/in{n - 1:05d} > /nix/store/out")
-        return BuildRequest(**{**{a: getattr(req, a) for a in (
-            "command_args", "working_dir", "scratch_paths", "inputs_dir", "outputs",
-            "environment_vars", "constraints")}, "inputs": sorted([*req.inputs, *files],
-                                                              key=lambda n: n.name)})
+        return env.sh(f"cat /nix/store/in{n - 1:05d} > /nix/store/out", inputs=tuple(files))
 
     assert await env.out(many(200)) == b"granted\n"
     with pytest.raises(BuildFailed) as info:
@@ -285,11 +283,8 @@ async def test_a_dead_mount_server_is_named_and_replaced(env: Env) -> None:
     data.write_bytes(os.urandom(1 << 16))  # new bytes: never in any page cache
     data_node = await ingest_path(env.svc.host.castore, data)
     marker = f"{7_000_000 + int.from_bytes(os.urandom(3), 'big')}"
-    req = env.sh(f"sleep {marker} & wait; cat /nix/store/{data.name} > /nix/store/out")
-    req = BuildRequest(**{**{a: getattr(req, a) for a in (
-        "command_args", "working_dir", "scratch_paths", "inputs_dir", "outputs",
-        "environment_vars", "constraints")},
-        "inputs": sorted([env.busybox, data_node], key=lambda n: n.name)})
+    req = env.sh(f"sleep {marker} & wait; cat /nix/store/{data.name} > /nix/store/out",
+                 inputs=(data_node,))
     task = asyncio.create_task(env.svc.do_build(req))
     for _ in range(400):
         if processes_with(f"sleep {marker}"):
@@ -321,11 +316,8 @@ async def _input_dir(env: Env, files: dict[bytes, object]) -> object:
 
 
 def _reading(env: Env, node: object, path: str) -> BuildRequest:
-    req = env.sh(f"cat /nix/store/{node.name.decode()}/{path} > /nix/store/out")  # type: ignore[attr-defined]
-    return BuildRequest(**{**{a: getattr(req, a) for a in (
-        "command_args", "working_dir", "scratch_paths", "inputs_dir", "outputs",
-        "environment_vars", "constraints")},
-        "inputs": sorted([env.busybox, node], key=lambda n: n.name)})  # type: ignore[attr-defined]
+    return env.sh(f"cat /nix/store/{node.name.decode()}/{path} > /nix/store/out",  # type: ignore[attr-defined]  # a node
+                  inputs=(node,))
 
 
 async def test_a_corrupt_blob_in_an_input_is_named(env: Env) -> None:

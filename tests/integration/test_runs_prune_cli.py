@@ -24,19 +24,17 @@ import time
 from pathlib import Path
 
 import pytest
+import run_records
 from integration_helpers import remove_state_tree
+from run_records import age
 
-from pipeline import Graph, Runner, Stage, new_run_dir
-from stages.context import BuildSpec
 from stages.request import BuildConstraints, BuildRequest
 from stages.service.recovery import Instance
-from stages.service.runs import build_key, save_specs
 from stages.teardown import KEPT_MARKER
 
 pytestmark = pytest.mark.timeout(120)
 
 OCIBUILD = [sys.executable, "-m", "stages.cli"]
-DAY = 86400.0
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -56,39 +54,9 @@ def ocibuild(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-def _request() -> BuildRequest:
-    return BuildRequest(command_args=["/bin/sh", "-c", "true"], working_dir="build",
-                        scratch_paths=["build"], inputs_dir="nix/store", outputs=["build/out"],
-                        constraints=BuildConstraints(system="x86_64-linux"))
-
-
 def make_run(state: Path, n_builds: int = 1, *, days: float = 0.0, fail: bool = False) -> Path:
     """A real run of ``n_builds`` tiny builds in ``state/runs``, last active ``days`` ago."""
-    run_dir = new_run_dir(state / "runs")
-    keys = [build_key(run_dir, i, n_builds) for i in range(n_builds)]
-    save_specs(run_dir, [BuildSpec(request=_request(), key=k) for k in keys], None)
-
-    async def stage(ctx) -> dict:
-        if fail and ctx.name.endswith("run"):
-            raise RuntimeError("the builder exited with 1")
-        return {}
-
-    graphs = []
-    for key in keys:
-        g = Graph(stages=[Stage(name="validate", fn=stage),
-                          Stage(name="run", fn=stage, deps=["validate"]),
-                          Stage(name="teardown", fn=stage, deps=["run"], always=True)])
-        graphs.append(g if n_builds == 1 else g.prefixed(key))
-    graph = graphs[0] if n_builds == 1 else Graph.compose(*graphs)
-    asyncio.run(Runner(graph, run_dir=run_dir).run())
-    age(run_dir, days)
-    return run_dir
-
-
-def age(run_dir: Path, days: float) -> None:
-    t = time.time() - days * DAY
-    os.utime(run_dir / "journal.jsonl", (t, t))
-    os.utime(run_dir, (t, t))
+    return run_records.make_run(state / "runs", n_builds, days=days, fail=fail)
 
 
 def kept_bundle(state: Path, key: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 from stages.errors import RequestError, ServiceError
@@ -31,9 +32,7 @@ def test_policy_refusals_name_the_field() -> None:
                                                        network_access=True),
     }
     for field, constraints in cases.items():
-        req = BuildRequest(**{**{a: getattr(base, a) for a in ("command_args", "working_dir",
-                                                              "scratch_paths", "inputs_dir")},
-                              "constraints": constraints})
+        req = attrs.evolve(base, constraints=constraints)
         with pytest.raises(RequestError) as info:
             check_request(req, policy)
         assert info.value.field == field

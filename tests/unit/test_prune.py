@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from run_records import DAY, make_run
 
-from pipeline import Graph, Runner, Stage, new_run_dir
 from stages.cli import main
-from stages.context import BuildSpec
-from stages.request import BuildConstraints, BuildRequest
 from stages.service import prune as prune_module
 from stages.service.prune import (
     CLI_KEEP,
@@ -35,10 +33,9 @@ from stages.service.prune import (
     select_runs,
 )
 from stages.service.recovery import live_instance_keys
-from stages.service.runs import build_key, key_of_run, run_keys, save_specs
+from stages.service.runs import key_of_run, run_keys
 from stages.teardown import KEPT_MARKER
 
-DAY = 86400.0
 NOW = 1_800_000_000.0
 
 
@@ -174,43 +171,6 @@ def test_keys_named_after_a_run() -> None:
     assert not key_of_run(run_id, "20261129-230428-3ea2e8")
     assert not key_of_run(run_id, run_id + "x")
     assert not key_of_run(run_id, "abcd1234-hello-3ea2e70")
-
-
-def _request() -> BuildRequest:
-    return BuildRequest(command_args=["/bin/sh", "-c", "true"], working_dir="build",
-                        scratch_paths=["build"], inputs_dir="nix/store", outputs=["build/out"],
-                        constraints=BuildConstraints(system="x86_64-linux"))
-
-
-def make_run(runs_dir: Path, n_builds: int = 1, *, days: float = 0.0, fail: bool = False,
-             builds_json: bool = True, label: str = "") -> Path:
-    """A real run of ``n_builds`` tiny builds, last active ``days`` ago."""
-    run_dir = new_run_dir(runs_dir, label)
-    keys = [build_key(run_dir, i, n_builds) for i in range(n_builds)]
-    if builds_json:
-        save_specs(run_dir, [BuildSpec(request=_request(), key=k) for k in keys], None)
-
-    async def ok(ctx) -> dict:
-        if fail and ctx.name.endswith("run"):
-            raise RuntimeError("builder failed")
-        return {}
-
-    graphs = []
-    for key in keys:
-        g = Graph(stages=[Stage(name="validate", fn=ok), Stage(name="run", fn=ok,
-                                                               deps=["validate"]),
-                          Stage(name="teardown", fn=ok, deps=["run"], always=True)])
-        graphs.append(g if n_builds == 1 else g.prefixed(key))
-    graph = graphs[0] if n_builds == 1 else Graph.compose(*graphs)
-    asyncio.run(Runner(graph, run_dir=run_dir).run())
-    age(run_dir, days)
-    return run_dir
-
-
-def age(run_dir: Path, days: float) -> None:
-    t = time.time() - days * DAY
-    os.utime(run_dir / "journal.jsonl", (t, t))
-    os.utime(run_dir, (t, t))
 
 
 def test_run_keys_from_builds_json_and_from_the_journal(tmp_path: Path) -> None:
