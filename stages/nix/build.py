@@ -402,8 +402,9 @@ def _make_request(plan: _Plan, drv_path: str, cores: int) -> DerivationRequest:
     drv = plan.drvs[drv_path]
     closure = plan.pathinfo.closure(plan.input_paths(drv))
     inputs = {p: plan.pathinfo.get(p).node for p in closure}
+    references = {p: plan.pathinfo.get(p).references for p in closure}
     dreq = derivation_to_request(drv, inputs, cores=cores, read_drv=plan.load,
-                                 sandbox_paths=plan.sandbox_paths)
+                                 sandbox_paths=plan.sandbox_paths, references=references)
     plan.requests[drv_path] = dreq
     return dreq
 
@@ -478,7 +479,7 @@ def _register_fn(plan: _Plan, drv_path: str):
                                   references=refs, nar_sha256=digest, nar_size=size,
                                   deriver=drv_path))
         _check_output_cycles(drv_path, dreq.output_names, infos)
-        check_references(drv_path, drv, infos, plan.pathinfo)
+        check_references(drv_path, drv, infos, plan.pathinfo, dreq.output_names)
         await asyncio.to_thread(plan.pathinfo.register, infos)
         out = {}
         for name, info in zip(dreq.output_names, infos):
@@ -490,30 +491,86 @@ def _register_fn(plan: _Plan, drv_path: str):
     return register
 
 
-#: The output checks of a derivation's environment, as Nix 2.8 applies them
-#: (without structured attributes): (attribute, allowed?, over the closure?).
+#: The reference checks of an output, as Nix 2.8 applies them:
+#: (attribute, allowed?, over the closure?).
 REFERENCE_CHECKS = (("allowedReferences", True, False), ("allowedRequisites", True, True),
                     ("disallowedReferences", False, False),
                     ("disallowedRequisites", False, True))
 
 
-def check_references(drv_path: str, drv: Derivation, infos: Sequence[PathInfo],
-                     pathinfo: PathInfoDB) -> None:
-    """Enforce allowedReferences, allowedRequisites, disallowedReferences and
-    disallowedRequisites as Nix 2.8 does: each a space-separated list of store
-    paths or names of this derivation's outputs, applied to every output; the
-    requisites are the output's closure less the output itself. A violation
-    is NixError in Nix's words, naming the output and every offending path.
+@attrs.frozen
+class OutputChecks:
+    """What Nix 2.8 checks of one output: reference lists by attribute, size limits.
+
+    ``ignore_self`` drops the output itself from its requisites (without
+    structured attributes only, as in Nix).
     """
-    specs = [(attr, allowed, closure) for attr, allowed, closure in REFERENCE_CHECKS
-             if attr in drv.env]
-    if not specs:
+
+    lists: dict[str, list[str]]
+    max_size: int | None = None
+    max_closure_size: int | None = None
+    ignore_self: bool = True
+
+
+def output_checks(drv_path: str, drv: Derivation) -> dict[str, OutputChecks]:
+    """The checks of each output: the four attributes of the environment for
+    every output; with structured attributes, ``outputChecks.<output>``
+    (its four lists, ``maxSize``, ``maxClosureSize``) instead.
+    """
+    from stages.nix.to_request import structured_attrs
+
+    attrs_ = structured_attrs(drv)
+    if attrs_ is None:
+        lists = {a: drv.env[a].split() for a, _, _ in REFERENCE_CHECKS if a in drv.env}
+        return {name: OutputChecks(lists) for name in drv.outputs} if lists else {}
+    per_output = attrs_.get("outputChecks")
+    if not isinstance(per_output, dict):
+        return {}
+    checks = {}
+    for name in drv.outputs:
+        spec = per_output.get(name)
+        if not isinstance(spec, dict):
+            continue
+        lists = {}
+        for attr, _, _ in REFERENCE_CHECKS:
+            if attr in spec:
+                value = spec[attr]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise NixError(f"attribute '{attr}' of derivation '{drv_path}' must be a "
+                                   "list of strings")
+                lists[attr] = value
+        limits = []
+        for attr in ("maxSize", "maxClosureSize"):
+            value = spec.get(attr)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise NixError(f"outputChecks.{name}.{attr} of derivation '{drv_path}' must be "
+                               f"a non-negative integer, not {value!r}")
+            limits.append(value)
+        checks[name] = OutputChecks(lists, limits[0], limits[1], ignore_self=False)
+    return checks
+
+
+def check_references(drv_path: str, drv: Derivation, infos: Sequence[PathInfo],
+                     pathinfo: PathInfoDB, names: Sequence[str] | None = None) -> None:
+    """Enforce each output's checks (:func:`output_checks`) as Nix 2.8 does.
+
+    A reference list holds store paths or names of this derivation's
+    outputs; requisites are the output's closure. A violation is NixError in
+    Nix's words, naming the output and every offending path (or the sizes).
+    ``names[i]`` is the output name of ``infos[i]`` (default: matched by path).
+    """
+    checks = output_checks(drv_path, drv)
+    if not checks:
         return
     own = {i.path: i for i in infos}
+    if names is None:
+        by_path = {o.path: n for n, o in drv.outputs.items()}
+        names = [by_path[i.path] for i in infos]
 
-    def resolve(attr: str) -> set[str]:
+    def resolve(items: list[str]) -> set[str]:
         paths = set()
-        for item in drv.env[attr].split():
+        for item in items:
             if item in drv.outputs:
                 paths.add(drv.outputs[item].path)
             elif item.startswith("/nix/store/"):
@@ -523,7 +580,7 @@ def check_references(drv_path: str, drv: Derivation, infos: Sequence[PathInfo],
                                f"specifier '{item}'")
         return paths
 
-    def requisites(path: str) -> set[str]:
+    def closure(path: str) -> set[str]:
         seen: set[str] = set()
         todo = [path]
         while todo:
@@ -533,13 +590,33 @@ def check_references(drv_path: str, drv: Derivation, infos: Sequence[PathInfo],
             seen.add(p)
             refs = own[p].references if p in own else pathinfo.get(p).references
             todo.extend(r for r in refs if r not in seen)
-        seen.discard(path)
         return seen
 
-    for info in infos:
-        for attr, allowed, closure in specs:
-            spec = resolve(attr)
-            used = requisites(info.path) if closure else set(info.references)
+    def nar_size(path: str) -> int:
+        return own[path].nar_size if path in own else pathinfo.get(path).nar_size
+
+    for name, info in zip(names, infos):
+        check = checks.get(name)
+        if check is None:
+            continue
+        if check.max_size is not None and info.nar_size > check.max_size:
+            raise NixError(f"path '{info.path}' is too large at {info.nar_size} bytes; limit "
+                           f"is {check.max_size} bytes")
+        if check.max_closure_size is not None:
+            total = sum(nar_size(p) for p in closure(info.path))
+            if total > check.max_closure_size:
+                raise NixError(f"closure of path '{info.path}' is too large at {total} bytes; "
+                               f"limit is {check.max_closure_size} bytes")
+        for attr, allowed, recursive in REFERENCE_CHECKS:
+            if attr not in check.lists:
+                continue
+            spec = resolve(check.lists[attr])
+            if recursive:
+                used = closure(info.path)
+                if check.ignore_self:
+                    used.discard(info.path)
+            else:
+                used = set(info.references)
             bad = sorted(p for p in used if (p not in spec) == allowed)
             if bad:
                 raise NixError(f"output '{info.path}' is not allowed to refer to the "

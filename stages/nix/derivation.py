@@ -37,6 +37,7 @@ Caveats:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -141,8 +142,15 @@ class Derivation:
 
     @property
     def name(self) -> str:
-        """The derivation's ``name`` attribute ("" when the env lacks it)."""
-        return self.env.get("name", "")
+        """The derivation's ``name`` attribute (with structured attributes, the
+        JSON's); "" when it has none."""
+        if "name" in self.env or "__json" not in self.env:
+            return self.env.get("name", "")
+        try:
+            name = json.loads(self.env["__json"]).get("name", "")
+        except (ValueError, AttributeError, RecursionError):
+            return ""
+        return name if isinstance(name, str) else ""
 
 
 # --- serializing ----------------------------------------------------------------

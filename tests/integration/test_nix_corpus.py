@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.nix, pytest.mark.runc, pytest.mark.fuse, pytest.mark.t
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "nix_corpus"
 CASES = ("outputs", "chain", "sources", "passasfile", "symlinks", "big", "fixed", "failing",
-         "refchecks")
+         "refchecks", "structured")
 OCIBUILD = [sys.executable, "-m", "stages.cli"]
 
 
@@ -211,6 +211,19 @@ def test_failure_reasons_are_named(corpus: Corpus) -> None:
         assert re.search(re.escape(words) + r"\n\s+" + re.escape(offending),
                          corpus.nix_stderr), (name, corpus.nix_stderr[-2000:])
         assert f"{words}\n  {offending}" in err[f"refchecks.{name}"], err[f"refchecks.{name}"]
+    # With structured attributes: the output is among its own requisites, and
+    # the size limits of outputChecks, in Nix's words with Nix's numbers.
+    out = corpus.nix_outputs[corpus.drvs["structured.fail_structured_requisites"]]["out"]
+    assert f"paths:\n  {out}" in err["structured.fail_structured_requisites"]
+    assert re.search(re.escape("paths:") + r"\n\s+" + re.escape(out), corpus.nix_stderr)
+    for name, pattern in (("fail_structured_max_size", r"path '{}' is too large at \d+ bytes; "
+                                                        r"limit is 1000 bytes"),
+                          ("fail_structured_closure_size", r"closure of path '{}' is too large "
+                                                           r"at \d+ bytes; limit is 1000 bytes")):
+        out = corpus.nix_outputs[corpus.drvs[f"structured.{name}"]]["out"]
+        want = re.search(pattern.format(re.escape(out)), corpus.nix_stderr)
+        assert want, (name, corpus.nix_stderr[-2000:])
+        assert want.group(0) in err[f"structured.{name}"], err[f"structured.{name}"]
 
 
 def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus) -> None:

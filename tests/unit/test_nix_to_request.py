@@ -22,6 +22,7 @@ from stages.nix import (
     derivation_to_request,
     parse_derivation,
 )
+from stages.nix.structured import hash_placeholder
 from stages.nix.to_request import attr_file_name
 from stages.request import AdditionalFile, BuildConstraints, EnvVar
 from stages.validate import validate_request
@@ -217,7 +218,8 @@ def test_input_derivation_problems_are_named() -> None:
 
 
 @pytest.mark.parametrize("drv,feature", [
-    (make_drv({"__json": "{}"}), "structured-attrs"),
+    (make_drv({"__json": '{"exportReferencesGraph": {"g": []}}'}),
+     "structured-exportReferencesGraph"),
     (make_drv({"__noChroot": "1"}), "__noChroot"),
     (make_drv(outputs={"out": DerivationOutput(path="", hash_algo="r:sha256")}), "floating-ca"),
     (make_drv({"a=b": "x"}), "env-key"),
@@ -256,3 +258,64 @@ def test_a_real_drv_text() -> None:
                                             "8hzbz17vcmw97w1wpqpadxhfkj7crcps")
     assert dreq.request.outputs == ("nix/store/zmxm4rw67lf4cy7l0kb77hkgpp5gcjn9-t-14",)
     assert EnvVar(key="name", value=b"t-14") in dreq.request.environment_vars
+
+
+def _files(req) -> dict[str, bytes]:
+    return {f.path: f.contents for f in req.additional_files}
+
+
+def test_structured_attributes_replace_the_environment() -> None:
+    # The derivation's own variables (``out`` among them) are not passed.
+    req = convert(make_drv({"__json": '{"b":[1,"x"],"a":"it\'s","ph":"'
+                            + f"{hash_placeholder('out')}" + '"}', "extra": "not passed"},
+                           args=("-c", f"echo > {hash_placeholder('dev')}"))).request
+    env = env_of(req)
+    assert "extra" not in env and "out" not in env and "__json" not in env
+    assert env["NIX_ATTRS_JSON_FILE"] == "/tmp/nix-build-hello.drv-0/.attrs.json"
+    assert req.command_args[-1] == f"echo > {DEV}"
+    files = _files(req)
+    outputs = f'"outputs":{{"dev":"{DEV}","out":"{OUT}"}}'
+    assert files["build/.attrs.json"] == (
+        '{"a":"it\'s","b":[1,"x"],' + outputs + f',"ph":"{OUT}"' + "}").encode()
+    assert files["build/.attrs.sh"] == (
+        "declare a='it'\\''s'\ndeclare -a b=(1 'x' )\n"
+        f"declare -A outputs=(['dev']='{DEV}' ['out']='{OUT}' )\ndeclare ph='{OUT}'\n").encode()
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[1]", "not an object"), ("{", "cannot process __json"), ('{"a": NaN}', "NaN"),
+    ('{"a": "\\ud800"}', "lone surrogate"),
+])
+def test_bad_structured_attributes_are_named(text: str, words: str) -> None:
+    with pytest.raises(NixError, match=words) as info:
+        convert(make_drv({"__json": text}))
+    assert "hello" in str(info.value)
+
+
+def test_placeholders_become_output_paths() -> None:
+    ph = hash_placeholder("out")
+    req = convert(make_drv({"x": f"at {ph}/bin", "text": ph, "passAsFile": "text"},
+                           args=("-c", ph))).request
+    assert env_of(req)["x"] == f"at {OUT}/bin" and req.command_args[-1] == OUT
+    assert _files(req)[f"build/{attr_file_name('text')}"] == OUT.encode()
+
+
+def test_export_references_graph() -> None:
+    refs = {BB: [], SRC: [BB], DEP_OUT: [SRC, DEP_OUT]}
+    req = convert(make_drv({"exportReferencesGraph": f"g {DEP_OUT}/bin s {SRC}"}),
+                  references=refs).request
+    files = _files(req)
+    assert files["build/s"] == f"{BB}\n\n0\n{SRC}\n\n1\n{BB}\n".encode()
+    assert files["build/g"].startswith(f"{BB}\n\n0\n{SRC}\n\n1\n{BB}\n{DEP_OUT}\n\n2\n"
+                                       .encode())
+
+
+@pytest.mark.parametrize("value,words", [
+    (f"g {SRC} odd", "odd number of tokens"),
+    (f"../g {SRC}", "invalid file name"),
+    ("g /etc/passwd", "non-store path"),
+    (f"g {EXTRA}", "not in the input closure"),
+])
+def test_bad_export_references_graph_is_named(value: str, words: str) -> None:
+    with pytest.raises(NixError, match=words):
+        convert(make_drv({"exportReferencesGraph": value}), references={SRC: []})
