@@ -18,6 +18,7 @@ inside its user namespace. Root's home (0700) is therefore not a default.
 The state directory::
 
     instances/<id>/lock     flock held while service instance <id> lives
+    instances/<id>/janitor.lock  flock held while its janitor lives
     instances/<id>/keys     the build keys it created, one a line
     instances/<id>/mnt/     its FUSE mountpoint
     instances/<id>/runc/    its runc --root (its containers only)
@@ -312,10 +313,24 @@ class OciBuildService(BuildService):
 
 
 def _start_supervisor(runc_root: Path) -> subprocess.Popen[bytes]:
-    """The instance's janitor (:mod:`stages.service.supervisor`), in its own session."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "stages.service.supervisor", "--runc-root", str(runc_root)],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+    """The instance's janitor (:mod:`stages.service.supervisor`), in its own session.
+
+    It inherits a locked ``janitor.lock`` of the instance and holds it while it
+    lives, so a service cleaning up after this instance waits for it.
+    """
+    import fcntl
+
+    from stages.service.recovery import JANITOR_LOCK
+
+    fd = os.open(runc_root.parent / JANITOR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return subprocess.Popen(
+            [sys.executable, "-m", "stages.service.supervisor", "--runc-root", str(runc_root)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+            pass_fds=(fd,))
+    finally:
+        os.close(fd)  # the janitor's copy keeps the lock
 
 
 def _stop_supervisor(supervisor: subprocess.Popen[bytes]) -> None:

@@ -20,10 +20,12 @@ Caveats:
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import secrets
 import stat
+import time
 from pathlib import Path
 
 import attrs
@@ -51,6 +53,27 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+#: The lock an instance's janitor holds while it lives (:mod:`stages.service.supervisor`).
+JANITOR_LOCK = "janitor.lock"
+#: How long a starting service waits for a dead instance's janitor to finish.
+JANITOR_WAIT = 10.0
+
+
+async def _janitor_done(inst: Path) -> bool:
+    """Whether the dead instance's janitor has finished (waiting up to JANITOR_WAIT):
+    while it kills the instance's containers, nobody else touches them."""
+    lock = inst / JANITOR_LOCK
+    if not lock.exists():
+        return True
+    deadline = time.monotonic() + JANITOR_WAIT
+    while (fd := _try_lock(lock)) is None:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    os.close(fd)
+    return True
+
+
 async def cleanup_dead_instances(state_dir: Path) -> list[str]:
     """Clean what dead service instances left behind; return what was removed.
 
@@ -71,6 +94,8 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
         if fd is None:
             continue  # alive
         try:
+            if not await _janitor_done(inst):
+                continue  # its janitor is still at work; the next start cleans up
             for mnt in cleanup_stale_mounts(inst / "mnt"):
                 removed.append(f"mount {mnt}")
             for cid in await cleanup_stale_containers(inst / "runc"):

@@ -9,7 +9,9 @@ end-of-file without ``bye``, and kills and deletes every container under
 the instance's runc root at once (``runc kill --all``, ``runc delete
 --force``). The FUSE mount server unmounts the inputs the same way
 (PR_SET_PDEATHSIG); the next service to start on the state directory
-removes the rest (bundles, runtime directory).
+removes the rest (bundles, runtime directory), after waiting for this
+janitor: it inherits a locked ``janitor.lock`` of the instance and holds it
+until it exits.
 
 The supervisor imports nothing but the standard library, so it starts in a
 few dozen milliseconds, while the service does the rest of its start-up.

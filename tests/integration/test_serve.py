@@ -271,10 +271,14 @@ def test_sigkill_of_serve_kills_its_containers_within_2s(base) -> None:
         time.sleep(0.05)
     assert processes_with(f"sleep {marker}") == [], "a container outlived serve by 2 s"
     assert _containers(path) == []
-    # The next server on the state directory removes what is left.
+    # The next server on the state directory removes what is left (once the
+    # killed one's janitor is done: it waits for it).
+    server.proc.wait(10)
     again = _start(base, f"unix://{path / 's2.sock'}")
     assert again.ready_line().startswith("ocibuild: serving on")
     again.proc.send_signal(signal.SIGTERM)
     assert again.wait(30) == 0
-    assert list((path / "state" / "instances").iterdir()) == []
+    left = [(p.name, sorted(str(f.relative_to(p)) for f in p.rglob("*")))
+            for p in (path / "state" / "instances").iterdir()]
+    assert left == []
     assert _mounts_under(path) == []
