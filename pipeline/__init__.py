@@ -44,6 +44,8 @@ from pipeline.events import (
     Event,
     EventKind,
     JsonLinesLog,
+    JsonProgress,
+    PlainProgress,
     RichProgress,
     Subscriber,
 )
@@ -82,6 +84,8 @@ __all__ = [
     "GraphBuilder",
     "GraphError",
     "JsonLinesLog",
+    "JsonProgress",
+    "PlainProgress",
     "LimiterStatistics",
     "MissingDependencyError",
     "PendingReason",

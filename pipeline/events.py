@@ -3,7 +3,9 @@
 A subscriber is any callable taking an :class:`Event`; if it also has
 ``close()``, the runner calls it when the run ends. Three are provided:
 :class:`Collector` (tests), :class:`JsonLinesLog` (a log file) and
-:class:`RichProgress` (a terminal display).
+:class:`RichProgress` (a terminal display), and for logs and scripts,
+:class:`PlainProgress` (a line per log line and stage change) and
+:class:`JsonProgress` (a JSON object per event per line).
 
 Caveats:
 
@@ -28,6 +30,8 @@ __all__ = [
     "Event",
     "EventKind",
     "JsonLinesLog",
+    "JsonProgress",
+    "PlainProgress",
     "RichProgress",
     "Subscriber",
 ]
@@ -190,3 +194,90 @@ class RichProgress:
         if self._started:
             self._progress.stop()
             self._started = False
+
+
+#: Stage events the line-oriented displays print, and the state each names.
+_STATE_OF = {EventKind.STAGE_STARTED: "started", EventKind.STAGE_FINISHED: "finished",
+             EventKind.STAGE_FAILED: "failed", EventKind.STAGE_CANCELLED: "cancelled",
+             EventKind.STAGE_ABANDONED: "abandoned", EventKind.STAGE_REUSED: "reused",
+             EventKind.STAGE_RETRY: "retrying"}
+
+
+def _run_id(event: Event) -> str:
+    return Path(event.message).name if event.message else ""
+
+
+class PlainProgress:
+    """One line per log line (``stage | line``) and per stage change
+    (``stage: finished in 0.12 s``), for logs and CI, flushed as they come."""
+
+    def __init__(self, file: IO[str] | None = None) -> None:
+        self.file = file or sys.stderr
+        self._started: dict[str, float] = {}
+
+    def __call__(self, event: Event) -> None:
+        kind, stage = event.kind, event.stage or ""
+        if kind is EventKind.LOG:
+            line = f"{stage} | {event.message}"
+        elif kind in _STATE_OF:
+            state = _STATE_OF[kind]
+            if kind is EventKind.STAGE_STARTED:
+                self._started[stage] = event.time
+                line = f"{stage}: started"
+            else:
+                began = self._started.pop(stage, None)
+                took = f" in {event.time - began:.2f} s" if began is not None else ""
+                why = f": {event.message}" if event.message and state != "finished" else ""
+                line = f"{stage}: {state}{took}{why}"
+        elif kind is EventKind.RUN_STARTED:
+            line = f"run {_run_id(event)}: started"
+        elif kind is EventKind.RUN_FINISHED:
+            line = f"run: {event.message}"
+        else:
+            return
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+class JsonProgress:
+    """One JSON object per event per line (the README documents the schema).
+
+    Every object has ``time``, ``event`` (the EventKind's value) and ``run``
+    (the run id); stage events add ``stage`` and, when a stage ended, its
+    ``state`` and ``elapsed`` seconds; log events add ``stream`` and
+    ``line``; ``message`` when there is one. ``fields(stage, run)`` may
+    replace the ``stage`` field with others (a build's key and stage).
+    """
+
+    def __init__(self, file: IO[str] | None = None, *,
+                 fields: Callable[[str, str], dict[str, Any]] | None = None) -> None:
+        self.file = file or sys.stderr
+        self.fields = fields
+        self._run = ""
+        self._started: dict[str, float] = {}
+
+    def __call__(self, event: Event) -> None:
+        kind = event.kind
+        if kind is EventKind.RUN_STARTED:
+            self._run = _run_id(event)
+        if kind is EventKind.RESOURCE_ACQUIRED or kind is EventKind.RESOURCE_RELEASED:
+            return
+        out: dict[str, Any] = {"time": event.time, "event": kind.value, "run": self._run}
+        if event.stage is not None:
+            out.update(self.fields(event.stage, self._run) if self.fields
+                       else {"stage": event.stage})
+            if kind in _STATE_OF:
+                out["state"] = _STATE_OF[kind]
+            if kind is EventKind.STAGE_STARTED:
+                self._started[event.stage] = event.time
+            elif kind in _STATE_OF:
+                began = self._started.pop(event.stage, None)
+                if began is not None:
+                    out["elapsed"] = round(event.time - began, 6)
+        if kind is EventKind.LOG:
+            out["stream"] = (event.data or {}).get("stream", "stdout")
+            out["line"] = event.message
+        elif event.message and kind is not EventKind.RUN_STARTED:
+            out["message"] = event.message
+        self.file.write(json.dumps(out) + "\n")
+        self.file.flush()

@@ -64,7 +64,7 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[st
     log.parent.mkdir(parents=True, exist_ok=True)
 
     def on_line(stream: str, line: bytes) -> None:
-        ctx.log(line.decode("utf-8", "replace").rstrip("\n"), stream=stream)
+        ctx.log(line.decode("utf-8", "replace").rstrip("\n"), stream=stream, raw=line)
 
     generation = host.mounts.generation
     faults = host.mounts.fault_mark()

@@ -1,4 +1,4 @@
-"""``ocibuild build``, ``graph``, ``runs``, ``resume`` and ``shell``.
+"""``ocibuild build``, ``graph``, ``runs``, ``resume``, ``log`` and ``shell``.
 
 Builds run on the OCI build service (:mod:`stages.service`) over the store
 chosen by ``--blob-service-addr``/``--directory-service-addr`` (or
@@ -24,6 +24,7 @@ from stages.cli import UserError
 from stages.cli.common import (
     check_timeout,
     policy_options,
+    progress_option,
     run_cancellable,
     service,
     state_dir,
@@ -216,6 +217,66 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_is_live(run_dir: Path) -> bool:
+    """Whether a live service instance still works on the run (its keys are recorded)."""
+    from stages.service.recovery import live_instance_keys
+    from stages.service.runs import key_of_run
+
+    state = run_dir.parent.parent
+    return any(key_of_run(run_dir.name, key) for key in live_instance_keys(state))
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    import time
+
+    run_dir = _find_run(args, args.run)
+    logs_dir = run_dir / "logs"
+    if args.build is not None:
+        chosen = logs_dir / f"{args.build}.log"
+        if not chosen.is_file() and not args.follow:
+            raise UserError(f"run {run_dir.name} has no log of build {args.build!r}")
+    out = sys.stdout.buffer
+    offsets: dict[Path, int] = {}
+    last: list[Path | None] = [None]
+
+    def copy_new() -> bool:
+        """Write what the logs gained since last time; whether there was any."""
+        paths = [chosen] if args.build is not None else sorted(logs_dir.glob("*.log"))
+        several = args.build is None and len(paths) > 1
+        grew = False
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            if not data:
+                continue
+            if several and last[0] != path:
+                out.write(f"==> {path.stem} <==\n".encode())
+            last[0] = path
+            out.write(data)
+            out.flush()
+            offsets[path] = offsets.get(path, 0) + len(data)
+            grew = True
+        return grew
+
+    copy_new()
+    if not args.follow:
+        if not offsets and args.build is None and not any(logs_dir.glob("*.log")):
+            print(f"ocibuild: run {run_dir.name} has no builder output (yet)", file=sys.stderr)
+        return 0
+    try:
+        while True:
+            live = _run_is_live(run_dir)
+            if not copy_new() and not live:
+                return 0
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 130
+
+
 def cmd_shell(args: argparse.Namespace) -> int:
     from stages.cli.shell import open_shell
 
@@ -246,6 +307,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: $BUILD_SERVICE_ADDR when it is a grpc+ address)")
     p.add_argument("--no-fetch-outputs", action="store_true",
                    help="remote builds: leave the outputs in the server's store")
+    progress_option(p)
     store_options(p)
     policy_options(p)
     p.set_defaults(handler=cmd_build)
@@ -282,8 +344,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", metavar="STAGE")
     p.add_argument("--json", action="store_true")
     p.add_argument("--jobs", "-j", type=int, default=None)
+    progress_option(p)
     store_options(p)
     p.set_defaults(handler=cmd_resume)
+
+    p = sub.add_parser("log", help="print a run's builder output",
+                       description="Print what the builders of a run wrote (stdout and "
+                                   "stderr, as written), each build's log after a header "
+                                   "when the run has several; with --follow, keep printing "
+                                   "as they write until the run ends.")
+    p.add_argument("run", metavar="RUN", help="run id (see 'ocibuild runs') or directory")
+    p.add_argument("--build", metavar="KEY", help="only this build's log")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep printing new output while the run is running")
+    p.add_argument("--state-dir", type=Path, metavar="DIR")
+    p.set_defaults(handler=cmd_log)
 
     p = sub.add_parser("shell", help="a shell inside the sandbox of a kept run",
                        usage="%(prog)s [--build KEY] RUN [-- COMMAND...]")

@@ -142,9 +142,37 @@ def run_cancellable(main: Callable[[], Awaitable[int]]) -> int:
     return asyncio.run(wrapper())
 
 
-def subscribers(args: argparse.Namespace) -> list[Any]:
-    if getattr(args, "json", False) or not sys.stderr.isatty():
-        return []
-    from pipeline import RichProgress
+PROGRESS_MODES = ("auto", "tty", "plain", "json")
 
-    return [RichProgress()]
+
+def progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                        help="how to show stages and builder output on stderr: tty (a live "
+                             "display), plain (a line each), json (an object per event per "
+                             "line); auto: tty on a terminal, else plain (nothing with --json)")
+
+
+def build_fields(stage: str, run: str) -> dict[str, Any]:
+    """A build graph's stage name as the build key and the bare stage
+    (a run of one build names its stages bare; its key is the run id)."""
+    key, sep, bare = stage.rpartition("/")
+    return {"build": key if sep else run, "stage": bare}
+
+
+def subscribers(args: argparse.Namespace) -> list[Any]:
+    """The progress display ``--progress`` asks for (see :func:`progress_option`)."""
+    mode = getattr(args, "progress", "auto")
+    if mode == "auto":
+        if sys.stderr.isatty():
+            mode = "tty"
+        elif getattr(args, "json", False):
+            return []
+        else:
+            mode = "plain"
+    from pipeline import JsonProgress, PlainProgress, RichProgress
+
+    if mode == "tty":
+        return [RichProgress()]
+    if mode == "plain":
+        return [PlainProgress()]
+    return [JsonProgress(fields=build_fields)]

@@ -31,6 +31,7 @@ from stages.cli import UserError
 from stages.cli.common import (
     policy,
     policy_options,
+    progress_option,
     run_cancellable,
     service,
     store_options,
@@ -54,9 +55,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="print one JSON object with each DRV's status and outputs")
     build.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                        help="containers running at once (default 1)")
+    progress_option(build)
     store_options(build)
     policy_options(build, network=False)
     build.set_defaults(handler=_run_build)
+
+    log = sub.add_parser("log", help="print the builder log of a derivation's last build",
+                         description="Print what the builder wrote in the most recent build "
+                                     "of DRV under the state directory (as 'nix log' does).")
+    log.add_argument("drv", metavar="DRV", help="a .drv store path")
+    log.add_argument("--state-dir", type=Path, metavar="DIR")
+    log.set_defaults(handler=_run_log)
 
     export = sub.add_parser("export", help="write a registered store path out as files",
                             description="Write the tree of a built (registered) store path "
@@ -65,6 +74,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("dir", type=Path, metavar="DIR", help="an existing directory")
     store_options(export)
     export.set_defaults(handler=_run_export)
+
+
+def _run_log(args: argparse.Namespace) -> int:
+    from stages.cli.common import state_dir
+    from stages.nix.build import last_log
+    from stages.nix.errors import NixError
+
+    try:
+        path = last_log(state_dir(args), args.drv)
+    except NixError as exc:
+        raise UserError(str(exc)) from None
+    if path is None:
+        raise UserError(f"no build log of {args.drv} in {state_dir(args) / 'runs'} (was it "
+                        f"built by 'ocibuild nix build' with this state directory?)")
+    sys.stdout.buffer.write(path.read_bytes())
+    sys.stdout.buffer.flush()
+    return 0
 
 
 def _pathinfo(args: argparse.Namespace):

@@ -4,9 +4,11 @@ Chosen by ``--build-service-addr`` or a ``grpc+unix://``, ``grpc+http://`` or
 ``grpc+https://`` ``BUILD_SERVICE_ADDR``. The requests' inputs are nodes of
 the client's store (``--blob-service-addr``/``--directory-service-addr``, or
 the embedded store); what the server lacks is uploaded to the castore served
-at the same address, DoBuild runs there, and the outputs are fetched back into
-the client's store (unless ``--no-fetch-outputs``). Output, ``--json`` and exit
-status are those of a local build.
+at the same address, the build runs there (DoBuildStream when a progress
+display is on, its events shown as they come; DoBuild otherwise), and the
+outputs are fetched back into the client's store (unless
+``--no-fetch-outputs``). Output, ``--json``, ``--progress`` and exit status
+are those of a local build.
 
 Refused for remote builds, with one line: ``--stop-after``, ``--keep``,
 ``--keep-failed`` (the bundles live on the server). ``--timeout`` becomes
@@ -43,7 +45,7 @@ def remote_address(args: argparse.Namespace) -> str | None:
 def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
                sources: list[str]) -> int:
     from stages.castore.addresses import open_castore
-    from stages.cli.common import run_cancellable
+    from stages.cli.common import run_cancellable, subscribers
     from stages.grpc.build_service import GrpcBuildService
     from stages.grpc.remote import remote_builds
 
@@ -57,6 +59,9 @@ def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout must be positive, not {args.timeout}")
 
+    displays = subscribers(args)
+    on_event = _event_printer(displays, sources) if displays else None
+
     async def main() -> int:
         local = open_castore(args.blob_service_addr, args.directory_service_addr)
         remote_castore = open_castore(address, address)
@@ -66,14 +71,37 @@ def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
             results = await remote_builds(requests, local=local, remote_build_service=service,
                                           remote_castore=remote_castore,
                                           fetch_outputs=not args.no_fetch_outputs,
-                                          jobs=args.jobs)
+                                          jobs=args.jobs, on_event=on_event)
         finally:
+            for display in displays:
+                if hasattr(display, "close"):
+                    display.close()
             await service.aclose()
             await remote_castore.aclose()
             await local.aclose()
         return _report(results, requests, sources, address, as_json=args.json)
 
     return run_cancellable(main)
+
+
+def _event_printer(displays: list[Any], sources: list[str]) -> Any:
+    """Streamed builds' events, as the pipeline events of a local run, to the displays.
+
+    Each build's stages are named by the server's build id (its run id) once
+    it is known, by the request's file until then.
+    """
+    from stages.service.events import Started, to_pipeline_event
+
+    keys = list(sources)
+
+    def on_event(i: int, event: Any) -> None:
+        if isinstance(event, Started):
+            keys[i] = event.build_id
+        converted = to_pipeline_event(event, keys[i])
+        for display in displays:
+            display(converted)
+
+    return on_event
 
 
 def _report(results: list[Any], requests: list[Any], sources: list[str], address: str, *,

@@ -56,7 +56,7 @@ import asyncio
 import logging
 import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -65,7 +65,7 @@ from stages.errors import BuildError, BuildFailed, RequestError, ServiceError, S
 
 # rpc_build_pb2 registers the service's descriptor (rpc_build_pb2_grpc does not
 # import it), which server reflection looks up in the default pool.
-from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc  # noqa: F401 - rpc_build_pb2 registers the service descriptor reflection serves
+from stages.proto import build_pb2, rpc_build_pb2, rpc_build_pb2_grpc
 from stages.request import (
     Build,
     BuildRequest,
@@ -77,7 +77,8 @@ from stages.request import (
 from stages.service import BuildService
 from stages.validate import validate_request
 
-__all__ = ["BUILD_SERVICE_NAME", "BuildServicer", "GrpcBuildService", "add_build_servicer"]
+__all__ = ["BUILD_SERVICE_NAME", "BuildServicer", "GrpcBuildService", "add_build_servicer",
+           "event_from_proto", "event_to_proto"]
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +118,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
 
     async def DoBuild(self, request: build_pb2.BuildRequest,  # noqa: N802 - gRPC's name
                       context: grpc.aio.ServicerContext) -> build_pb2.Build:
-        if self._closing:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE,
-                         "the build service is shutting down", {_KIND: "shutdown"})
-        try:
-            req = validate_request(request_from_proto(request))
-        except RequestError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc),
-                         {_KIND: "request", _FIELD: exc.field, _RULE: exc.rule,
-                          _MESSAGE: exc.detail.encode()}, self._hidden)
+        req = await self._accept(request, context)
         # The build runs as a task of its own so that shutdown() can cancel it
         # apart from the handler, and the handler can still answer the call.
         task = asyncio.create_task(self.service.do_build(req))
@@ -142,23 +135,8 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise
-        except BuildFailed as exc:
-            cause = _refusal(exc)
-            if cause is not None:
-                # Refused after validation (an input not in the store, a
-                # policy, an env value the spec cannot carry): the request's fault.
-                code = (grpc.StatusCode.FAILED_PRECONDITION
-                        if getattr(cause, "rule", "") in _PRECONDITIONS
-                        else grpc.StatusCode.INVALID_ARGUMENT)
-                await _abort(context, code, str(cause),
-                             {_KIND: "request", _FIELD: cause.field, _RULE: cause.rule,
-                              _MESSAGE: cause.detail.encode()}, self._hidden)
-            await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
-                         {_KIND: "build-failed", _KEY: exc.key, _STAGE: exc.stage or "",
-                          _MESSAGE: _failure_message(exc).encode()}, self._hidden)
         except BuildError as exc:
-            await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
-                         {_KIND: "service", _MESSAGE: str(exc).encode()}, self._hidden)
+            await self._abort_failure(context, exc)
         except Exception as exc:
             log.exception("DoBuild failed unexpectedly")
             await _abort(context, grpc.StatusCode.INTERNAL,
@@ -167,6 +145,84 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         finally:
             self._builds.discard(task)
         return build_to_proto(build)
+
+    async def _accept(self, request: build_pb2.BuildRequest,
+                      context: grpc.aio.ServicerContext) -> BuildRequest:
+        """The validated request, or the call ended (shutting down, refused)."""
+        if self._closing:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                         "the build service is shutting down", {_KIND: "shutdown"})
+        try:
+            return validate_request(request_from_proto(request))
+        except RequestError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc),
+                         {_KIND: "request", _FIELD: exc.field, _RULE: exc.rule,
+                          _MESSAGE: exc.detail.encode()}, self._hidden)
+            raise  # abort raises; for the type checker
+
+    async def _abort_refusal(self, context: grpc.aio.ServicerContext, exc: BuildError) -> None:
+        """End the call with INVALID_ARGUMENT/FAILED_PRECONDITION if ``exc`` is a
+        refusal of the request (after validation: an input not in the store,
+        a policy, an env value the spec cannot carry); return otherwise."""
+        cause = _refusal(exc) if isinstance(exc, BuildFailed) else None
+        if cause is None:
+            return
+        code = (grpc.StatusCode.FAILED_PRECONDITION
+                if getattr(cause, "rule", "") in _PRECONDITIONS
+                else grpc.StatusCode.INVALID_ARGUMENT)
+        await _abort(context, code, str(cause),
+                     {_KIND: "request", _FIELD: cause.field, _RULE: cause.rule,
+                      _MESSAGE: cause.detail.encode()}, self._hidden)
+
+    async def _abort_failure(self, context: grpc.aio.ServicerContext, exc: BuildError) -> None:
+        await self._abort_refusal(context, exc)
+        if isinstance(exc, BuildFailed):
+            await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
+                         {_KIND: "build-failed", _KEY: exc.key, _STAGE: exc.stage or "",
+                          _MESSAGE: _failure_message(exc).encode()}, self._hidden)
+        await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
+                     {_KIND: "service", _MESSAGE: str(exc).encode()}, self._hidden)
+
+    async def DoBuildStream(self, request: build_pb2.BuildRequest,  # noqa: N802 - gRPC's name
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[rpc_build_pb2.BuildEvent]:
+        """DoBuild, streaming the build's events; closing the stream cancels the build."""
+        from stages.service.events import final_event
+
+        req = await self._accept(request, context)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        task = asyncio.create_task(self.service.stream_build(req, queue.put_nowait))
+        task.add_done_callback(lambda _t: queue.put_nowait(None))
+        self._builds.add(task)
+        try:
+            while (event := await queue.get()) is not None:
+                yield event_to_proto(event, self._hidden)
+            while not queue.empty():  # what was emitted after the last wake-up
+                if (event := queue.get_nowait()) is not None:
+                    yield event_to_proto(event, self._hidden)
+            try:
+                result: Build | BuildError = task.result()
+            except asyncio.CancelledError:
+                if self._closing:
+                    await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                                 "the build service is shutting down; the build was "
+                                 "cancelled", {_KIND: "shutdown"})
+                raise
+            except BuildError as exc:
+                await self._abort_refusal(context, exc)
+                result = exc
+            except Exception as exc:
+                log.exception("DoBuildStream failed unexpectedly")
+                result = BuildError(f"internal error of the build service: "
+                                    f"{type(exc).__name__}: {exc}")
+            yield event_to_proto(final_event(result), self._hidden)
+        finally:
+            # The client closed the stream (or the server stops): the build is
+            # cancelled and its teardown done before the handler ends.
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._builds.discard(task)
 
     async def shutdown(self) -> None:
         """Refuse new builds, cancel running ones and wait for their teardown."""
@@ -229,6 +285,67 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detai
                  else _redact(v, hidden)) for k, v in metadata.items()}
     context.set_trailing_metadata(tuple(clean.items()))
     await context.abort(code, _redact(details, hidden))
+
+
+_STREAMS = {"stdout": rpc_build_pb2.BuildEvent.Log.STDOUT,
+            "stderr": rpc_build_pb2.BuildEvent.Log.STDERR}
+_STATES = {"started": rpc_build_pb2.BuildEvent.Stage.STARTED,
+           "finished": rpc_build_pb2.BuildEvent.Stage.FINISHED,
+           "failed": rpc_build_pb2.BuildEvent.Stage.FAILED,
+           "cancelled": rpc_build_pb2.BuildEvent.Stage.CANCELLED}
+
+
+def event_to_proto(event: Any, hidden: Sequence[str] = ()) -> rpc_build_pb2.BuildEvent:
+    """A :mod:`stages.service.events` value as a BuildEvent message (server paths cut)."""
+    from stages.service import events as ev
+
+    msg = rpc_build_pb2.BuildEvent(time=event.time)
+    if isinstance(event, ev.Started):
+        msg.started.build_id = event.build_id
+    elif isinstance(event, ev.StageChanged):
+        msg.stage.name = event.name
+        msg.stage.state = _STATES[event.state]
+        msg.stage.elapsed = event.elapsed
+    elif isinstance(event, ev.LogLine):
+        msg.log.stream = _STREAMS.get(event.stream, rpc_build_pb2.BuildEvent.Log.STDOUT)
+        msg.log.data = event.data
+    elif isinstance(event, ev.Finished):
+        msg.finished.build.CopyFrom(build_to_proto(event.build))
+    elif isinstance(event, ev.Failed):
+        msg.failed.stage = event.stage
+        msg.failed.message = _redact(event.message, hidden)
+        if event.exit_code is not None:
+            msg.failed.exit_code = event.exit_code
+    else:
+        raise TypeError(f"not a build event: {event!r}")
+    return msg
+
+
+def event_from_proto(msg: rpc_build_pb2.BuildEvent) -> Any:
+    """A BuildEvent message as a :mod:`stages.service.events` value
+    (RequestError if it is malformed)."""
+    from stages.service import events as ev
+
+    which = msg.WhichOneof("event")
+    if which == "started":
+        return ev.Started(build_id=msg.started.build_id, time=msg.time)
+    if which == "stage":
+        states = {v: k for k, v in _STATES.items()}
+        if msg.stage.state not in states:
+            raise RequestError("event.stage.state", "unknown-state",
+                               f"unknown stage state {msg.stage.state}")
+        return ev.StageChanged(name=msg.stage.name, state=states[msg.stage.state],
+                               elapsed=msg.stage.elapsed, time=msg.time)
+    if which == "log":
+        stream = "stderr" if msg.log.stream == rpc_build_pb2.BuildEvent.Log.STDERR else "stdout"
+        return ev.LogLine(stream=stream, data=msg.log.data, time=msg.time)
+    if which == "finished":
+        return ev.Finished(build=build_from_proto(msg.finished.build), time=msg.time)
+    if which == "failed":
+        code = msg.failed.exit_code if msg.failed.HasField("exit_code") else None
+        return ev.Failed(stage=msg.failed.stage, message=msg.failed.message, exit_code=code,
+                         time=msg.time)
+    raise RequestError("event", "empty-event", "a BuildEvent with no event set")
 
 
 def add_build_servicer(server: grpc.aio.Server, service: BuildService) -> BuildServicer:
@@ -303,6 +420,40 @@ class GrpcBuildService(BuildService):
             return build_from_proto(msg)
         except RequestError as exc:
             raise ServiceError(self.address, f"the server's Build is malformed: {exc}") from exc
+
+    async def stream_build(self, request: BuildRequest,
+                           emit: Callable[[Any], None]) -> Build:
+        """DoBuildStream: each event passed to ``emit`` as it arrives; the Build,
+        or BuildFailed from the stream's ``failed``. A server without the
+        extension (tvix) gets DoBuild, and nothing is emitted meanwhile."""
+        from stages.service import events as ev
+
+        stub = self._open()
+        await self.wait_ready()
+        call = stub.DoBuildStream(request_to_proto(request), timeout=self.deadline)
+        build_id = "remote"
+        try:
+            async for msg in call:
+                try:
+                    event = event_from_proto(msg)
+                except RequestError as exc:
+                    raise ServiceError(self.address,
+                                       f"the server sent a malformed event: {exc}") from exc
+                if isinstance(event, ev.Started):
+                    build_id = event.build_id
+                if isinstance(event, ev.Finished):
+                    return event.build
+                if isinstance(event, ev.Failed):
+                    raise BuildFailed(build_id, f"{event.message} (build service "
+                                                f"{self.address})", stage=event.stage or None)
+                emit(event)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return await self.do_build(request)
+            raise _translate(self.address, exc, self.deadline) from exc
+        finally:
+            call.cancel()  # a no-op once the call ended; else the server cancels the build
+        raise ServiceError(self.address, "the build stream ended without finished or failed")
 
     async def aclose(self) -> None:
         if self._channel is not None:

@@ -17,11 +17,15 @@ Caveats:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from stages.castore.addresses import Castore
 from stages.request import Build, BuildRequest
 from stages.service import BuildService
+
+if TYPE_CHECKING:
+    from stages.service.events import BuildEvent
 
 __all__ = ["remote_build", "remote_builds", "upload_inputs"]
 
@@ -37,8 +41,12 @@ async def upload_inputs(request: BuildRequest, *, local: Castore, remote_castore
 
 
 async def remote_build(request: BuildRequest, *, local: Castore, remote_build: BuildService,
-                       remote_castore: Castore, fetch_outputs: bool) -> Build:
+                       remote_castore: Castore, fetch_outputs: bool,
+                       on_event: Callable[[BuildEvent], None] | None = None) -> Build:
     """Build ``request`` on ``remote_build`` with inputs from ``local``.
+
+    With ``on_event``, the build is streamed and each event passed to it as
+    it arrives (:meth:`~stages.service.BuildService.stream_build`).
 
     Raises what the build service raises (RequestError, BuildFailed,
     ServiceError) and castore errors for an input missing locally.
@@ -46,7 +54,10 @@ async def remote_build(request: BuildRequest, *, local: Castore, remote_build: B
     from stages.castore.copy import copy_node
 
     await upload_inputs(request, local=local, remote_castore=remote_castore)
-    build = await remote_build.do_build(request)
+    if on_event is None:
+        build = await remote_build.do_build(request)
+    else:
+        build = await remote_build.stream_build(request, on_event)
     if fetch_outputs:
         for node in build.outputs:
             await copy_node(remote_castore, local, node)
@@ -55,22 +66,25 @@ async def remote_build(request: BuildRequest, *, local: Castore, remote_build: B
 
 async def remote_builds(requests: Sequence[BuildRequest], *, local: Castore,
                         remote_build_service: BuildService, remote_castore: Castore,
-                        fetch_outputs: bool, jobs: int | None = None
+                        fetch_outputs: bool, jobs: int | None = None,
+                        on_event: Callable[[int, BuildEvent], None] | None = None
                         ) -> list[Build | BaseException]:
     """Several remote builds at once (at most ``jobs`` in flight; None: all).
 
     Each item is the Build, or the exception that build raised; cancelling
     this cancels every build (and so, on the server, their containers).
+    ``on_event(i, event)`` gets the events of request ``i`` as they come.
     """
     limit = asyncio.Semaphore(jobs or max(1, len(requests)))
 
-    async def one(req: BuildRequest) -> Build:
+    async def one(i: int, req: BuildRequest) -> Build:
+        emit = None if on_event is None else (lambda event: on_event(i, event))
         async with limit:
             return await remote_build(req, local=local, remote_build=remote_build_service,
                                       remote_castore=remote_castore,
-                                      fetch_outputs=fetch_outputs)
+                                      fetch_outputs=fetch_outputs, on_event=emit)
 
-    tasks = [asyncio.ensure_future(one(r)) for r in requests]
+    tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)]
     try:
         return list(await asyncio.gather(*tasks, return_exceptions=True))
     except BaseException:

@@ -262,6 +262,15 @@ def _key(drv_path: str, drv: Derivation, nonce: str) -> str:
     return f"{hash_part(drv_path)[:8]}-{name}-{nonce}"
 
 
+def last_log(state_dir: Path, drv_path: str) -> Path | None:
+    """The builder log of ``drv_path``'s most recent build under a state directory
+    (what ``ocibuild nix log`` prints), or None if it was never built there."""
+    prefix = _key(drv_path, read_derivation(drv_path), "")
+    logs = [p for p in (state_dir / "runs").glob(f"*/logs/{prefix}*.log")
+            if p.stem[len(prefix):].isalnum()]
+    return max(logs, key=lambda p: p.stat().st_mtime, default=None)
+
+
 @attrs.define
 class _Plan:
     """Runtime state of one build_derivations call."""

@@ -25,13 +25,29 @@ _sym_db = _symbol_database.Default()
 from stages.proto import build_pb2 as stages_dot_proto_dot_build__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstages/proto/rpc_build.proto\x12\rtvix.build.v1\x1a\x18stages/proto/build.proto2L\n\x0c\x42uildService\x12<\n\x07\x44oBuild\x12\x1b.tvix.build.v1.BuildRequest\x1a\x14.tvix.build.v1.Buildb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cstages/proto/rpc_build.proto\x12\rtvix.build.v1\x1a\x18stages/proto/build.proto\"\xfe\x05\n\nBuildEvent\x12\x0c\n\x04time\x18\x06 \x01(\x01\x12\x34\n\x07started\x18\x01 \x01(\x0b\x32!.tvix.build.v1.BuildEvent.StartedH\x00\x12\x30\n\x05stage\x18\x02 \x01(\x0b\x32\x1f.tvix.build.v1.BuildEvent.StageH\x00\x12,\n\x03log\x18\x03 \x01(\x0b\x32\x1d.tvix.build.v1.BuildEvent.LogH\x00\x12\x36\n\x08\x66inished\x18\x04 \x01(\x0b\x32\".tvix.build.v1.BuildEvent.FinishedH\x00\x12\x32\n\x06\x66\x61iled\x18\x05 \x01(\x0b\x32 .tvix.build.v1.BuildEvent.FailedH\x00\x1a\x1b\n\x07Started\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x1a\xb2\x01\n\x05Stage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.tvix.build.v1.BuildEvent.Stage.State\x12\x0f\n\x07\x65lapsed\x18\x03 \x01(\x01\"T\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07STARTED\x10\x01\x12\x0c\n\x08\x46INISHED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\r\n\tCANCELLED\x10\x04\x1a\x83\x01\n\x03Log\x12\x34\n\x06stream\x18\x01 \x01(\x0e\x32$.tvix.build.v1.BuildEvent.Log.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"8\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\n\n\x06STDOUT\x10\x01\x12\n\n\x06STDERR\x10\x02\x1a/\n\x08\x46inished\x12#\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x14.tvix.build.v1.Build\x1aN\n\x06\x46\x61iled\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\texit_code\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_exit_codeB\x07\n\x05\x65vent2\x97\x01\n\x0c\x42uildService\x12<\n\x07\x44oBuild\x12\x1b.tvix.build.v1.BuildRequest\x1a\x14.tvix.build.v1.Build\x12I\n\rDoBuildStream\x12\x1b.tvix.build.v1.BuildRequest\x1a\x19.tvix.build.v1.BuildEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stages.proto.rpc_build_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUILDSERVICE']._serialized_start=73
-  _globals['_BUILDSERVICE']._serialized_end=149
+  _globals['_BUILDEVENT']._serialized_start=74
+  _globals['_BUILDEVENT']._serialized_end=840
+  _globals['_BUILDEVENT_STARTED']._serialized_start=360
+  _globals['_BUILDEVENT_STARTED']._serialized_end=387
+  _globals['_BUILDEVENT_STAGE']._serialized_start=390
+  _globals['_BUILDEVENT_STAGE']._serialized_end=568
+  _globals['_BUILDEVENT_STAGE_STATE']._serialized_start=484
+  _globals['_BUILDEVENT_STAGE_STATE']._serialized_end=568
+  _globals['_BUILDEVENT_LOG']._serialized_start=571
+  _globals['_BUILDEVENT_LOG']._serialized_end=702
+  _globals['_BUILDEVENT_LOG_STREAM']._serialized_start=646
+  _globals['_BUILDEVENT_LOG_STREAM']._serialized_end=702
+  _globals['_BUILDEVENT_FINISHED']._serialized_start=704
+  _globals['_BUILDEVENT_FINISHED']._serialized_end=751
+  _globals['_BUILDEVENT_FAILED']._serialized_start=753
+  _globals['_BUILDEVENT_FAILED']._serialized_end=831
+  _globals['_BUILDSERVICE']._serialized_start=843
+  _globals['_BUILDSERVICE']._serialized_end=994
 # @@protoc_insertion_point(module_scope)

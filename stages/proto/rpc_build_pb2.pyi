@@ -4,5 +4,214 @@ isort:skip_file
 Build service, wire-compatible with tvix.build.v1.BuildService."""
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from stages.proto import build_pb2 as _build_pb2
+import builtins as _builtins
+import sys
+import typing as _typing
+
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
+else:
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class BuildEvent(_message.Message):
+    """One thing that happened to a streamed build, in the order it happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Started(_message.Message):
+        """The build was accepted and has an id (the server's run id)."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        BUILD_ID_FIELD_NUMBER: _builtins.int
+        build_id: _builtins.str
+        def __init__(
+            self,
+            *,
+            build_id: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Stage(_message.Message):
+        """A stage of the build changed state."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        class _State:
+            ValueType = _typing.NewType("ValueType", _builtins.int)
+            V: _TypeAlias = ValueType  # noqa: Y015
+
+        class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[BuildEvent.Stage._State.ValueType], _builtins.type):
+            DESCRIPTOR: _descriptor.EnumDescriptor
+            STATE_UNSPECIFIED: BuildEvent.Stage._State.ValueType  # 0
+            STARTED: BuildEvent.Stage._State.ValueType  # 1
+            FINISHED: BuildEvent.Stage._State.ValueType  # 2
+            FAILED: BuildEvent.Stage._State.ValueType  # 3
+            CANCELLED: BuildEvent.Stage._State.ValueType  # 4
+
+        class State(_State, metaclass=_StateEnumTypeWrapper): ...
+        STATE_UNSPECIFIED: BuildEvent.Stage.State.ValueType  # 0
+        STARTED: BuildEvent.Stage.State.ValueType  # 1
+        FINISHED: BuildEvent.Stage.State.ValueType  # 2
+        FAILED: BuildEvent.Stage.State.ValueType  # 3
+        CANCELLED: BuildEvent.Stage.State.ValueType  # 4
+
+        NAME_FIELD_NUMBER: _builtins.int
+        STATE_FIELD_NUMBER: _builtins.int
+        ELAPSED_FIELD_NUMBER: _builtins.int
+        name: _builtins.str
+        """validate, spec, bundle, mount, run, ingest or teardown."""
+        state: Global___BuildEvent.Stage.State.ValueType
+        elapsed: _builtins.float
+        """Seconds since the stage started (0 for STARTED)."""
+        def __init__(
+            self,
+            *,
+            name: _builtins.str = ...,
+            state: Global___BuildEvent.Stage.State.ValueType = ...,
+            elapsed: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed", b"elapsed", "name", b"name", "state", b"state"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Log(_message.Message):
+        """Output of the builder, in the order it wrote it, one line per event
+        (the newline included, when there was one).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        class _Stream:
+            ValueType = _typing.NewType("ValueType", _builtins.int)
+            V: _TypeAlias = ValueType  # noqa: Y015
+
+        class _StreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[BuildEvent.Log._Stream.ValueType], _builtins.type):
+            DESCRIPTOR: _descriptor.EnumDescriptor
+            STREAM_UNSPECIFIED: BuildEvent.Log._Stream.ValueType  # 0
+            STDOUT: BuildEvent.Log._Stream.ValueType  # 1
+            STDERR: BuildEvent.Log._Stream.ValueType  # 2
+
+        class Stream(_Stream, metaclass=_StreamEnumTypeWrapper): ...
+        STREAM_UNSPECIFIED: BuildEvent.Log.Stream.ValueType  # 0
+        STDOUT: BuildEvent.Log.Stream.ValueType  # 1
+        STDERR: BuildEvent.Log.Stream.ValueType  # 2
+
+        STREAM_FIELD_NUMBER: _builtins.int
+        DATA_FIELD_NUMBER: _builtins.int
+        stream: Global___BuildEvent.Log.Stream.ValueType
+        data: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            stream: Global___BuildEvent.Log.Stream.ValueType = ...,
+            data: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "stream", b"stream"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Finished(_message.Message):
+        """The build succeeded; the last event of the stream."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        BUILD_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def build(self) -> _build_pb2.Build: ...
+        def __init__(
+            self,
+            *,
+            build: _build_pb2.Build | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["build", b"build"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Failed(_message.Message):
+        """The build failed; the last event of the stream."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        STAGE_FIELD_NUMBER: _builtins.int
+        MESSAGE_FIELD_NUMBER: _builtins.int
+        EXIT_CODE_FIELD_NUMBER: _builtins.int
+        stage: _builtins.str
+        """The stage that failed (empty if none did: the run was cut short)."""
+        message: _builtins.str
+        """What went wrong, in one or more lines (the builder's log tail included)."""
+        exit_code: _builtins.int
+        """The builder's exit code, if it exited."""
+        def __init__(
+            self,
+            *,
+            stage: _builtins.str = ...,
+            message: _builtins.str = ...,
+            exit_code: _builtins.int | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "message", b"message", "stage", b"stage"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
+        _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
+
+    TIME_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    LOG_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    time: _builtins.float
+    """Seconds since the epoch, when it happened on the server."""
+    @_builtins.property
+    def started(self) -> Global___BuildEvent.Started: ...
+    @_builtins.property
+    def stage(self) -> Global___BuildEvent.Stage: ...
+    @_builtins.property
+    def log(self) -> Global___BuildEvent.Log: ...
+    @_builtins.property
+    def finished(self) -> Global___BuildEvent.Finished: ...
+    @_builtins.property
+    def failed(self) -> Global___BuildEvent.Failed: ...
+    def __init__(
+        self,
+        *,
+        time: _builtins.float = ...,
+        started: Global___BuildEvent.Started | None = ...,
+        stage: Global___BuildEvent.Stage | None = ...,
+        log: Global___BuildEvent.Log | None = ...,
+        finished: Global___BuildEvent.Finished | None = ...,
+        failed: Global___BuildEvent.Failed | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "failed", b"failed", "finished", b"finished", "log", b"log", "stage", b"stage", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "failed", b"failed", "finished", b"finished", "log", b"log", "stage", b"stage", "started", b"started", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "stage", "log", "finished", "failed"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___BuildEvent: _TypeAlias = BuildEvent  # noqa: Y015

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from stages.proto import build_pb2 as stages_dot_proto_dot_build__pb2
+from stages.proto import rpc_build_pb2 as stages_dot_proto_dot_rpc__build__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -39,6 +40,11 @@ class BuildServiceStub:
                 request_serializer=stages_dot_proto_dot_build__pb2.BuildRequest.SerializeToString,
                 response_deserializer=stages_dot_proto_dot_build__pb2.Build.FromString,
                 _registered_method=True)
+        self.DoBuildStream = channel.unary_stream(
+                '/tvix.build.v1.BuildService/DoBuildStream',
+                request_serializer=stages_dot_proto_dot_build__pb2.BuildRequest.SerializeToString,
+                response_deserializer=stages_dot_proto_dot_rpc__build__pb2.BuildEvent.FromString,
+                _registered_method=True)
 
 
 class BuildServiceServicer:
@@ -51,6 +57,18 @@ class BuildServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DoBuildStream(self, request, context):
+        """An ocibuild extension: run one build and stream what happens while it
+        runs, ending with `finished` or `failed`. Closing the stream (the client
+        cancels the call) cancels the build: its container is killed, its mounts
+        and bundle removed. A request refused before the build starts ends the
+        call with a status instead (INVALID_ARGUMENT, FAILED_PRECONDITION), as
+        DoBuild does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BuildServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +76,11 @@ def add_BuildServiceServicer_to_server(servicer, server):
                     servicer.DoBuild,
                     request_deserializer=stages_dot_proto_dot_build__pb2.BuildRequest.FromString,
                     response_serializer=stages_dot_proto_dot_build__pb2.Build.SerializeToString,
+            ),
+            'DoBuildStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.DoBuildStream,
+                    request_deserializer=stages_dot_proto_dot_build__pb2.BuildRequest.FromString,
+                    response_serializer=stages_dot_proto_dot_rpc__build__pb2.BuildEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +110,33 @@ class BuildService:
             '/tvix.build.v1.BuildService/DoBuild',
             stages_dot_proto_dot_build__pb2.BuildRequest.SerializeToString,
             stages_dot_proto_dot_build__pb2.Build.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DoBuildStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tvix.build.v1.BuildService/DoBuildStream',
+            stages_dot_proto_dot_build__pb2.BuildRequest.SerializeToString,
+            stages_dot_proto_dot_rpc__build__pb2.BuildEvent.FromString,
             options,
             channel_credentials,
             insecure,

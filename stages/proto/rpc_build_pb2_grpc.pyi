@@ -6,6 +6,7 @@ Build service, wire-compatible with tvix.build.v1.BuildService."""
 from collections import abc as _abc
 from grpc import aio as _aio
 from stages.proto import build_pb2 as _build_pb2
+from stages.proto import rpc_build_pb2 as _rpc_build_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -33,12 +34,28 @@ class BuildServiceStub:
     def __new__(cls, channel: _aio.Channel) -> BuildServiceAsyncStub: ...
     DoBuild: _grpc.UnaryUnaryMultiCallable[_build_pb2.BuildRequest, _build_pb2.Build]
     """Run one build to completion and return its outputs."""
+    DoBuildStream: _grpc.UnaryStreamMultiCallable[_build_pb2.BuildRequest, _rpc_build_pb2.BuildEvent]
+    """An ocibuild extension: run one build and stream what happens while it
+    runs, ending with `finished` or `failed`. Closing the stream (the client
+    cancels the call) cancels the build: its container is killed, its mounts
+    and bundle removed. A request refused before the build starts ends the
+    call with a status instead (INVALID_ARGUMENT, FAILED_PRECONDITION), as
+    DoBuild does.
+    """
 
 @_typing.type_check_only
 class BuildServiceAsyncStub(BuildServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     DoBuild: _aio.UnaryUnaryMultiCallable[_build_pb2.BuildRequest, _build_pb2.Build]  # type: ignore[assignment]
     """Run one build to completion and return its outputs."""
+    DoBuildStream: _aio.UnaryStreamMultiCallable[_build_pb2.BuildRequest, _rpc_build_pb2.BuildEvent]  # type: ignore[assignment]
+    """An ocibuild extension: run one build and stream what happens while it
+    runs, ending with `finished` or `failed`. Closing the stream (the client
+    cancels the call) cancels the build: its container is killed, its mounts
+    and bundle removed. A request refused before the build starts ends the
+    call with a status instead (INVALID_ARGUMENT, FAILED_PRECONDITION), as
+    DoBuild does.
+    """
 
 class BuildServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,5 +65,19 @@ class BuildServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_build_pb2.Build, _abc.Awaitable[_build_pb2.Build]]:
         """Run one build to completion and return its outputs."""
+
+    @_abc_1.abstractmethod
+    def DoBuildStream(
+        self,
+        request: _build_pb2.BuildRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rpc_build_pb2.BuildEvent], _abc.AsyncIterator[_rpc_build_pb2.BuildEvent]]:
+        """An ocibuild extension: run one build and stream what happens while it
+        runs, ending with `finished` or `failed`. Closing the stream (the client
+        cancels the call) cancels the build: its container is killed, its mounts
+        and bundle removed. A request refused before the build starts ends the
+        call with a status instead (INVALID_ARGUMENT, FAILED_PRECONDITION), as
+        DoBuild does.
+        """
 
 def add_BuildServiceServicer_to_server(servicer: BuildServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

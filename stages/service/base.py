@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 from stages.errors import ServiceError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from stages.request import Build, BuildRequest
+    from stages.service.events import BuildEvent
 
 __all__ = ["BuildService", "DummyBuildService"]
 
@@ -25,6 +28,16 @@ class BuildService(abc.ABC):
 
     @abc.abstractmethod
     async def do_build(self, request: BuildRequest) -> Build: ...
+
+    async def stream_build(self, request: BuildRequest,
+                           emit: Callable[[BuildEvent], None]) -> Build:
+        """Build as :meth:`do_build` does, passing what happens meanwhile to ``emit``
+        (:mod:`stages.service.events`; the final Finished/Failed is the caller's).
+
+        This default emits nothing while the build runs; services that watch
+        their builds override it.
+        """
+        return await self.do_build(request)
 
     async def aclose(self) -> None:
         pass

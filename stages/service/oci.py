@@ -72,10 +72,13 @@ from stages.service.runs import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pipeline import Run, Subscriber
     from stages.castore.fuse import MountServer
     from stages.context import BuildHost, BuildSpec, Keep
     from stages.request import Build, BuildRequest
+    from stages.service.events import BuildEvent
 
 # The pipeline, the build graph and the request model load when first used
 # (in functions below), not with this module: a starting service spawns its
@@ -309,6 +312,15 @@ class OciBuildService(BuildService):
         Concurrent calls share the service's :attr:`limiters`.
         """
         run, specs = await self.run_builds([request])
+        return build_result(run, specs[0])
+
+    async def stream_build(self, request: BuildRequest,
+                           emit: Callable[[BuildEvent], None]) -> Build:
+        """:meth:`do_build`, each stage change and builder line passed to ``emit``."""
+        from stages.service.events import BuildEvents
+
+        # One build alone in its graph: its stages have bare names.
+        run, specs = await self.run_builds([request], subscribers=[BuildEvents("", emit)])
         return build_result(run, specs[0])
 
 

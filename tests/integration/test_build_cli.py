@@ -366,3 +366,54 @@ def test_stop_after_stops_every_build_of_a_run(cli: Cli) -> None:
     assert outs == [b"first\n", b"second\n"]
     for key in keys:
         assert not (cli.state / "bundles" / key).exists(), key
+
+
+def test_progress_json_is_one_object_per_event(cli: Cli) -> None:
+    req = cli.write(cli.request("echo first; echo second >&2; echo x > /nix/store/out"))
+    proc = cli.run("build", "--progress", "json", str(req))
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    run_id = cli.runs()[-1]
+    assert all({"time", "event", "run"} <= e.keys() and e["run"] == run_id for e in events)
+    assert events[0]["event"] == "run_started" and events[-1]["event"] == "run_finished"
+    logs = [(e["stream"], e["line"]) for e in events if e["event"] == "log" and e["stage"] == "run"]
+    assert logs == [("stdout", "first"), ("stderr", "second")]
+    finished = [e["stage"] for e in events if e["event"] == "stage_finished"]
+    assert finished == ["validate", "spec", "bundle", "mount", "run", "ingest", "teardown"]
+    ends = [e for e in events if e["event"] == "stage_finished"]
+    assert all(e["build"] == run_id and e["state"] == "finished" and e["elapsed"] >= 0
+               for e in ends)
+
+
+def test_progress_plain_and_the_run_log(cli: Cli) -> None:
+    req = cli.write(cli.request("echo hello-plain; echo x > /nix/store/out"))
+    proc = cli.run("build", "--progress", "plain", str(req))
+    assert "run | hello-plain\n" in proc.stderr
+    assert "run: finished in " in proc.stderr and "teardown: finished in" in proc.stderr
+    run_id = cli.runs()[-1]
+    log = cli.run("log", run_id)
+    assert log.stdout == "hello-plain\n"
+    bad = cli.run("log", "no-such-run", check=1)
+    assert bad.stderr.count("\n") == 1 and "no run 'no-such-run'" in bad.stderr
+
+
+def test_log_follow_prints_while_the_build_runs(cli: Cli) -> None:
+    req = cli.write(cli.request("echo before; sleep 2; echo after; echo x > /nix/store/out"))
+    build = subprocess.Popen([*OCIBUILD, "build", "--progress", "plain", str(req)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=cli.environ, cwd=cli.base)
+    try:
+        deadline = time.monotonic() + 30
+        while "run | before" not in (line := build.stderr.readline()):
+            assert line and time.monotonic() < deadline, "the build did not start"
+        run_id = cli.runs()[-1]
+        follow = subprocess.Popen([*OCIBUILD, "log", "--follow", run_id], stdout=subprocess.PIPE,
+                                  text=True, env=cli.environ, cwd=cli.base)
+        assert follow.stdout is not None
+        assert follow.stdout.readline() == "before\n"
+        assert build.poll() is None, "the build ended before the log showed its first line"
+        assert follow.stdout.readline() == "after\n"
+        assert follow.wait(30) == 0  # it stops by itself when the run ends
+        assert build.wait(30) == 0
+    finally:
+        build.kill()
+        build.wait()

@@ -89,6 +89,19 @@ def _bb_tree(base: Path) -> Path:
     return bb
 
 
+def _sleeping(marker: str) -> list[str]:
+    """Pids of processes whose command line holds ``marker`` (a builder's sleep)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read().replace(b"\0", b" "):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def _mounts_under(base: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line for line in f if str(base) in line]
@@ -162,7 +175,7 @@ async def test_reflection_lists_the_three_services(env: Env) -> None:
     services, methods = await asyncio.to_thread(ask)
     for name in SERVICE_NAMES:
         assert name in services
-    assert methods == ["DoBuild"]
+    assert methods == ["DoBuild", "DoBuildStream"]
 
 
 async def test_a_hundred_builds_with_jobs_2(env: Env) -> None:
@@ -279,3 +292,93 @@ async def test_requests_refused_after_validation_are_not_internal(env: Env) -> N
             assert meta.get("ocibuild-field") == field
             assert str(env.base) not in (info.value.details() or ""), "a host path leaked"
     assert env.leftovers() == []
+
+
+# --- DoBuildStream ---------------------------------------------------------------
+
+
+async def _stream(env: Env, request: BuildRequest) -> list[tuple[float, object]]:
+    """Every message of a DoBuildStream call, as events, with when each arrived."""
+    from stages.grpc.build_service import event_from_proto
+    from stages.proto import rpc_build_pb2_grpc
+    from stages.request import request_to_proto
+
+    async with grpc.aio.insecure_channel(f"unix://{env.sock}") as ch:
+        stub = rpc_build_pb2_grpc.BuildServiceStub(ch)
+        return [(time.monotonic(), event_from_proto(msg))
+                async for msg in stub.DoBuildStream(request_to_proto(request), timeout=60)]
+
+
+async def test_stream_sends_stages_and_lines_as_they_happen(env: Env) -> None:
+    from stages.service import events as ev
+
+    got = await _stream(env, env.request(
+        "echo one; sleep 1.5; echo two >&2; printf 'no newline'; echo x > /nix/store/out"))
+    events = [e for _, e in got]
+    assert isinstance(events[0], ev.Started) and events[0].build_id
+    assert isinstance(events[-1], ev.Finished)
+    assert isinstance(events[-1].build.outputs[0], FileNode)
+    logs = [(e.stream, e.data) for e in events if isinstance(e, ev.LogLine)]
+    assert logs == [("stdout", b"one\n"), ("stderr", b"two\n"), ("stdout", b"no newline")]
+    stages = [(e.name, e.state) for e in events if isinstance(e, ev.StageChanged)]
+    names = [n for n, s in stages if s == "finished"]
+    assert names == ["validate", "spec", "bundle", "mount", "run", "ingest", "teardown"]
+    # Every stage starts before it finishes, the run stage's lines come between.
+    run_started = events.index(next(e for e in events if isinstance(e, ev.StageChanged)
+                                    and e.name == "run" and e.state == "started"))
+    run_finished = events.index(next(e for e in events if isinstance(e, ev.StageChanged)
+                                     and e.name == "run" and e.state == "finished"))
+    first_line = next(i for i, e in enumerate(events) if isinstance(e, ev.LogLine))
+    assert run_started < first_line < run_finished
+    assert next(e for e in events if isinstance(e, ev.StageChanged) and e.name == "run"
+                and e.state == "finished").elapsed >= 1.5
+    # Streamed, not batched: the first line arrived while the builder slept.
+    arrived = {id(e): t for t, e in got}
+    first = next(e for e in events if isinstance(e, ev.LogLine))
+    assert arrived[id(events[-1])] - arrived[id(first)] >= 1.0
+    assert env.leftovers() == []
+
+
+async def test_stream_of_a_failing_build_ends_with_failed(env: Env) -> None:
+    from stages.service import events as ev
+
+    events = [e for _, e in await _stream(env, env.request("echo oops >&2; exit 3"))]
+    last = events[-1]
+    assert isinstance(last, ev.Failed)
+    assert last.stage == "run" and last.exit_code == 3 and "oops" in last.message
+    assert str(env.state) not in last.message  # the server's paths are not shown
+    # The client raises BuildFailed, after passing on what came before.
+    seen: list[object] = []
+    async with GrpcBuildService(env.address) as svc:
+        with pytest.raises(BuildFailed) as info:
+            await svc.stream_build(env.request("echo oops >&2; exit 3"), seen.append)
+    assert info.value.stage == "run" and "exit code 3" in str(info.value)
+    assert any(isinstance(e, ev.LogLine) and e.data == b"oops\n" for e in seen)
+    # A request refused before it starts is a status, as for DoBuild.
+    async with GrpcBuildService(env.address) as svc:
+        with pytest.raises(RequestError) as refused:
+            await svc.stream_build(attrs.evolve(env.request("true"), working_dir="../x"),
+                                   seen.append)
+    assert refused.value.field == "working_dir"
+    assert env.leftovers() == []
+
+
+async def test_closing_the_stream_cancels_the_build(env: Env) -> None:
+    from stages.grpc.build_service import event_from_proto
+    from stages.proto import rpc_build_pb2_grpc
+    from stages.request import request_to_proto
+    from stages.service import events as ev
+
+    marker = str(7000 + os.getpid() % 1000)
+    async with grpc.aio.insecure_channel(f"unix://{env.sock}") as ch:
+        stub = rpc_build_pb2_grpc.BuildServiceStub(ch)
+        call = stub.DoBuildStream(request_to_proto(
+            env.request(f"echo started; sleep {marker}")))
+        async for msg in call:
+            event = event_from_proto(msg)
+            if isinstance(event, ev.LogLine) and event.data == b"started\n":
+                break
+        assert _sleeping(f"sleep {marker}"), "the builder is not running"
+        call.cancel()
+    await _wait_for(lambda: not _sleeping(f"sleep {marker}") and not env.leftovers(), 10,
+                    "the cancelled build's container, mounts and bundle to go")

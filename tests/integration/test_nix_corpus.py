@@ -226,6 +226,20 @@ def test_failure_reasons_are_named(corpus: Corpus) -> None:
         assert want.group(0) in err[f"structured.{name}"], err[f"structured.{name}"]
 
 
+def test_nix_log_prints_what_nix_logged(corpus: Corpus) -> None:
+    """``ocibuild nix log DRV`` against ``nix-store --read-log`` of the same derivation."""
+    for name in ("failing.fail_exit", "failing.fail_no_output"):
+        drv = corpus.drvs[name]
+        theirs = sh("nix-store", "--read-log", drv).stdout
+        ours = sh(*OCIBUILD, "nix", "log", "--state-dir", str(corpus.base / "state"), drv,
+                  cwd=REPO).stdout
+        assert ours == theirs and ours.strip(), (name, ours, theirs)
+    never = sh(*OCIBUILD, "nix", "log", "--state-dir", str(corpus.base / "state"),
+               corpus.drvs["outputs.multi"].replace("-", "-x", 1)[:-4] + ".drv", check=False,
+               cwd=REPO)
+    assert never.returncode == 1 and never.stderr.count("\n") == 1, never.stderr
+
+
 def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus) -> None:
     """A second call builds nothing; exported trees have Nix's NAR hash."""
     good = [d for k, d in sorted(corpus.drvs.items()) if d in corpus.nix_ok]

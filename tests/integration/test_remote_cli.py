@@ -230,3 +230,24 @@ def test_ctrl_c_of_the_client_cancels_the_build_on_the_server(setup: Setup) -> N
         if client.poll() is None:
             client.kill()
             client.wait(10)
+
+
+def test_remote_builder_lines_arrive_while_it_runs(setup: Setup) -> None:
+    req = setup.request("echo early-line; sleep 2; echo late-line > /nix/store/out")
+    proc = subprocess.Popen([*OCIBUILD, "build", "--progress", "plain", str(req)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=setup.environ(BUILD_SERVICE_ADDR=setup.address), cwd=setup.base)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 60
+        while "| early-line" not in (line := proc.stderr.readline()):
+            assert line and time.monotonic() < deadline, "no builder line came"
+        assert proc.poll() is None, "the line came only at the end of the build"
+        assert line.endswith("/run | early-line\n")
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "run: finished in" in err and str(setup.base) not in err
+        assert out.startswith(f"{req}: built (on {setup.address})")
+    finally:
+        proc.kill()
+        proc.wait()
