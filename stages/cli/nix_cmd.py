@@ -55,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="print one JSON object with each DRV's status and outputs")
     build.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                        help="containers running at once (default 1)")
+    build.add_argument("--keep-failed", action="store_true",
+                       help="keep the sandbox of a derivation whose build fails, to enter "
+                            "with 'ocibuild shell'")
     progress_option(build)
     store_options(build)
     policy_options(build, network=False)
@@ -145,7 +148,12 @@ async def _build(args: argparse.Namespace) -> int:
         with _pathinfo(args) as pathinfo:
             results = await build_derivations(args.drvs, service=svc, pathinfo=pathinfo,
                                               jobs=args.jobs, subscribers=subscribers(args),
-                                              sandbox_paths=sandbox)
+                                              sandbox_paths=sandbox,
+                                              keep_failed=args.keep_failed)
+    kept = sorted({k for r in results.values() for k in r.kept})
+    for drv, run_id, key in kept:
+        print(f"ocibuild: kept the sandbox of failed {drv} (run {run_id}); enter it with: "
+              f"ocibuild shell --build {key} {run_id}", file=sys.stderr)
     if args.json:
         print(json.dumps({d: r.to_json() for d, r in results.items()}, indent=2))
     else:

@@ -100,6 +100,8 @@ class DrvResult:
     """What became of one derivation: built (outputs) or failed (error).
 
     ``cached``: every output was registered before the call; nothing ran.
+    ``kept``: with ``keep_failed``, the sandboxes the failure left to enter,
+    as (drv path, run id, build key): the derivation's own, or its inputs'.
     """
 
     drv_path: str
@@ -107,6 +109,7 @@ class DrvResult:
     outputs: Mapping[str, OutputResult] = attrs.field(factory=dict)
     error: str | None = None
     cached: bool = False
+    kept: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -116,7 +119,10 @@ class DrvResult:
         if self.ok:
             return {"status": "built",
                     "outputs": {n: o.to_json() for n, o in self.outputs.items()}}
-        return {"status": "failed", "error": self.error or "failed"}
+        out: dict = {"status": "failed", "error": self.error or "failed"}
+        if self.kept:
+            out["kept"] = [{"drv": d, "run": r, "build": k} for d, r, k in self.kept]
+        return out
 
 
 def _result_from_pathinfo(drv_path: str, drv: Derivation, pathinfo: PathInfoDB, *,
@@ -418,7 +424,8 @@ def _make_request(plan: _Plan, drv_path: str, cores: int) -> DerivationRequest:
     return dreq
 
 
-def _graph(plan: _Plan, host: BuildHost, cores: int) -> tuple[list[BuildSpec], Graph | None]:
+def _graph(plan: _Plan, host: BuildHost, cores: int,
+           keep_failed: bool = False) -> tuple[list[BuildSpec], Graph | None]:
     """The builds and the graph; a derivation whose inputs are all there already gets its
     request now (no request stage: one less JSON round trip per stage of its build)."""
     from pipeline import Stage
@@ -428,6 +435,8 @@ def _graph(plan: _Plan, host: BuildHost, cores: int) -> tuple[list[BuildSpec], G
     specs: list[BuildSpec] = []
     extra: list[Stage] = []
     building = set(plan.to_build)
+    # Kept bundles live in the state directory, not on the runtime tmpfs.
+    keeping: dict = {"keep": "failed"} if keep_failed else {"ephemeral": True}
     for drv_path in list(plan.to_build):
         key = plan.keys[drv_path]
         drv = plan.drvs[drv_path]
@@ -440,7 +449,7 @@ def _graph(plan: _Plan, host: BuildHost, cores: int) -> tuple[list[BuildSpec], G
         if deps:
             extra.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
                                deps=deps, description=f"BuildRequest of {drv_path}"))
-            specs.append(BuildSpec(key=key, request_from=f"{key}/request", ephemeral=True))
+            specs.append(BuildSpec(key=key, request_from=f"{key}/request", **keeping))
         else:
             try:
                 request = _make_request(plan, drv_path, cores).request
@@ -448,7 +457,7 @@ def _graph(plan: _Plan, host: BuildHost, cores: int) -> tuple[list[BuildSpec], G
                 plan.errors[drv_path] = str(exc)
                 building.discard(drv_path)
                 continue
-            specs.append(BuildSpec(key=key, request=request, ephemeral=True))
+            specs.append(BuildSpec(key=key, request=request, **keeping))
         extra.append(Stage(name=f"{key}/register", fn=_register_fn(plan, drv_path),
                            deps=[f"{key}/ingest"],
                            description=f"NAR hashes, references; register {drv_path}'s outputs"))
@@ -690,10 +699,32 @@ async def _run(service: OciBuildService, run_dir: Path, graph: Graph, specs: lis
     return await runner.run()
 
 
+def _save_kept(plan: _Plan, host: BuildHost, run_dir: Path,
+               specs: Sequence[BuildSpec]) -> dict[str, tuple[str, str]]:
+    """Record the kept sandboxes of failed derivations as the run's builds (its
+    builds.json, as ``ocibuild build`` writes it), so that ``ocibuild shell``
+    enters them; return drv -> (run id, build key) of each."""
+    from stages.service.runs import save_specs
+
+    kept_specs, kept = [], {}
+    by_key = {s.key: s for s in specs}
+    for drv_path in plan.to_build:
+        key = plan.keys[drv_path]
+        dreq = plan.requests.get(drv_path)
+        if (drv_path in plan.errors and dreq is not None and key in by_key
+                and host.layout(by_key[key]).config.exists()):
+            kept_specs.append(attrs.evolve(by_key[key], request=dreq.request, request_from=None))
+            kept[drv_path] = (run_dir.name, key)
+    if kept_specs:
+        save_specs(run_dir, kept_specs, [d for d in plan.to_build if d in kept])
+    return kept
+
+
 async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildService,
                             pathinfo: PathInfoDB, jobs: int = 1, cores: int = 0,
                             subscribers: Iterable[Subscriber] = (),
-                            sandbox_paths: Sequence[str] = ()) -> dict[str, DrvResult]:
+                            sandbox_paths: Sequence[str] = (),
+                            keep_failed: bool = False) -> dict[str, DrvResult]:
     """Build ``drv_paths`` and what they need; one :class:`DrvResult` per requested path.
 
     ``service`` must be started (``async with``); its castore is where inputs
@@ -702,7 +733,9 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
     every core, as Nix's default). ``sandbox_paths``: read-only paths of
     every build (nix.conf's sandbox paths' targets; the service's policy
     must grant them, see :mod:`stages.nix.config`). Never raises for a
-    derivation that fails: its result says why.
+    derivation that fails: its result says why. ``keep_failed`` keeps the
+    sandbox (bundle, scratch) of each derivation whose build fails, for
+    ``ocibuild shell``; its result's ``kept`` names the run and build key.
     """
     host = service.host
     if host is None:
@@ -710,6 +743,7 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
     plan = _Plan(castore=host.castore, pathinfo=pathinfo, sandbox_paths=tuple(sandbox_paths))
+    kept: dict[str, tuple[str, str]] = {}
     done: set[str] = set()
     for drv_path in drv_paths:
         await plan.visit(drv_path, done)
@@ -724,7 +758,7 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
             # At once, before the graph is made: so that crash recovery (a later
             # service) removes their bundles, and a concurrent prune spares the run.
             service.record_keys(plan.keys.values())
-            specs, graph = _graph(plan, host, cores)
+            specs, graph = _graph(plan, host, cores, keep_failed)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
             raise
@@ -736,13 +770,16 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
                 outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
                 if outcome is None or not outcome.state.ok:
                     plan.errors[drv_path] = _failure(run, plan, drv_path)
+            if keep_failed:
+                kept = _save_kept(plan, host, run_dir, specs)
 
     built = set(plan.to_build)
     results: dict[str, DrvResult] = {}
     for drv_path in drv_paths:
         if drv_path in plan.errors:
             results[drv_path] = DrvResult(drv_path=drv_path, status="failed",
-                                          error=plan.errors[drv_path])
+                                          error=plan.errors[drv_path],
+                                          kept=tuple((d, r, k) for d, (r, k) in kept.items()))
             continue
         try:
             results[drv_path] = _result_from_pathinfo(

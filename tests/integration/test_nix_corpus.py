@@ -240,6 +240,43 @@ def test_nix_log_prints_what_nix_logged(corpus: Corpus) -> None:
     assert never.returncode == 1 and never.stderr.count("\n") == 1, never.stderr
 
 
+KEEP_FAILED = r"""
+{ nonce }:
+let lib = import ./lib.nix { inherit nonce; }; in
+lib.mk {
+  name = "keep-failed";
+  passAsFile = [ "note" ];
+  note = "a note";
+  script = "echo partial > /build/partial; mkdir -p $out; echo half > $out/half; exit 4";
+}
+"""
+
+
+def test_keep_failed_then_shell_in_the_failed_sandbox(corpus: Corpus) -> None:
+    (corpus.dir / "keepfailed.nix").write_text(KEEP_FAILED)
+    drv = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce,
+             str(corpus.dir / "keepfailed.nix")).stdout.split()[0]
+    out = json.loads(sh("nix", "show-derivation", drv).stdout)[drv]["outputs"]["out"]["path"]
+    try:
+        proc = sh(*OCIBUILD, "nix", "build", "--keep-failed", *corpus.store_args(), drv,
+                  check=False, cwd=REPO)
+        assert proc.returncode == 1, proc.stderr
+        found = re.search(r"enter it with: ocibuild shell --build (\S+) (\S+)\n", proc.stderr)
+        assert found, proc.stderr
+        key, run_id = found.groups()
+        script = ('echo "out=$out"; read p < /build/partial; echo "partial=$p"; '
+                  'read h < $out/half; echo "half=$h"; read n < $notePath; echo "note=$n"; pwd')
+        shell = subprocess.run([*OCIBUILD, "shell", "--build", key, *corpus.store_args(), run_id,
+                                "--", "/bin/sh", "-c", script], capture_output=True, text=True,
+                               timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
+        assert shell.returncode == 0, shell.stderr
+        # $out as Nix sets it, and what the builder left where it left it.
+        assert shell.stdout == (f"out={out}\npartial=partial\nhalf=half\nnote=a note\n"
+                                "/build\n")
+    finally:
+        sh("nix-store", "--delete", drv, check=False)
+
+
 def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus) -> None:
     """A second call builds nothing; exported trees have Nix's NAR hash."""
     good = [d for k, d in sorted(corpus.drvs.items()) if d in corpus.nix_ok]
