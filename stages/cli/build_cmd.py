@@ -218,10 +218,17 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _run_is_live(run_dir: Path) -> bool:
-    """Whether a live service instance still works on the run (its keys are recorded)."""
+    """Whether the run is still running: its record says so, and a live service
+    instance has its keys (a run whose owner died stays "running" on disk)."""
+    from pipeline import RunStatus, load_run
     from stages.service.recovery import live_instance_keys
     from stages.service.runs import key_of_run
 
+    try:
+        if load_run(run_dir).status is not RunStatus.RUNNING:
+            return False
+    except Exception:  # noqa: BLE001 - an unreadable record is no running run
+        return False
     state = run_dir.parent.parent
     return any(key_of_run(run_dir.name, key) for key in live_instance_keys(state))
 
@@ -232,6 +239,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     run_dir = _find_run(args, args.run)
     logs_dir = run_dir / "logs"
     if args.build is not None:
+        if not args.build or "/" in args.build or args.build.startswith("."):
+            raise UserError(f"--build {args.build!r}: not a build key")
         chosen = logs_dir / f"{args.build}.log"
         if not chosen.is_file() and not args.follow:
             raise UserError(f"run {run_dir.name} has no log of build {args.build!r}")
@@ -248,18 +257,16 @@ def cmd_log(args: argparse.Namespace) -> int:
             try:
                 with open(path, "rb") as f:
                     f.seek(offsets.get(path, 0))
-                    data = f.read()
+                    while data := f.read(1 << 20):
+                        if several and last[0] != path:
+                            out.write(f"==> {path.stem} <==\n".encode())
+                        last[0] = path
+                        out.write(data)
+                        offsets[path] = offsets.get(path, 0) + len(data)
+                        grew = True
+                    out.flush()
             except FileNotFoundError:
                 continue
-            if not data:
-                continue
-            if several and last[0] != path:
-                out.write(f"==> {path.stem} <==\n".encode())
-            last[0] = path
-            out.write(data)
-            out.flush()
-            offsets[path] = offsets.get(path, 0) + len(data)
-            grew = True
         return grew
 
     copy_new()

@@ -91,7 +91,10 @@ def _run_log(args: argparse.Namespace) -> int:
     if path is None:
         raise UserError(f"no build log of {args.drv} in {state_dir(args) / 'runs'} (was it "
                         f"built by 'ocibuild nix build' with this state directory?)")
-    sys.stdout.buffer.write(path.read_bytes())
+    import shutil
+
+    with open(path, "rb") as f:
+        shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
     sys.stdout.buffer.flush()
     return 0
 

@@ -191,11 +191,13 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
 
         req = await self._accept(request, context)
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        task = asyncio.create_task(self.service.stream_build(req, queue.put_nowait))
+        emit = _BoundedLogs(queue.put_nowait)
+        task = asyncio.create_task(self.service.stream_build(req, emit))
         task.add_done_callback(lambda _t: queue.put_nowait(None))
         self._builds.add(task)
         try:
             while (event := await queue.get()) is not None:
+                emit.sent(event)
                 yield event_to_proto(event, self._hidden)
             while not queue.empty():  # what was emitted after the last wake-up
                 if (event := queue.get_nowait()) is not None:
@@ -231,6 +233,60 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+#: Builder output a stream holds for a slow client before it drops lines
+#: (the run's log file keeps them all).
+STREAM_LOG_BUDGET = 16 << 20
+
+
+class _BoundedLogs:
+    """``emit`` for one stream: passes every event on, but builder lines only
+    while fewer than STREAM_LOG_BUDGET bytes of them wait for the client; the
+    lines dropped meanwhile are announced by one stderr line when it catches up.
+    Stage and final events are never dropped, so a hostile builder's output
+    cannot grow the server without bound."""
+
+    def __init__(self, put: Callable[[Any], None]) -> None:
+        self.put = put
+        self.waiting = 0
+        self.dropped = 0
+
+    def __call__(self, event: Any) -> None:
+        from stages.service.events import LogLine
+
+        if isinstance(event, LogLine):
+            if self.waiting + _cost(event) > STREAM_LOG_BUDGET:
+                self.dropped += 1
+                return
+            self.announce()
+            self.waiting += _cost(event)
+        else:
+            self.announce()
+        self.put(event)
+
+    def announce(self) -> None:
+        """Tell the client how many lines it missed, if it missed any."""
+        from stages.service.events import LogLine
+
+        if self.dropped:
+            note = (f"[ocibuild: {self.dropped} lines of builder output were not streamed "
+                    f"(the client read too slowly); the run's log has them]\n").encode()
+            self.dropped = 0
+            event = LogLine(stream="stderr", data=note)
+            self.waiting += _cost(event)
+            self.put(event)
+
+    def sent(self, event: Any) -> None:
+        from stages.service.events import LogLine
+
+        if isinstance(event, LogLine):
+            self.waiting -= _cost(event)
+
+
+def _cost(event: Any) -> int:
+    """What a queued line costs the server: its bytes and the event around them."""
+    return len(event.data) + 128
 
 
 def _refusal(exc: BaseException) -> RequestError | SpecError | None:
@@ -432,8 +488,10 @@ class GrpcBuildService(BuildService):
         await self.wait_ready()
         call = stub.DoBuildStream(request_to_proto(request), timeout=self.deadline)
         build_id = "remote"
+        received = False
         try:
             async for msg in call:
+                received = True
                 try:
                     event = event_from_proto(msg)
                 except RequestError as exc:
@@ -448,8 +506,8 @@ class GrpcBuildService(BuildService):
                                                 f"{self.address})", stage=event.stage or None)
                 emit(event)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                return await self.do_build(request)
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED and not received:
+                return await self.do_build(request)  # a server without the extension
             raise _translate(self.address, exc, self.deadline) from exc
         finally:
             call.cancel()  # a no-op once the call ended; else the server cancels the build

@@ -263,15 +263,20 @@ async def import_from_nix_store(castore: Castore, pathinfo: PathInfoDB,
 _KEY_JUNK = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def _key(drv_path: str, drv: Derivation, nonce: str) -> str:
-    name = _KEY_JUNK.sub("_", drv.name or name_part(drv_path).removesuffix(".drv"))[:40]
-    return f"{hash_part(drv_path)[:8]}-{name}-{nonce}"
+def _key(drv_path: str, drv: Derivation | None, nonce: str) -> str:
+    """``<hash prefix>-<name>-<nonce>``; the name from the path when ``drv`` is None."""
+    name = (drv.name if drv is not None else "") or name_part(drv_path).removesuffix(".drv")
+    return f"{hash_part(drv_path)[:8]}-{_KEY_JUNK.sub('_', name)[:40]}-{nonce}"
 
 
 def last_log(state_dir: Path, drv_path: str) -> Path | None:
     """The builder log of ``drv_path``'s most recent build under a state directory
     (what ``ocibuild nix log`` prints), or None if it was never built there."""
-    prefix = _key(drv_path, read_derivation(drv_path), "")
+    check_store_path(drv_path)
+    if not drv_path.endswith(".drv"):
+        raise NixError(f"{drv_path} is not a derivation (a .drv store path)")
+    # The key's name part, from the path alone (the .drv itself may be gone).
+    prefix = _key(drv_path, None, "")
     logs = [p for p in (state_dir / "runs").glob(f"*/logs/{prefix}*.log")
             if p.stem[len(prefix):].isalnum()]
     return max(logs, key=lambda p: p.stat().st_mtime, default=None)

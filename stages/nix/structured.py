@@ -72,8 +72,22 @@ def parse_json(text: str) -> dict[str, Any]:
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
+    def number(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):  # nlohmann refuses what a double cannot hold
+            raise ValueError(f"number overflow parsing {text[:40]!r}")
+        return value
+
+    def integer(text: str) -> int | float:
+        # nlohmann keeps int64 and uint64; beyond them a number is a double.
+        digits = text.lstrip("-")
+        if len(digits) > 20 or not -(2 ** 63) <= int(text) < 2 ** 64:
+            return number(text)
+        return int(text)
+
     try:
-        value = json.loads(text, parse_constant=no_constants)
+        value = json.loads(text, parse_constant=no_constants, parse_float=number,
+                           parse_int=integer)
     except RecursionError:
         raise ValueError("it nests too deeply") from None
     if not isinstance(value, dict):

@@ -186,7 +186,7 @@ def _export_graphs(drv: Derivation, references: Mapping[str, Sequence[str]] | No
             into.add(path)
             todo.extend(references[path])
 
-    files = []
+    files: dict[str, str] = {}  # a name given twice: the last pair wins, as in Nix
     for name, target in zip(tokens[::2], tokens[1::2]):
         if not _EXPORT_NAME.fullmatch(name):
             raise NixError(f"{what}: invalid file name {name!r} in 'exportReferencesGraph'")
@@ -209,8 +209,8 @@ def _export_graphs(drv: Derivation, references: Mapping[str, Sequence[str]] | No
         text = "".join(f"{p}\n\n{len(references[p])}\n" + "".join(f"{r}\n" for r in
                                                                   sorted(references[p]))
                        for p in sorted(paths))
-        files.append((name, text))
-    return files
+        files[name] = text
+    return list(files.items())
 
 
 def sandbox_environment(drv: Derivation, *, cores: int = 0,

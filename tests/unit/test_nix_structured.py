@@ -52,3 +52,16 @@ def test_deep_nesting_does_not_recurse() -> None:
     for _ in range(100_000):
         deep = [deep]
     assert dump_json(deep) == "[" * 100_001 + "]" * 100_001
+
+
+@pytest.mark.parametrize("text,words", [("1e400", "overflow"), ("-1e400", "overflow"),
+                                        ("9" * 5000, "overflow")])
+def test_numbers_nlohmann_refuses_are_refused(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_json('{"a": ' + text + '}')
+
+
+def test_integers_beyond_64_bits_become_doubles_as_in_nlohmann() -> None:
+    attrs = parse_json('{"a": 18446744073709551616, "b": 18446744073709551615}')
+    assert dump_json(attrs) == '{"a":1.8446744073709552e+19,"b":18446744073709551615}'
+    assert attrs_shell({"a": attrs["a"]}) == "declare a=-2147483648\n"
