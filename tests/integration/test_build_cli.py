@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -372,7 +373,8 @@ def test_progress_json_is_one_object_per_event(cli: Cli) -> None:
     req = cli.write(cli.request("echo first; echo second >&2; echo x > /nix/store/out"))
     proc = cli.run("build", "--progress", "json", str(req))
     events = [json.loads(line) for line in proc.stderr.splitlines()]
-    run_id = cli.runs()[-1]
+    run_id = events[0]["run"]
+    assert run_id in cli.runs()
     assert all({"time", "event", "run"} <= e.keys() and e["run"] == run_id for e in events)
     assert events[0]["event"] == "run_started" and events[-1]["event"] == "run_finished"
     logs = [(e["stream"], e["line"]) for e in events if e["event"] == "log" and e["stage"] == "run"]
@@ -389,7 +391,8 @@ def test_progress_plain_and_the_run_log(cli: Cli) -> None:
     proc = cli.run("build", "--progress", "plain", str(req))
     assert "run | hello-plain\n" in proc.stderr
     assert "run: finished in " in proc.stderr and "teardown: finished in" in proc.stderr
-    run_id = cli.runs()[-1]
+    # (Run ids of one second sort by their random part: take it from the output.)
+    run_id = re.search(r"^run (\S+): started$", proc.stderr, re.M).group(1)
     log = cli.run("log", run_id)
     assert log.stdout == "hello-plain\n"
     bad = cli.run("log", "no-such-run", check=1)
@@ -403,9 +406,12 @@ def test_log_follow_prints_while_the_build_runs(cli: Cli) -> None:
                              env=cli.environ, cwd=cli.base)
     try:
         deadline = time.monotonic() + 30
+        run_id = None
         while "run | before" not in (line := build.stderr.readline()):
             assert line and time.monotonic() < deadline, "the build did not start"
-        run_id = cli.runs()[-1]
+            if started := re.match(r"run (\S+): started$", line.rstrip("\n")):
+                run_id = started.group(1)
+        assert run_id is not None
         follow = subprocess.Popen([*OCIBUILD, "log", "--follow", run_id], stdout=subprocess.PIPE,
                                   text=True, env=cli.environ, cwd=cli.base)
         assert follow.stdout is not None
