@@ -51,9 +51,9 @@ Caveats:
 
 - Refused with :class:`UnsupportedDerivation`: ``exportReferencesGraph``
   with structured attributes (Nix puts content addresses into the JSON,
-  which ocibuild's path info does not keep), outputs without a path (floating content-addressed,
-  deferred or impure outputs), ``__noChroot`` (Nix 2.8 with ``sandbox =
-  true`` refuses it as well).
+  which ocibuild's path info does not keep), outputs without a path
+  (floating content-addressed, deferred or impure outputs), ``__noChroot``
+  (Nix 2.8 with ``sandbox = true`` refuses it as well).
 - Ignored, as Nix 2.8 on Linux ignores them in the sandbox or handles them
   elsewhere: ``__impureHostDeps``, ``__sandboxProfile``,
   ``__darwinAllowLocalNetworking`` (Darwin only); ``requiredSystemFeatures``,
