@@ -313,7 +313,8 @@ async def test_stream_sends_stages_and_lines_as_they_happen(env: Env) -> None:
     from stages.service import events as ev
 
     got = await _stream(env, env.request(
-        "echo one; sleep 1.5; echo two >&2; printf 'no newline'; echo x > /nix/store/out"))
+        "echo one; sleep 1.5; echo two >&2; sleep 0.3; printf 'no newline'; "
+        "echo x > /nix/store/out"))
     events = [e for _, e in got]
     assert isinstance(events[0], ev.Started) and events[0].build_id
     assert isinstance(events[-1], ev.Finished)
