@@ -128,7 +128,7 @@ def exit_code_of(exc: BaseException) -> int | None:
 def final_event(result: Build | BuildError) -> Finished | Failed:
     """The last event of a build: its Build, or what made it fail."""
     if isinstance(result, BuildError):
-        stage = result.stage or "" if isinstance(result, BuildFailed) else ""
+        stage = (result.stage or "") if isinstance(result, BuildFailed) else ""
         return Failed(stage=stage, message=str(result), exit_code=exit_code_of(result))
     return Finished(build=result)
 
