@@ -11,6 +11,9 @@ Caveats:
   the run directory still has ``graph.json``.
 - A stage whose result was not stored (``NOT_SERIALIZABLE``) re-runs when a
   re-running stage depends on it, and so on upwards.
+- Every stage after a re-running one re-runs; after a failure that means the
+  ``always`` stages (cleanup) that followed it, which ran then and must run
+  again after the stage they clean up after.
 - Shared resources are acquired afresh; nothing of the old process survives
   but the journal.
 """
@@ -47,6 +50,14 @@ def _changed_stages(run_dir: Path, graph: Graph) -> list[str]:
     return changed
 
 
+def _add_followers(graph: Graph, rerun: set[str], *, always_only: bool = False) -> None:
+    """Add to ``rerun`` every stage after one in it (only ``always`` ones if asked)."""
+    for name in graph.names:  # dependencies before their users
+        if name not in rerun and (graph[name].always or not always_only) \
+                and any(dep in rerun for dep in graph[name].deps):
+            rerun.add(name)
+
+
 def plan_resume(run_dir: str | Path, graph: Graph,
                 from_stage: str | None = None) -> tuple[dict[str, Any], int]:
     """Which results a resume reuses (decoded), and the next attempt number.
@@ -64,12 +75,18 @@ def plan_resume(run_dir: str | Path, graph: Graph,
                 if n in graph and r.state in (StageState.FINISHED, StageState.REUSED)}
     rerun = {n for n in graph.names if n not in finished}
     if from_stage is not None:
-        rerun |= {from_stage} | graph.descendants(from_stage)
+        rerun.add(from_stage)
+    # What follows a re-running stage re-runs: after a failure that is only
+    # the ``always`` stages (cleanup that ran after the failure must run again
+    # after the stage it cleans up after).
+    _add_followers(graph, rerun)
     for name in reversed(graph.names):  # users before their dependencies
         if name in rerun:
             for dep in graph[name].deps:
                 if dep not in rerun and not finished[dep].serialized:
                     rerun.add(dep)
+    # A dependency re-run for its value does its work again: its cleanup too.
+    _add_followers(graph, rerun, always_only=True)
     reused = {n: decode_result(graph[n], finished[n].result)
               for n in graph.names if n not in rerun}
     return reused, js.attempt + 1

@@ -370,6 +370,66 @@ async def test_resume_reloads_results_for_rerun_stages(tmp_path):
     assert resumed.states()["a"] is StageState.REUSED and got == [{"value": 41}] * 2
 
 
+async def test_cleanup_after_a_failure_runs_again_on_resume(tmp_path):
+    # teardown (always) ran after "work" failed; resuming re-runs work, and so
+    # teardown must run again after it, not be reused from the failed attempt.
+    calls: list[str] = []
+    attempts = ["first"]
+
+    async def setup(ctx):
+        calls.append("setup")
+
+    async def work(ctx):
+        calls.append("work")
+        if len(attempts) == 1:
+            raise RuntimeError("first time fails")
+
+    async def teardown(ctx):
+        calls.append("teardown")
+
+    g = Graph(stages=[Stage(name="setup", fn=setup),
+                      Stage(name="work", fn=work, deps=["setup"]),
+                      Stage(name="teardown", fn=teardown, deps=["setup", "work"], always=True),
+                      Stage(name="apart", fn=setup)])
+    run = await Runner(g, run_root=tmp_path).run()
+    assert run.states()["teardown"] is StageState.FINISHED and run.status is RunStatus.FAILED
+    calls.clear()
+    attempts.append("resumed")
+    resumed = await resume(run.run_dir, g)
+    assert resumed.status is RunStatus.FINISHED
+    assert calls == ["work", "teardown"]
+    assert resumed.states()["setup"] is StageState.REUSED
+    assert resumed.states()["apart"] is StageState.REUSED
+
+
+async def test_cleanup_of_a_stage_re_run_for_its_value_runs_again(tmp_path):
+    calls: list[str] = []
+    attempts = ["first"]
+
+    async def make(ctx):
+        calls.append("make")
+        return object()
+
+    async def use(ctx):
+        calls.append("use")
+        if len(attempts) == 1:
+            raise RuntimeError("first time fails")
+
+    async def drop(ctx):
+        calls.append("drop")
+
+    g = Graph(stages=[Stage(name="make", fn=make, codec=NOT_SERIALIZABLE),
+                      Stage(name="drop", fn=drop, deps=["make"], always=True),
+                      Stage(name="use", fn=use, deps=["make"])])
+    run = await Runner(g, run_root=tmp_path).run()
+    assert run.status is RunStatus.FAILED
+    calls.clear()
+    attempts.append("resumed")
+    resumed = await resume(run.run_dir, g)
+    assert resumed.status is RunStatus.FINISHED
+    assert sorted(calls) == ["drop", "make", "use"] and calls[0] == "make"
+
+
 async def test_non_serializable_results_rerun_on_resume(tmp_path):
     counts = {"obj": 0, "pick": 0}
 
