@@ -59,8 +59,10 @@ def _add_followers(graph: Graph, rerun: set[str], *, always_only: bool = False) 
 
 
 def plan_resume(run_dir: str | Path, graph: Graph,
-                from_stage: str | None = None) -> tuple[dict[str, Any], int]:
+                from_stage: str | Sequence[str] | None = None) -> tuple[dict[str, Any], int]:
     """Which results a resume reuses (decoded), and the next attempt number.
+
+    ``from_stage``: a stage name, or several, to re-run with what follows them.
 
     Refuses with :class:`ResumeMismatch` when the graph's digest changed.
     """
@@ -68,14 +70,15 @@ def plan_resume(run_dir: str | Path, graph: Graph,
     js = read_journal(run_dir)
     if js.digest != graph.digest:
         raise ResumeMismatch(run_dir, js.digest, graph.digest, _changed_stages(run_dir, graph))
-    if from_stage is not None and from_stage not in graph:
-        raise DefinitionError(f"from_stage names unknown stage {from_stage!r}",
-                              field="from_stage")
+    starts = (from_stage,) if isinstance(from_stage, str) else tuple(from_stage or ())
+    for name in starts:
+        if name not in graph:
+            raise DefinitionError(f"from_stage names unknown stage {name!r}",
+                                  field="from_stage")
     finished = {n: r for n, r in js.records.items()
                 if n in graph and r.state in (StageState.FINISHED, StageState.REUSED)}
     rerun = {n for n in graph.names if n not in finished}
-    if from_stage is not None:
-        rerun.add(from_stage)
+    rerun.update(starts)
     # What follows a re-running stage re-runs: after a failure that is only
     # the ``always`` stages (cleanup that ran after the failure must run again
     # after the stage it cleans up after).
@@ -96,7 +99,7 @@ async def resume(
     run_dir: str | Path,
     graph: Graph,
     *,
-    from_stage: str | None = None,
+    from_stage: str | Sequence[str] | None = None,
     stop_after: str | Sequence[str] | None = None,
     caps: Caps | None = None,
     subscribers: Iterable[Subscriber] = (),
@@ -107,7 +110,7 @@ async def resume(
     """Continue a run in its directory.
 
     Stages that finished with a stored result are reused, except ``from_stage``
-    and everything after it; stages whose results were not serializable re-run
+    (one name or several) and everything after it; stages whose results were not serializable re-run
     when a re-running stage needs them. Shared resources are acquired afresh.
     """
     reused, attempt = plan_resume(run_dir, graph, from_stage)

@@ -252,7 +252,7 @@ class Runner:
     # -- driving ----------------------------------------------------------------------
 
     async def _execute(self, *, stop_after: str | Sequence[str] | None, reused: Mapping[str, Any],
-                       attempt: int, from_stage: str | None) -> Run:
+                       attempt: int, from_stage: str | Sequence[str] | None) -> Run:
         """Run once; :mod:`pipeline.resume` calls this with what a resume reuses."""
         if self._used:
             raise DefinitionError("a Runner runs once; make a new one")
@@ -284,7 +284,7 @@ class Runner:
         return run
 
     async def _drive(self, *, stop_after: tuple[str, ...] | None, reused: Mapping[str, Any],
-                     attempt: int, from_stage: str | None) -> Run:
+                     attempt: int, from_stage: str | Sequence[str] | None) -> Run:
         graph = self.graph
         nodes = self._nodes
         for stage in graph:
@@ -312,7 +312,8 @@ class Runner:
             self._journal.append({"type": "run", "digest": graph.digest, "attempt": attempt,
                                   "time": started,
                                   "stop_after": list(stop_after) if stop_after else None,
-                                  "from_stage": from_stage})
+                                  "from_stage": from_stage if isinstance(from_stage, str)
+                                  or from_stage is None else list(from_stage)})
         try:
             self._emit(EventKind.RUN_STARTED, None, str(self.run_dir or ""),
                        {"stages": len(plan.active) + len(reused), "attempt": attempt})

@@ -32,7 +32,7 @@ def run_sync(
     *,
     run_root: str | Path | None = None,
     resume_dir: str | Path | None = None,
-    from_stage: str | None = None,
+    from_stage: str | Sequence[str] | None = None,
     stop_after: str | Sequence[str] | None = None,
     caps: Caps | None = None,
     subscribers: Iterable[Subscriber] = (),

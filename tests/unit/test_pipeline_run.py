@@ -327,6 +327,12 @@ async def test_stop_after_then_resume(tmp_path):
     assert again.states()["a"] is StageState.REUSED
     assert again.states()["b"] is StageState.FINISHED and again.states()["c"] is StageState.FINISHED
     assert again.states()["other"] is StageState.REUSED
+    # Several starting points at once.
+    both = await resume(run.run_dir, g, from_stage=["c", "other"])
+    assert both.states() == {"a": StageState.REUSED, "b": StageState.REUSED,
+                             "c": StageState.FINISHED, "other": StageState.FINISHED}
+    with pytest.raises(DefinitionError, match="unknown stage 'zz'"):
+        await resume(run.run_dir, g, from_stage=["c", "zz"])
 
 
 async def test_stop_after_several_stages(tmp_path):
