@@ -5,6 +5,7 @@
 - :mod:`stages.util.deeptree`: directory trees of any depth and path length,
   reached through a few open directory fds (no path past PATH_MAX);
 - :mod:`stages.util.dirs`: the default directories (one rule, platformdirs);
+- :mod:`stages.util.files`: file writes that are whole or absent;
 - :mod:`stages.util.lazy`: package attributes loaded on first use;
 - :mod:`stages.util.plugins`: objects other distributions offer through
   entry points.
