@@ -66,6 +66,7 @@ from stages.service.runs import (
     default_state_dir,
     full_stage,
     load_build_specs,
+    restart_points,
     save_specs,
     stage_name,
     stop_points,
@@ -249,14 +250,19 @@ class OciBuildService(BuildService):
     async def resume_run(self, run_dir: Path, *, from_stage: str | None = None,
                          stop_after: str | None = None,
                          subscribers: Iterable[Subscriber] = ()) -> tuple[Run, list[BuildSpec]]:
-        from pipeline import resume
+        from pipeline import load_run, resume
         from stages.graph import build_caps, graph_for_requests
 
         host = self._require_host()
         specs = load_build_specs(run_dir)
         self.record_keys(spec.key for spec in specs)
         graph = graph_for_requests(specs, host)
-        run = await resume(run_dir, graph, from_stage=full_stage(specs, from_stage),
+        starts = [full_stage(specs, from_stage) or from_stage] if from_stage else []
+        # Builds whose bundles were torn down (or lost) make them anew.
+        starts += restart_points(load_run(run_dir),
+                                 [(s, stage_name(specs, s, "")) for s in specs],
+                                 lambda s: host.bundle_dir(s).exists())
+        run = await resume(run_dir, graph, from_stage=starts,
                            stop_after=stop_points(specs, stop_after),
                            caps=build_caps(self.jobs), limiters=self.limiters,
                            subscribers=[*self.subscribers, *subscribers])

@@ -5,6 +5,8 @@
     runs/<run-id>/builds.json        the builds of the run: key, keep, timeout,
                                      request file, where the request came from
     runs/<run-id>/requests/<i>.binpb each build's BuildRequest
+    runs/<run-id>/nix-plan.json      a run of the Nix builder: its plan
+                                     (:mod:`stages.nix.build`)
 
 From these a later service (``ocibuild resume``, ``ocibuild shell``)
 rebuilds the run's graph (:func:`load_build_specs`). :func:`build_result`
@@ -24,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.errors import BuildFailed, ServiceError
 from stages.util.dirs import state_dir as _default_state_dir
+from stages.util.files import write_atomic
 
 if TYPE_CHECKING:
     from pipeline import Run
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from stages.request import Build
 
 __all__ = ["BUILDS_FILE", "build_key", "build_result", "default_state_dir", "full_stage",
-           "key_of_run", "list_runs", "load_build_specs", "run_keys",
+           "key_of_run", "list_runs", "load_build_specs", "restart_points", "run_keys",
            "save_specs", "stage_name", "stop_points"]
 
 BUILDS_FILE = "builds.json"
@@ -93,7 +96,7 @@ def save_specs(run_dir: Path, specs: Sequence[BuildSpec],
     """The builds of a run, so that resume and shell can rebuild its graph."""
     from stages.request import write_request_file
 
-    (run_dir / "requests").mkdir()
+    (run_dir / "requests").mkdir(exist_ok=True)
     meta = []
     for i, spec in enumerate(specs):
         assert spec.request is not None  # the builds of a run are made from requests
@@ -101,7 +104,7 @@ def save_specs(run_dir: Path, specs: Sequence[BuildSpec],
         meta.append({"key": spec.key, "keep": spec.keep, "timeout": spec.timeout,
                      "request": f"requests/{i}.binpb",
                      "source": sources[i] if sources else None})
-    (run_dir / BUILDS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(run_dir / BUILDS_FILE, json.dumps(meta, indent=2) + "\n")
 
 
 def stage_name(specs: Sequence[BuildSpec], spec: BuildSpec, stage: str) -> str:
@@ -123,6 +126,31 @@ def stop_points(specs: Sequence[BuildSpec], stage: str | None) -> str | tuple[st
     if stage is None or len(specs) == 1 or "/" in stage:
         return stage
     return tuple(f"{spec.key}/{stage}" for spec in specs)
+
+
+def restart_points(run: Run, names: Sequence[tuple[BuildSpec, str]],
+                   bundle_exists: Callable[[BuildSpec], bool]) -> list[str]:
+    """Where a resume must start over for builds whose bundle is gone.
+
+    ``names``: each build with the prefix of its stage names ("" for a run
+    of one build). A build that made its bundle but did not get through
+    ingest, and whose bundle was removed since (torn down after a failure,
+    or lost with the runtime tmpfs), re-runs from its spec stage: the run
+    and ingest stages need the bundle, and the spec names where it goes
+    (the runtime directory is the service instance's own). Validate keeps
+    its result.
+    """
+    points = []
+    for spec, prefix in names:
+        def state(stage: str, prefix: str = prefix):
+            outcome = run.stages.get(prefix + stage)
+            return None if outcome is None else outcome.state
+
+        bundled, ingested = state("bundle"), state("ingest")
+        if (bundled is not None and bundled.ok and not (ingested is not None and ingested.ok)
+                and not bundle_exists(spec)):
+            points.append(prefix + "spec")
+    return points
 
 
 def build_result(run: Run, spec: BuildSpec) -> Build:

@@ -257,6 +257,36 @@ def test_keep_failed_then_shell_in_the_same_sandbox(cli: Cli) -> None:
         remove_bundle(bundle)
 
 
+def test_keep_failed_mend_in_shell_then_resume(cli: Cli) -> None:
+    script = ("echo run >> /build/runs; test -e /build/fixed || exit 3; "
+              "cat /build/runs /build/fixed > /nix/store/out")
+    req = cli.write(cli.request(script))
+    before = set(cli.runs())
+    cli.run("build", "--keep-failed", str(req), check=1)
+    (run_id,) = set(cli.runs()) - before
+    bundle = cli.state / "bundles" / run_id
+    cli.run("shell", run_id, "--", f"{BB}/sh", "-c", "echo fixed > /build/fixed")
+    proc = cli.run("resume", run_id, "--json")
+    # The run stage ran again in the kept sandbox; its cleanup ran after it.
+    msg = _parse_build(proc.stdout.strip())
+    assert _blob(cli, msg.outputs[0].file.digest) == b"run\nrun\nfixed\n"
+    assert not bundle.exists()
+
+
+def test_resume_of_a_failed_run_makes_its_bundle_again(cli: Cli) -> None:
+    req = cli.write(cli.request("echo the-builder-ran-again >&2; exit 5"))
+    before = set(cli.runs())
+    cli.run("build", str(req), check=1)
+    (run_id,) = set(cli.runs()) - before
+    assert not (cli.state / "bundles" / run_id).exists()
+    # Torn down after the failure: resume makes a new bundle, and the builder
+    # itself fails again (not runc, for want of a bundle).
+    proc = cli.run("resume", run_id, check=1)
+    assert "exit code 5" in proc.stderr and "the-builder-ran-again" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (cli.state / "bundles" / run_id).exists()
+
+
 def test_shell_of_a_run_that_kept_nothing(cli: Cli) -> None:
     req = cli.write(cli.request("echo fine > /nix/store/out"))
     before = set(cli.runs())
