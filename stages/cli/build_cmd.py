@@ -110,9 +110,14 @@ def _find_run(args: argparse.Namespace, run: str) -> Path:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from stages.nix.build import is_nix_run
     from stages.service import load_build_specs
 
     run_dir = _find_run(args, args.run)
+    if is_nix_run(run_dir):
+        from stages.cli.nix_cmd import resume_nix
+
+        return resume_nix(args, run_dir)
     specs = load_build_specs(run_dir)
     sources = [s.key for s in specs]
 
@@ -344,15 +349,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --prune: list what would be removed, remove nothing")
     p.set_defaults(handler=cmd_runs)
 
-    p = sub.add_parser("resume", help="continue a stopped or failed run")
+    p = sub.add_parser("resume", help="continue a stopped or failed run",
+                       description="Continue a run of 'ocibuild build' or 'ocibuild nix "
+                                   "build' in its directory: finished stages are reused, a "
+                                   "failed build goes on from its failed stage (in the "
+                                   "sandbox it left, when kept; a build whose bundle is gone "
+                                   "makes it anew). The operator's options apply again.")
     p.add_argument("run", metavar="RUN", help="run id (see 'ocibuild runs') or directory")
     p.add_argument("--from", dest="from_stage", metavar="STAGE",
-                   help="re-run from this stage on (default: the first unfinished one)")
+                   help="re-run from this stage on (default: the first unfinished one); "
+                        "STAGE alone: of the last build ('nix build' runs: of every "
+                        "derivation not yet built), KEY/STAGE: of one build")
     p.add_argument("--stop-after", metavar="STAGE")
     p.add_argument("--json", action="store_true")
     p.add_argument("--jobs", "-j", type=int, default=None)
     progress_option(p)
     store_options(p)
+    policy_options(p)
     p.set_defaults(handler=cmd_resume)
 
     p = sub.add_parser("log", help="print a run's builder output",

@@ -153,6 +153,41 @@ async def _build(args: argparse.Namespace) -> int:
                                               jobs=args.jobs, subscribers=subscribers(args),
                                               sandbox_paths=sandbox,
                                               keep_failed=args.keep_failed)
+    return _print_results(args, results)
+
+
+def resume_nix(args: argparse.Namespace, run_dir: Path) -> int:
+    """``ocibuild resume RUN`` of an ``ocibuild nix build`` run."""
+    from stages.nix.errors import NixError
+
+    jobs = args.jobs if args.jobs is not None else 1
+    if jobs < 1:
+        raise UserError(f"--jobs must be >= 1, not {jobs}")
+
+    async def main() -> int:
+        from pipeline import RunStatus
+        from stages.nix.build import resume_derivations
+
+        nix_policy, _sandbox = _nix_policy(args)
+        async with service(args, jobs=jobs, policy=nix_policy) as svc:
+            with _pathinfo(args) as pathinfo:
+                results, run = await resume_derivations(
+                    run_dir, service=svc, pathinfo=pathinfo, jobs=jobs,
+                    from_stage=args.from_stage, stop_after=args.stop_after,
+                    subscribers=subscribers(args))
+        if run.status is RunStatus.STOPPED:
+            print(f"ocibuild: run {run_dir.name} stopped as asked; continue with: "
+                  f"ocibuild resume {run_dir.name}", file=sys.stderr)
+            return 0
+        return _print_results(args, results)
+
+    try:
+        return run_cancellable(main)
+    except NixError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _print_results(args: argparse.Namespace, results: dict[str, Any]) -> int:
     kept = sorted({k for r in results.values() for k in r.kept})
     for drv, run_id, key in kept:
         print(f"ocibuild: kept the sandbox of failed {drv} (run {run_id}); enter it with: "

@@ -24,6 +24,10 @@
 Independent derivations build concurrently, up to ``jobs`` containers. A
 failing derivation fails itself and abandons its dependents; the others go on.
 
+The run directory keeps the plan (:data:`PLAN_FILE`: the derivations, their
+build keys, cores, sandbox paths), from which :func:`resume_derivations`
+makes the same graph again and continues the run (``ocibuild resume``).
+
 Results (:class:`DrvResult`, per requested .drv): ``built`` with every
 output's path, NAR hash (``sha256:<nixbase32>``, as ``nix-store -q --hash``
 prints it) and references (full store paths, self-references included), or
@@ -70,8 +74,8 @@ if TYPE_CHECKING:
     from stages.nix.to_request import DerivationRequest
     from stages.service import OciBuildService
 
-__all__ = ["DrvResult", "NixStoreError", "OutputResult", "build_derivations",
-           "import_from_nix_store"]
+__all__ = ["PLAN_FILE", "DrvResult", "NixStoreError", "OutputResult", "build_derivations",
+           "import_from_nix_store", "is_nix_run", "resume_derivations"]
 
 
 class NixStoreError(NixError):
@@ -463,7 +467,7 @@ def _graph(plan: _Plan, host: BuildHost, cores: int,
                 building.discard(drv_path)
                 continue
             specs.append(BuildSpec(key=key, request=request, **keeping))
-        extra.append(Stage(name=f"{key}/register", fn=_register_fn(plan, drv_path),
+        extra.append(Stage(name=f"{key}/register", fn=_register_fn(plan, drv_path, cores),
                            deps=[f"{key}/ingest"],
                            description=f"NAR hashes, references; register {drv_path}'s outputs"))
     plan.to_build = [d for d in plan.to_build if d in building]
@@ -482,14 +486,16 @@ def _request_fn(plan: _Plan, drv_path: str, cores: int):
     return request
 
 
-def _register_fn(plan: _Plan, drv_path: str):
+def _register_fn(plan: _Plan, drv_path: str, cores: int):
     async def register(ctx) -> dict:
         from stages.castore.nar import nar_hash_and_size
         from stages.ingest import build_from_result
         from stages.nix.fixed_output import check_fixed_output
 
         drv = plan.drvs[drv_path]
-        dreq = plan.requests[drv_path]
+        dreq = plan.requests.get(drv_path)
+        if dreq is None:  # a resumed run reused the request stage: the same request again
+            dreq = await asyncio.to_thread(_make_request, plan, drv_path, cores)
         built = build_from_result(dreq.request, ctx.results[f"{plan.keys[drv_path]}/ingest"])
         by_name = dict(zip(dreq.output_names, built.outputs))
         if drv.is_fixed_output:
@@ -709,7 +715,7 @@ def _save_kept(plan: _Plan, host: BuildHost, run_dir: Path,
     """Record the kept sandboxes of failed derivations as the run's builds (its
     builds.json, as ``ocibuild build`` writes it), so that ``ocibuild shell``
     enters them; return drv -> (run id, build key) of each."""
-    from stages.service.runs import save_specs
+    from stages.service.runs import BUILDS_FILE, save_specs
 
     kept_specs, kept = [], {}
     by_key = {s.key: s for s in specs}
@@ -722,7 +728,109 @@ def _save_kept(plan: _Plan, host: BuildHost, run_dir: Path,
             kept[drv_path] = (run_dir.name, key)
     if kept_specs:
         save_specs(run_dir, kept_specs, [d for d in plan.to_build if d in kept])
+    else:  # a resumed run whose kept builds now passed: nothing left to enter
+        (run_dir / BUILDS_FILE).unlink(missing_ok=True)
     return kept
+
+
+#: The plan of an ``ocibuild nix build`` run, in its run directory: what
+#: :func:`resume_derivations` needs to make the same graph again.
+PLAN_FILE = "nix-plan.json"
+PLAN_VERSION = 1
+
+
+def _save_plan(run_dir: Path, plan: _Plan, targets: Sequence[str], cores: int,
+               keep_failed: bool) -> None:
+    import json
+
+    from stages.util.files import write_atomic
+
+    write_atomic(run_dir / PLAN_FILE, json.dumps({
+        "version": PLAN_VERSION, "targets": list(targets), "to_build": plan.to_build,
+        "keys": {d: plan.keys[d] for d in plan.to_build}, "cores": cores,
+        "sandbox_paths": list(plan.sandbox_paths), "keep_failed": keep_failed,
+        "errors": {d: e for d, e in plan.errors.items() if d not in plan.keys},
+    }, indent=2) + "\n")
+
+
+def is_nix_run(run_dir: Path) -> bool:
+    """Whether a run directory is one of ``ocibuild nix build`` (resumable by
+    :func:`resume_derivations`)."""
+    return (run_dir / PLAN_FILE).is_file()
+
+
+def _load_plan(run_dir: Path) -> dict:
+    import json
+
+    path = run_dir / PLAN_FILE
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("version") != PLAN_VERSION:
+            raise NixError(f"{path}: plan version {saved.get('version')!r}, this ocibuild "
+                           f"reads version {PLAN_VERSION}")
+        to_build = [str(d) for d in saved["to_build"]]
+        keys = {str(d): str(k) for d, k in saved["keys"].items()}
+        if set(keys) != set(to_build):
+            raise NixError(f"{path}: its keys do not match its derivations")
+        return {"targets": [str(d) for d in saved["targets"]], "to_build": to_build,
+                "keys": keys, "cores": int(saved["cores"]),
+                "sandbox_paths": tuple(str(p) for p in saved["sandbox_paths"]),
+                "keep_failed": bool(saved["keep_failed"]),
+                "errors": {str(d): str(e) for d, e in saved["errors"].items()}}
+    except FileNotFoundError:
+        raise NixError(f"{run_dir} is not a run of 'ocibuild nix build' "
+                       f"(no {PLAN_FILE})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise NixError(f"{path}: unreadable plan: {exc}") from None
+
+
+def _stage_names(graph: Graph, specs: Sequence[BuildSpec], stage: str,
+                 pick: Sequence[BuildSpec]) -> list[str]:
+    """A stage of a Nix run's graph: ``KEY/STAGE`` as given, a bare STAGE of every
+    build in ``pick`` that has it; unknown stages and keys refused."""
+    from stages.graph import STAGE_NAMES
+
+    names = ("request", *STAGE_NAMES, "register")
+    key, sep, bare = stage.rpartition("/")
+    if bare not in names:
+        raise NixError(f"unknown stage {bare!r}; stages: {', '.join(names)}")
+    if not sep:
+        return [n for s in pick if (n := f"{s.key}/{bare}") in graph]
+    if key not in {s.key for s in specs}:
+        raise NixError(f"no build {key!r} in this run; builds: "
+                       f"{', '.join(s.key for s in specs)}")
+    if stage not in graph:
+        raise NixError(f"build {key} has no stage {bare!r} (its request was made "
+                       f"before the run)")
+    return [stage]
+
+
+def _settle(run: Run, plan: _Plan, host: BuildHost, run_dir: Path,
+                  specs: list[BuildSpec], keep_failed: bool) -> dict[str, tuple[str, str]]:
+    """Record each derivation's failure from the run; the kept sandboxes, if asked."""
+    for drv_path in plan.to_build:  # dependencies first: a failed input is known
+        outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
+        if outcome is None or not outcome.state.ok:
+            plan.errors[drv_path] = _failure(run, plan, drv_path)
+    return _save_kept(plan, host, run_dir, specs) if keep_failed else {}
+
+
+def _results(targets: Sequence[str], plan: _Plan, pathinfo: PathInfoDB,
+             kept: dict[str, tuple[str, str]]) -> dict[str, DrvResult]:
+    built = set(plan.to_build)
+    results: dict[str, DrvResult] = {}
+    for drv_path in targets:
+        if drv_path in plan.errors:
+            results[drv_path] = DrvResult(drv_path=drv_path, status="failed",
+                                          error=plan.errors[drv_path],
+                                          kept=tuple((d, r, k) for d, (r, k) in kept.items()))
+            continue
+        try:
+            results[drv_path] = _result_from_pathinfo(
+                drv_path, plan.drvs[drv_path], pathinfo, cached=drv_path not in built)
+        except NixError as exc:
+            results[drv_path] = DrvResult(drv_path=drv_path, status="failed", error=str(exc))
+    return results
 
 
 async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildService,
@@ -770,25 +878,61 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
         if graph is None:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
+            _save_plan(run_dir, plan, drv_paths, cores, keep_failed)
             run = await _run(service, run_dir, graph, specs, jobs, subscribers)
-            for drv_path in plan.to_build:  # dependencies first: a failed input is known
-                outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
-                if outcome is None or not outcome.state.ok:
-                    plan.errors[drv_path] = _failure(run, plan, drv_path)
-            if keep_failed:
-                kept = _save_kept(plan, host, run_dir, specs)
+            kept = _settle(run, plan, host, run_dir, specs, keep_failed)
+    return _results(drv_paths, plan, pathinfo, kept)
 
-    built = set(plan.to_build)
-    results: dict[str, DrvResult] = {}
-    for drv_path in drv_paths:
-        if drv_path in plan.errors:
-            results[drv_path] = DrvResult(drv_path=drv_path, status="failed",
-                                          error=plan.errors[drv_path],
-                                          kept=tuple((d, r, k) for d, (r, k) in kept.items()))
-            continue
-        try:
-            results[drv_path] = _result_from_pathinfo(
-                drv_path, plan.drvs[drv_path], pathinfo, cached=drv_path not in built)
-        except NixError as exc:
-            results[drv_path] = DrvResult(drv_path=drv_path, status="failed", error=str(exc))
-    return results
+
+async def resume_derivations(run_dir: Path, *, service: OciBuildService, pathinfo: PathInfoDB,
+                             jobs: int = 1, from_stage: str | None = None,
+                             stop_after: str | None = None,
+                             subscribers: Iterable[Subscriber] = ()
+                             ) -> tuple[dict[str, DrvResult], Run]:
+    """Continue an ``ocibuild nix build`` run in its directory: the same graph
+    (from the run's :data:`PLAN_FILE`), its finished stages reused.
+
+    By default each derivation goes on from its first unfinished stage: a
+    failed build re-runs from its run stage, in the sandbox it left when it
+    was kept (``--keep-failed``), else from a new bundle. ``from_stage``: a
+    bare stage name re-runs that stage of every derivation not yet built (of
+    every one if all are), ``KEY/STAGE`` one build's. ``stop_after``: a bare
+    name stops every build after that stage. A derivation's results are
+    registered as by :func:`build_derivations`; one :class:`DrvResult` per
+    derivation the run was asked for.
+    """
+    from pipeline import load_run, resume
+    from stages.graph import build_caps
+    from stages.service.runs import restart_points
+
+    host = service.host
+    if host is None:
+        raise NixError("the build service is not started; use it with 'async with'")
+    saved = _load_plan(run_dir)
+    plan = _Plan(castore=host.castore, pathinfo=pathinfo, sandbox_paths=saved["sandbox_paths"])
+    for drv_path in saved["to_build"]:
+        for dep in plan.load(drv_path).input_drvs:
+            plan.load(dep)
+    for drv_path in saved["targets"]:
+        plan.load(drv_path)
+    plan.to_build = list(saved["to_build"])
+    plan.keys = dict(saved["keys"])
+    service.record_keys(plan.keys.values())
+    before = load_run(run_dir)
+    specs, graph = _graph(plan, host, saved["cores"], saved["keep_failed"])
+    if graph is None or plan.errors:
+        why = "; ".join(f"{d}: {e}" for d, e in plan.errors.items()) or "nothing to build"
+        raise NixError(f"run {run_dir.name} cannot be made again: {why}")
+    unfinished = [s for s in specs
+                  if not (o := before.stages.get(f"{s.key}/register")) or not o.state.ok]
+    starts = restart_points(before, [(s, f"{s.key}/") for s in specs],
+                            lambda s: host.layout(s).root.exists())
+    if from_stage is not None:
+        starts += _stage_names(graph, specs, from_stage, unfinished or specs)
+    stops = None if stop_after is None else _stage_names(graph, specs, stop_after, specs)
+    run = await resume(run_dir, graph, from_stage=starts, stop_after=stops,
+                       caps=build_caps(jobs), subscribers=[*service.subscribers, *subscribers],
+                       limiters=service.limiters if jobs == service.jobs else None)
+    plan.errors.update(saved["errors"])  # found before the first attempt ran
+    kept = _settle(run, plan, host, run_dir, specs, saved["keep_failed"])
+    return _results(saved["targets"], plan, pathinfo, kept), run

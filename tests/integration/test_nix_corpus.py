@@ -242,30 +242,45 @@ def test_nix_log_prints_what_nix_logged(corpus: Corpus) -> None:
 
 KEEP_FAILED = r"""
 { nonce }:
-let lib = import ./lib.nix { inherit nonce; }; in
-lib.mk {
-  name = "keep-failed";
-  passAsFile = [ "note" ];
-  note = "a note";
-  script = "echo partial > /build/partial; mkdir -p $out; echo half > $out/half; exit 4";
+let
+  lib = import ./lib.nix { inherit nonce; };
+  failing = lib.mk {
+    name = "keep-failed";
+    passAsFile = [ "note" ];
+    note = "a note";
+    # Fails until someone puts /build/fixed into its sandbox.
+    script = "echo attempt >> /build/attempts; echo partial > /build/partial; mkdir -p $out; "
+      + "echo half > $out/half; test -e /build/fixed || exit 4; cp /build/attempts $out/";
+  };
+in lib.mk {
+  name = "after-keep-failed";
+  script = "mkdir $out; cp ${failing}/attempts $out/seen";
 }
 """
 
 
-def test_keep_failed_then_shell_in_the_failed_sandbox(corpus: Corpus) -> None:
+def test_keep_failed_shell_then_resume(corpus: Corpus) -> None:
+    """The sandbox of a failed derivation: entered with `shell` (`$out` as Nix
+    sets it, what the builder left), mended there, then `resume` re-runs the
+    build from its run stage in that sandbox and goes on to its dependent."""
     (corpus.dir / "keepfailed.nix").write_text(KEEP_FAILED)
-    drv = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce,
+    top = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce,
              str(corpus.dir / "keepfailed.nix")).stdout.split()[0]
-    out = json.loads(sh("nix", "show-derivation", drv).stdout)[drv]["outputs"]["out"]["path"]
+    shown = json.loads(sh("nix", "show-derivation", "-r", top).stdout)
+    (drv,) = [d for d in shown if "-keep-failed-" in d and "after" not in d]
+    out = shown[drv]["outputs"]["out"]["path"]
+    top_out = shown[top]["outputs"]["out"]["path"]
     try:
-        proc = sh(*OCIBUILD, "nix", "build", "--keep-failed", *corpus.store_args(), drv,
+        proc = sh(*OCIBUILD, "nix", "build", "--keep-failed", *corpus.store_args(), top,
                   check=False, cwd=REPO)
         assert proc.returncode == 1, proc.stderr
         found = re.search(r"enter it with: ocibuild shell --build (\S+) (\S+)\n", proc.stderr)
         assert found, proc.stderr
         key, run_id = found.groups()
+        assert f"failed {top}: input derivation {drv} failed" in proc.stderr
         script = ('echo "out=$out"; read p < /build/partial; echo "partial=$p"; '
-                  'read h < $out/half; echo "half=$h"; read n < $notePath; echo "note=$n"; pwd')
+                  'read h < $out/half; echo "half=$h"; read n < $notePath; echo "note=$n"; pwd; '
+                  'echo mended > /build/fixed')
         shell = subprocess.run([*OCIBUILD, "shell", "--build", key, *corpus.store_args(), run_id,
                                 "--", "/bin/sh", "-c", script], capture_output=True, text=True,
                                timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
@@ -273,8 +288,62 @@ def test_keep_failed_then_shell_in_the_failed_sandbox(corpus: Corpus) -> None:
         # $out as Nix sets it, and what the builder left where it left it.
         assert shell.stdout == (f"out={out}\npartial=partial\nhalf=half\nnote=a note\n"
                                 "/build\n")
+
+        resumed = sh(*OCIBUILD, "resume", *corpus.store_args(), "--json", run_id,
+                     check=False, cwd=REPO)
+        assert resumed.returncode == 0, resumed.stderr
+        result = json.loads(resumed.stdout)[top]
+        assert result["status"] == "built", result
+        assert result["outputs"]["out"]["path"] == top_out
+        # The failed build ran again in its own sandbox (its first attempt's
+        # file still there), and its dependent saw that.
+        dest = corpus.base / "resumed-export"
+        dest.mkdir()
+        store = ["--blob-service-addr", corpus.store, "--directory-service-addr", corpus.store]
+        exported = Path(sh(*OCIBUILD, "nix", "export", *store, top_out, str(dest),
+                           cwd=REPO).stdout.strip())
+        assert (exported / "seen").read_text() == "attempt\nattempt\n"
+        # Its sandbox is gone now that it passed, and nothing is left to enter.
+        assert not (corpus.base / "state" / "bundles" / key).exists()
+        again = sh(*OCIBUILD, "shell", "--build", key, *corpus.store_args(), run_id, "--",
+                   "/bin/sh", "-c", "true", check=False, cwd=REPO)
+        assert again.returncode == 1 and len(again.stderr.splitlines()) == 1, again.stderr
+        listing = sh(*OCIBUILD, "runs", "--state-dir", str(corpus.base / "state"),
+                     cwd=REPO).stdout
+        assert any(line.startswith(run_id) and "finished" in line
+                   for line in listing.splitlines()), listing
+        # A second resume of the finished run builds nothing again.
+        twice = sh(*OCIBUILD, "resume", *corpus.store_args(), run_id, cwd=REPO)
+        assert f"built {top}" in twice.stdout
     finally:
-        sh("nix-store", "--delete", drv, check=False)
+        sh("nix-store", "--delete", top, drv, check=False)
+
+
+def test_resume_of_a_failed_nix_run_without_kept_sandbox(corpus: Corpus) -> None:
+    """Without --keep-failed the failed build's bundle is gone: resume makes it
+    anew (fresh sandbox, so the derivation fails the same way again)."""
+    (corpus.dir / "keepfailed2.nix").write_text(KEEP_FAILED)
+    top = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce + "x",
+             str(corpus.dir / "keepfailed2.nix")).stdout.split()[0]
+    try:
+        proc = sh(*OCIBUILD, "nix", "build", *corpus.store_args(), top, check=False, cwd=REPO)
+        assert proc.returncode == 1
+        run_id = _last_run(corpus)
+        resumed = sh(*OCIBUILD, "resume", *corpus.store_args(), run_id, check=False, cwd=REPO)
+        assert resumed.returncode == 1, resumed.stderr
+        assert "Traceback" not in resumed.stderr
+        assert "exit code 4" in resumed.stderr, resumed.stderr
+        bad = sh(*OCIBUILD, "resume", *corpus.store_args(), "--from", "runn", run_id,
+                 check=False, cwd=REPO)
+        assert bad.returncode == 1 and "unknown stage 'runn'" in bad.stderr
+        assert len(bad.stderr.splitlines()) == 1, bad.stderr
+    finally:
+        sh("nix-store", "--delete", top, check=False)
+
+
+def _last_run(corpus: Corpus) -> str:
+    runs = corpus.base / "state" / "runs"
+    return max(runs.iterdir(), key=lambda p: p.stat().st_mtime).name
 
 
 def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus) -> None:
