@@ -24,6 +24,7 @@ field (``raise ... from``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = [
     "BuildError",
@@ -37,7 +38,10 @@ __all__ = [
     "RuncTimeoutError",
     "ServiceError",
     "SpecError",
+    "cause_of",
 ]
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class BuildError(Exception):
@@ -147,6 +151,7 @@ class BuildFailed(BuildError):
         self.key = key
         self.stage = stage
         self.run_dir = run_dir
+        self.message = message
         where = f" at stage {stage}" if stage else ""
         run = f" (run {run_dir.name})" if run_dir is not None else ""
         super().__init__(f"build failed{where}{run}: {message}")
@@ -158,3 +163,17 @@ class ServiceError(BuildError):
     def __init__(self, address: str, message: str) -> None:
         self.address = address
         super().__init__(f"build service {address}: {message}")
+
+
+def cause_of(exc: BaseException, kind: type[_E] | tuple[type[_E], ...],
+             *, depth: int = 8) -> _E | None:
+    """The first of ``exc`` and its ``__cause__`` chain that is a ``kind``
+    (at most ``depth`` links down: a failed stage wraps what it raised)."""
+    cause: BaseException | None = exc
+    for _ in range(depth):
+        if cause is None:
+            return None
+        if isinstance(cause, kind):
+            return cause
+        cause = cause.__cause__
+    return None

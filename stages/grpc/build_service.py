@@ -61,7 +61,14 @@ from typing import Any
 
 import grpc
 
-from stages.errors import BuildError, BuildFailed, RequestError, ServiceError, SpecError
+from stages.errors import (
+    BuildError,
+    BuildFailed,
+    RequestError,
+    ServiceError,
+    SpecError,
+    cause_of,
+)
 
 # rpc_build_pb2 registers the service's descriptor (rpc_build_pb2_grpc does not
 # import it), which server reflection looks up in the default pool.
@@ -179,7 +186,7 @@ class BuildServicer(rpc_build_pb2_grpc.BuildServiceServicer):
         if isinstance(exc, BuildFailed):
             await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
                          {_KIND: "build-failed", _KEY: exc.key, _STAGE: exc.stage or "",
-                          _MESSAGE: _failure_message(exc).encode()}, self._hidden)
+                          _MESSAGE: exc.message.encode()}, self._hidden)
         await _abort(context, grpc.StatusCode.INTERNAL, str(exc),
                      {_KIND: "service", _MESSAGE: str(exc).encode()}, self._hidden)
 
@@ -292,25 +299,15 @@ def _cost(event: Any) -> int:
 def _refusal(exc: BaseException) -> RequestError | SpecError | None:
     """The RequestError or SpecError a failed build's stage raised, if any
     (through the stage's own wrapping: BuildFailed <- StageFailed <- it)."""
-    cause = exc.__cause__
-    for _ in range(8):
-        if cause is None or isinstance(cause, RequestError | SpecError):
-            return cause
-        cause = cause.__cause__
-    return None
+    found = cause_of(exc.__cause__, (RequestError, SpecError)) if exc.__cause__ else None
+    assert found is None or isinstance(found, RequestError | SpecError)
+    return found
 
 
 def _current_cancelling() -> bool:
     """Whether the handler itself was cancelled (not only the build task under it)."""
     task = asyncio.current_task()
     return bool(task is not None and task.cancelling())
-
-
-def _failure_message(exc: BuildFailed) -> str:
-    # BuildFailed's text is "build failed at stage S (run R): MESSAGE"; keep MESSAGE.
-    text = str(exc)
-    head, sep, rest = text.partition("): ") if exc.run_dir is not None else text.partition(": ")
-    return rest if sep else text
 
 
 def _host_paths(service: BuildService) -> list[str]:
@@ -548,7 +545,13 @@ def _translate(address: str, exc: grpc.aio.AioRpcError,
     return ServiceError(address, f"DoBuild failed with {code.name}: {details}")
 
 
-def open_grpc_build_service(address: str) -> GrpcBuildService:
+def open_grpc_build_service(address: str, **kw: Any) -> GrpcBuildService:
     """The build service at a ``grpc+...`` address (entry point of
-    :func:`stages.service.open_build_service`)."""
-    return GrpcBuildService(address)
+    :func:`stages.service.open_build_service`); ``kw``: connect_timeout,
+    deadline. The build options of a local service (jobs, policy, stores)
+    are the server's: refused here."""
+    unknown = sorted(set(kw) - {"connect_timeout", "deadline"})
+    if unknown:
+        raise ServiceError(address, f"{', '.join(unknown)}: set on the server "
+                                    f"('ocibuild serve'), not by its clients")
+    return GrpcBuildService(address, **kw)

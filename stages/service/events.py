@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from stages.errors import BuildError, BuildFailed, RuncError
+from stages.errors import BuildError, BuildFailed, RuncError, cause_of
 
 if TYPE_CHECKING:
     from pipeline import Event
@@ -76,21 +76,25 @@ class BuildEvents:
     """A pipeline subscriber that passes one build's events on to ``emit``.
 
     ``prefix`` is the build's stage-name prefix in the run (``<key>/``);
-    events of other builds in the same run are ignored.
+    events of other builds in the same run are ignored. ``build_id``: what
+    Started says (default: the run's id, from its directory).
     """
 
     _STATES = {"stage_started": "started", "stage_finished": "finished",
                "stage_failed": "failed", "stage_cancelled": "cancelled"}
 
-    def __init__(self, prefix: str, emit: Callable[[BuildEvent], None]) -> None:
+    def __init__(self, prefix: str, emit: Callable[[BuildEvent], None],
+                 build_id: str | None = None) -> None:
         self.prefix = prefix
         self.emit = emit
+        self.build_id = build_id
         self._started: dict[str, float] = {}
 
     def __call__(self, event: Event) -> None:
         kind = event.kind.value
         if kind == "run_started":
-            self.emit(Started(build_id=str(event.message).rsplit("/", 1)[-1], time=event.time))
+            build_id = self.build_id or str(event.message).rsplit("/", 1)[-1]
+            self.emit(Started(build_id=build_id, time=event.time))
             return
         stage = event.stage
         if stage is None or not stage.startswith(self.prefix):
@@ -115,14 +119,8 @@ class BuildEvents:
 
 def exit_code_of(exc: BaseException) -> int | None:
     """The builder's exit code behind a failed build, if it exited."""
-    cause: BaseException | None = exc
-    for _ in range(8):
-        if cause is None:
-            return None
-        if isinstance(cause, RuncError):
-            return cause.exit_code
-        cause = cause.__cause__
-    return None
+    runc = cause_of(exc, RuncError)
+    return None if runc is None else runc.exit_code
 
 
 def final_event(result: Build | BuildError) -> Finished | Failed:
