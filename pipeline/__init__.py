@@ -60,6 +60,7 @@ from pipeline.state import (
     StageState,
     load_run,
     new_run_dir,
+    new_run_id,
     run_token,
 )
 from pipeline.sync import run_sync
@@ -109,6 +110,7 @@ __all__ = [
     "Subscriber",
     "load_run",
     "new_run_dir",
+    "new_run_id",
     "plan_resume",
     "render_image",
     "resume",

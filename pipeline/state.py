@@ -171,18 +171,22 @@ class Run:
         }
 
 
+def new_run_id(label: str = "") -> str:
+    """A new run id: ``YYYYMMDD-HHMMSS[-LABEL]-TOKEN``, TOKEN six random hex
+    digits, so ids sort by start time (the one place run ids are minted)."""
+    prefix = time.strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
+    return f"{prefix}-{secrets.token_hex(3)}"
+
+
 def new_run_dir(root: Path, label: str = "") -> Path:
     """Make a new, empty run directory under ``root`` and return it.
 
-    The one place run ids are minted: ``YYYYMMDD-HHMMSS[-LABEL]-TOKEN``,
-    with TOKEN six random hex digits, so ids sort by start time and two
-    runs started in the same second do not collide (one that does gets
-    another token).
+    Its name is a :func:`new_run_id`; two runs started in the same second
+    do not collide (one that does gets another token).
     """
     root.mkdir(parents=True, exist_ok=True)
-    prefix = time.strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
     while True:
-        run_dir = root / f"{prefix}-{secrets.token_hex(3)}"
+        run_dir = root / new_run_id(label)
         try:
             run_dir.mkdir()
         except FileExistsError:

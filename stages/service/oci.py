@@ -99,8 +99,14 @@ class OciBuildService(BuildService):
                  blob_address: str | None = None, directory_address: str | None = None,
                  jobs: int | None = None, keep: Keep = "never", timeout: float | None = None,
                  policy: Policy | None = None,
-                 subscribers: Iterable[Subscriber] = ()) -> None:
+                 subscribers: Iterable[Subscriber] = (), keep_runs: bool = True) -> None:
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
+        #: Whether each run leaves its record (runs/<id>: journal, logs,
+        #: requests). False: a run that keeps nothing (keep "never", no
+        #: stop) runs in memory and leaves nothing behind, as on a Ray node,
+        #: whose client keeps the record; ``resume`` and ``shell`` then have
+        #: nothing to go on.
+        self.keep_runs = keep_runs
         self.blob_address = blob_address
         self.directory_address = directory_address
         self.jobs = jobs if jobs is not None else (os.cpu_count() or 1)
@@ -220,28 +226,37 @@ class OciBuildService(BuildService):
         ``KEY/STAGE``, one build's); the bundles then stay for inspection
         and ``resume``.
         """
-        from pipeline import Runner, new_run_dir
+        from pipeline import Runner, new_run_dir, new_run_id
         from stages.context import BuildSpec
         from stages.graph import build_caps, graph_for_requests
 
         host = self._require_host()
         keep = keep or self.keep
-        run_dir = new_run_dir(self.runs_dir)
+        ephemeral = keep == "never" and stop_after is None
+        record = self.keep_runs or not ephemeral
+        run_dir = new_run_dir(self.runs_dir) if record else Path(new_run_id())
         # At once (no await since the mint): a concurrent prune spares a run
         # whose keys a live instance recorded (stages.service.prune).
         self.record_keys(build_key(run_dir, i, len(requests)) for i in range(len(requests)))
         try:
             specs = [BuildSpec(request=req, key=build_key(run_dir, i, len(requests)), keep=keep,
-                               timeout=self.timeout,
-                               ephemeral=keep == "never" and stop_after is None)
+                               timeout=self.timeout, ephemeral=ephemeral)
                      for i, req in enumerate(requests)]
             graph = graph_for_requests(specs, host)
             stops = stop_points(specs, stop_after)
-            save_specs(run_dir, specs, sources)
+            if record:
+                save_specs(run_dir, specs, sources)
         except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
+            if record:
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
             raise
-        runner = Runner(graph, run_dir=run_dir, caps=build_caps(self.jobs),
+        subscribers = list(subscribers)
+        if not record:  # the id is the run's, though it has no directory
+            from stages.service.events import BuildEvents
+
+            subscribers = [BuildEvents(s.prefix, s.emit, run_dir.name)
+                           if isinstance(s, BuildEvents) else s for s in subscribers]
+        runner = Runner(graph, run_dir=run_dir if record else None, caps=build_caps(self.jobs),
                         subscribers=[*self.subscribers, *subscribers], limiters=self.limiters)
         run = await runner.run(stop_after=stops)
         self._mark_paused(run, specs)
