@@ -33,66 +33,19 @@ import uuid
 from pathlib import Path
 
 import pytest
+from nix_corpus_helpers import (
+    CASES,
+    CORPUS,
+    OCIBUILD,
+    REPO,
+    Corpus,
+    instantiate,
+    recursive_hash,
+    sh,
+    valid,
+)
 
 pytestmark = [pytest.mark.nix, pytest.mark.runc, pytest.mark.fuse, pytest.mark.timeout(300)]
-
-REPO = Path(__file__).resolve().parents[2]
-CORPUS = REPO / "tests" / "nix_corpus"
-CASES = ("outputs", "chain", "sources", "passasfile", "symlinks", "big", "fixed", "failing",
-         "refchecks", "structured")
-OCIBUILD = [sys.executable, "-m", "stages.cli"]
-
-
-def sh(*args: str, check: bool = True, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-class Corpus:
-    def __init__(self, base: Path, nonce: str) -> None:
-        self.base = base
-        self.nonce = nonce
-        self.dir = base / "corpus"
-        self.drvs: dict[str, str] = {}            # "case.attr" -> .drv path
-        self.nix_ok: set[str] = set()             # .drv paths nix-build built
-        self.nix_outputs: dict[str, dict[str, str]] = {}   # .drv -> {output: path}
-        self.nix_stderr = ""
-        self.ours: dict = {}
-        self.store = f"local://{base}/store"
-
-    def store_args(self) -> list[str]:
-        return ["--state-dir", str(self.base / "state"), "--blob-service-addr", self.store,
-                "--directory-service-addr", self.store]
-
-    @property
-    def failing(self) -> set[str]:
-        return {d for k, d in self.drvs.items() if k.split(".", 1)[1].startswith("fail_")}
-
-
-def _valid(path: str) -> bool:
-    return sh("nix-store", "--check-validity", path, check=False).returncode == 0
-
-
-def _recursive_hash(base: Path, nonce: str) -> str:
-    """The NAR hash of fixed.nix's recursive output, by nix-hash over the expected tree."""
-    tree = base / "expected-recursive"
-    tree.mkdir()
-    (tree / "file").write_text(f"fixed content {nonce}\n")
-    (tree / "exe").write_text("#!/bin/sh\n")
-    (tree / "exe").chmod(0o755)
-    return sh("nix-hash", "--type", "sha256", str(tree)).stdout.strip()
-
-
-def _instantiate(c: Corpus, case: str, args: dict[str, str]) -> None:
-    """Every attribute of the case file, as a .drv, into c.drvs["case.attr"]."""
-    argstrs = [a for k, v in args.items() for a in ("--argstr", k, v)]
-    call = " ".join(f'{k} = "{v}";' for k, v in args.items())
-    names = sh("nix-instantiate", "--eval", "--json", "-E",
-               f"builtins.attrNames (import {c.dir / case}.nix {{ {call} }})").stdout
-    for attr in json.loads(names):
-        out = sh("nix-instantiate", *argstrs, "-A", attr, str(c.dir / f"{case}.nix")).stdout
-        c.drvs[f"{case}.{attr}"] = out.split()[0]
-
 
 @pytest.fixture(scope="module")
 def corpus():
@@ -103,9 +56,9 @@ def corpus():
         shutil.copytree(CORPUS, c.dir, symlinks=True)
         (c.dir / "bbdir").mkdir()
         shutil.copy2("/bin/busybox", c.dir / "bbdir" / "busybox")
-        rhash = _recursive_hash(base, c.nonce)
+        rhash = recursive_hash(base, c.nonce)
         for case in CASES:
-            _instantiate(c, case, {"nonce": c.nonce, **({"rhash": rhash} if case == "fixed"
+            instantiate(c, case, {"nonce": c.nonce, **({"rhash": rhash} if case == "fixed"
                                                          else {})})
 
         # Nix, the oracle: everything that must build in one nix-build, and each
@@ -123,7 +76,7 @@ def corpus():
             paths = {name: o["path"] for name, o in outs.items()}
             # Valid (registered), not only there: a failed output check leaves
             # Nix's output in the store, unregistered.
-            if all(_valid(p) for p in paths.values()):
+            if all(valid(p) for p in paths.values()):
                 c.nix_ok.add(drv)
             c.nix_outputs[drv] = paths
 
@@ -138,9 +91,9 @@ def corpus():
         made = [p for outs in c.nix_outputs.values() for p in outs.values()
                 if os.path.exists(p)]
         if made:
-            sh("nix-store", "--delete", *[p for p in made if _valid(p)], check=False)
+            sh("nix-store", "--delete", *[p for p in made if valid(p)], check=False)
             for p in made:  # what Nix left unregistered (failed output checks)
-                if os.path.lexists(p) and not _valid(p):
+                if os.path.lexists(p) and not valid(p):
                     subprocess.run(["rm", "-rf", p], check=False)
         if c.drvs:
             sh("nix-store", "--delete", *sorted(set(c.drvs.values())), check=False)
