@@ -60,7 +60,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "venv: installing ocibuild (editable, with test extras) into $(VENV)"
 	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	@$(PIP) install --upgrade pip
-	@$(PIP) install -e '.[test]'
+	@$(PIP) install -e '.[test,ray]'
 	@touch $@
 
 venv: apt $(VENV)/.installed
@@ -110,7 +110,7 @@ proto: venv
 	  stages/proto/*.proto
 
 bench: install
-	@$(PIP) install -e '.[test,bench]'
+	@$(PIP) install -e '.[test,ray,bench]'
 	$(PY) -m bench
 
 clean:

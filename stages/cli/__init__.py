@@ -18,7 +18,7 @@ __all__ = ["main", "UserError"]
 
 # Command-group modules, in the order --help lists them.
 COMMAND_MODULES = ["stages.cli.castore_cmd", "stages.cli.build_cmd", "stages.cli.serve_cmd",
-                   "stages.cli.nix_cmd"]
+                   "stages.cli.nix_cmd", "stages.cli.ray_cmd"]
 
 
 class UserError(Exception):
@@ -47,9 +47,11 @@ def _mounts_inputs(argv: Sequence[str]) -> bool:
     """Whether the command will run builds here (a FUSE mount server to start)."""
     if "-h" in argv or "--help" in argv:
         return False
-    if argv[:2] == ["nix", "build"]:
-        return True
     address = os.environ.get("BUILD_SERVICE_ADDR", "")
+    if any(a == "--build-service-addr" or a.startswith("--build-service-addr=") for a in argv):
+        return False  # remote (a local address is refused there)
+    if argv[:2] == ["nix", "build"]:
+        return not address.startswith("ray:")  # (a gRPC address is for 'ocibuild build')
     return argv[:1] == ["build"] and (not address or address.startswith("oci://"))
 
 

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_timeout", "policy", "policy_options", "run_cancellable", "service",
+__all__ = ["check_timeout", "policy", "policy_options", "ray_service", "run_cancellable",
+           "service",
            "state_dir", "store_options", "subscribers"]
 
 
@@ -92,8 +93,9 @@ def state_dir(args: argparse.Namespace) -> Path:
     if not isinstance(svc, OciBuildService):
         from stages.errors import ServiceError
 
-        what = ("is remote: only 'ocibuild build' uses it; runs, resume and shell need "
-                if address.startswith("grpc+") else "refuses every build; the ocibuild CLI needs ")
+        what = ("is remote: only 'ocibuild build' and 'nix build' use it; runs, resume and "
+                "shell need " if address.startswith(("grpc+", "ray:"))
+                else "refuses every build; the ocibuild CLI needs ")
         raise ServiceError(address, what + "an oci:///abs/state/dir service "
                                            "(BUILD_SERVICE_ADDR) or --state-dir")
     return svc.state_dir
@@ -107,6 +109,26 @@ def service(args: argparse.Namespace, **kw: Any) -> Any:
         kw["policy"] = policy(args)
     return OciBuildService(state_dir(args), blob_address=args.blob_service_addr,
                            directory_address=args.directory_service_addr, **kw)
+
+
+def ray_service(args: argparse.Namespace, address: str, policy: Any) -> Any:
+    """The Ray build service of a ``ray://`` address, with the command's store
+    options (which every node must reach) and the operator's policy."""
+    import os
+
+    from stages.cli import UserError
+    from stages.cluster.service import RayBuildService
+    from stages.errors import ServiceError
+
+    try:
+        return RayBuildService(
+            address,
+            blob_address=args.blob_service_addr or os.environ.get("BLOB_SERVICE_ADDR"),
+            directory_address=(args.directory_service_addr
+                               or os.environ.get("DIRECTORY_SERVICE_ADDR")),
+            policy=policy, timeout=getattr(args, "timeout", None))
+    except ServiceError as exc:
+        raise UserError(str(exc)) from None
 
 
 def run_cancellable(main: Callable[[], Awaitable[int]]) -> int:

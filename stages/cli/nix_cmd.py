@@ -21,6 +21,7 @@ The exit status is 0 only if every DRV was built (or already was).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -53,11 +54,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("drvs", nargs="+", metavar="DRV", help="a .drv store path")
     build.add_argument("--json", action="store_true",
                        help="print one JSON object with each DRV's status and outputs")
-    build.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
-                       help="containers running at once (default 1)")
+    build.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                       help="containers running at once (default 1; on Ray: the "
+                            "cluster's slots)")
     build.add_argument("--keep-failed", action="store_true",
                        help="keep the sandbox of a derivation whose build fails, to enter "
                             "with 'ocibuild shell'")
+    build.add_argument("--build-service-addr", metavar="ADDR",
+                       help="build on a Ray cluster: ray://auto or ray://HOST:PORT (default: "
+                            "$BUILD_SERVICE_ADDR when it is one); needs "
+                            "--blob-service-addr/--directory-service-addr every node reaches")
     progress_option(build)
     store_options(build)
     policy_options(build, network=False)
@@ -108,7 +114,7 @@ def _pathinfo(args: argparse.Namespace):
 def _run_build(args: argparse.Namespace) -> int:
     from stages.nix.errors import NixError
 
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, not {args.jobs}")
     try:
         return run_cancellable(lambda: _build(args))
@@ -142,17 +148,60 @@ def _nix_policy(args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 async def _build(args: argparse.Namespace) -> int:
+    from stages.cli.remote_build import remote_address
+
+    nix_policy, sandbox = _nix_policy(args)
+    address = remote_address(args)
+    if address is not None and (args.build_service_addr or address.startswith("ray:")):
+        # (A gRPC BUILD_SERVICE_ADDR is for 'ocibuild build'; Nix builds stay here.)
+        return await _build_remote(args, address, nix_policy, sandbox)
     # The service first: its FUSE mount server boots (~0.3 s) in another
     # process while this one imports the Nix side and reads the derivations.
-    nix_policy, sandbox = _nix_policy(args)
-    async with service(args, jobs=args.jobs, policy=nix_policy) as svc:
+    jobs = args.jobs if args.jobs is not None else 1
+    async with service(args, jobs=jobs, policy=nix_policy) as svc:
         from stages.nix.build import build_derivations
 
         with _pathinfo(args) as pathinfo:
             results = await build_derivations(args.drvs, service=svc, pathinfo=pathinfo,
-                                              jobs=args.jobs, subscribers=subscribers(args),
+                                              jobs=jobs, subscribers=subscribers(args),
                                               sandbox_paths=sandbox,
                                               keep_failed=args.keep_failed)
+    return _print_results(args, results)
+
+
+async def _build_remote(args: argparse.Namespace, address: str, nix_policy: Any,
+                        sandbox: list[str]) -> int:
+    """``nix build`` on a remote build service: one call per derivation; the
+    run's record and logs stay here, in the state directory."""
+    from stages.castore.addresses import open_castore
+    from stages.cli.common import ray_service
+    from stages.nix.build import build_derivations
+    from stages.service import default_state_dir
+
+    if not address.startswith("ray:"):
+        raise UserError(f"--build-service-addr {address}: 'nix build' builds remotely on a "
+                        f"Ray cluster (ray://...); a gRPC server builds 'ocibuild build' "
+                        f"requests")
+    if args.keep_failed:
+        raise UserError(f"--keep-failed keeps a sandbox on this machine; not with a remote "
+                        f"build service ({address})")
+    runs_dir = (args.state_dir or default_state_dir()) / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    svc = ray_service(args, address, nix_policy)
+    castore = open_castore(svc.blob_address, svc.directory_address)
+    try:
+        # What Ray's driver prints (a node lost...) is not our output: stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            async with svc:
+                # Unless asked, as many builds at once as the nodes run containers.
+                jobs = args.jobs if args.jobs is not None else svc.slots
+                with _pathinfo(args) as pathinfo:
+                    results = await build_derivations(
+                        args.drvs, service=svc, pathinfo=pathinfo, jobs=jobs,
+                        subscribers=subscribers(args), sandbox_paths=sandbox,
+                        castore=castore, runs_dir=runs_dir)
+    finally:
+        await castore.aclose()
     return _print_results(args, results)
 
 

@@ -18,6 +18,7 @@ the DoBuild deadline (the server cancels a build whose deadline passed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -26,7 +27,7 @@ from stages.cli import UserError
 
 __all__ = ["remote_address", "run_remote"]
 
-REMOTE_SCHEMES = ("grpc+unix:", "grpc+http:", "grpc+https:")
+REMOTE_SCHEMES = ("grpc+unix:", "grpc+http:", "grpc+https:", "ray:")
 
 
 def remote_address(args: argparse.Namespace) -> str | None:
@@ -35,8 +36,8 @@ def remote_address(args: argparse.Namespace) -> str | None:
     if address:
         if not address.startswith(REMOTE_SCHEMES):
             raise UserError(f"--build-service-addr {address!r}: expected grpc+unix:///abs/path, "
-                            f"grpc+http://host:port or grpc+https://host:port (for a local "
-                            f"service, use --state-dir)")
+                            f"grpc+http://host:port, grpc+https://host:port, ray://auto or "
+                            f"ray://HOST:PORT (for a local service, use --state-dir)")
         return address
     env = os.environ.get("BUILD_SERVICE_ADDR", "")
     return env if env.startswith(REMOTE_SCHEMES) else None
@@ -45,7 +46,7 @@ def remote_address(args: argparse.Namespace) -> str | None:
 def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
                sources: list[str]) -> int:
     from stages.castore.addresses import open_castore
-    from stages.cli.common import run_cancellable, subscribers
+    from stages.cli.common import policy, ray_service, run_cancellable, subscribers
     from stages.grpc.build_service import GrpcBuildService
     from stages.grpc.remote import remote_builds
 
@@ -64,10 +65,20 @@ def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
 
     async def main() -> int:
         local = open_castore(args.blob_service_addr, args.directory_service_addr)
-        remote_castore = open_castore(address, address)
-        service = GrpcBuildService(address, deadline=args.timeout)
+        service: Any = None
+        remote_castore = local
+        quiet = contextlib.ExitStack()
         try:
-            await service.wait_ready()
+            if address.startswith("ray:"):
+                # The nodes build from the store given here: nothing to copy.
+                # What Ray's driver prints (a node lost...) is not our output.
+                quiet.enter_context(contextlib.redirect_stdout(sys.stderr))
+                service = ray_service(args, address, policy(args))
+                await service.start()
+            else:
+                remote_castore = open_castore(address, address)
+                service = GrpcBuildService(address, deadline=args.timeout)
+                await service.wait_ready()
             results = await remote_builds(requests, local=local, remote_build_service=service,
                                           remote_castore=remote_castore,
                                           fetch_outputs=not args.no_fetch_outputs,
@@ -76,9 +87,12 @@ def run_remote(args: argparse.Namespace, address: str, requests: list[Any],
             for display in displays:
                 if hasattr(display, "close"):
                     display.close()
-            await service.aclose()
-            await remote_castore.aclose()
+            if service is not None:
+                await service.aclose()
+            if remote_castore is not local:
+                await remote_castore.aclose()
             await local.aclose()
+            quiet.close()
         return _report(results, requests, sources, address, as_json=args.json)
 
     return run_cancellable(main)

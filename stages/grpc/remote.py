@@ -53,7 +53,10 @@ async def remote_build(request: BuildRequest, *, local: Castore, remote_build: B
     """
     from stages.castore.copy import copy_node
 
-    await upload_inputs(request, local=local, remote_castore=remote_castore)
+    if remote_castore is local:  # the service builds from this very store
+        fetch_outputs = False
+    else:
+        await upload_inputs(request, local=local, remote_castore=remote_castore)
     if on_event is None:
         build = await remote_build.do_build(request)
     else:

@@ -50,12 +50,13 @@ Caveats:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,7 +73,7 @@ if TYPE_CHECKING:
     from stages.castore.addresses import Castore
     from stages.context import BuildHost, BuildSpec
     from stages.nix.to_request import DerivationRequest
-    from stages.service import OciBuildService
+    from stages.service import BuildService, OciBuildService
 
 __all__ = ["PLAN_FILE", "DrvResult", "NixStoreError", "OutputResult", "build_derivations",
            "import_from_nix_store", "is_nix_run", "resume_derivations"]
@@ -486,7 +487,9 @@ def _request_fn(plan: _Plan, drv_path: str, cores: int):
     return request
 
 
-def _register_fn(plan: _Plan, drv_path: str, cores: int):
+def _register_fn(plan: _Plan, drv_path: str, cores: int, source: str = "ingest"):
+    """The register stage; ``source``: the stage whose result is the build's
+    outputs (ingest here, build for a remote service)."""
     async def register(ctx) -> dict:
         from stages.castore.nar import nar_hash_and_size
         from stages.ingest import build_from_result
@@ -496,7 +499,8 @@ def _register_fn(plan: _Plan, drv_path: str, cores: int):
         dreq = plan.requests.get(drv_path)
         if dreq is None:  # a resumed run reused the request stage: the same request again
             dreq = await asyncio.to_thread(_make_request, plan, drv_path, cores)
-        built = build_from_result(dreq.request, ctx.results[f"{plan.keys[drv_path]}/ingest"])
+        built = build_from_result(dreq.request,
+                                  ctx.results[f"{plan.keys[drv_path]}/{source}"])
         by_name = dict(zip(dreq.output_names, built.outputs))
         if drv.is_fixed_output:
             await check_fixed_output(plan.castore, drv, by_name["out"])
@@ -518,6 +522,83 @@ def _register_fn(plan: _Plan, drv_path: str, cores: int):
         return out
 
     return register
+
+
+@contextlib.asynccontextmanager
+async def _slot(ctx: object) -> AsyncIterator[None]:
+    """A remote build's place among the ``jobs`` in flight (the cap does the counting)."""
+    yield
+
+
+def _remote_graph(plan: _Plan, service: BuildService, cores: int) -> Graph | None:
+    """The graph of a remote build service: per derivation ``<key>/request``
+    (when an input is built in the run), ``<key>/build`` (one call to the
+    service, its builder's lines into ``logs/<key>.log``), ``<key>/register``."""
+    from pipeline import Graph, Resource, Stage
+
+    stages: list[Stage] = []
+    building = set(plan.to_build)
+    for drv_path in list(plan.to_build):
+        key = plan.keys[drv_path]
+        why = _deps_failed(plan, drv_path)
+        if why is not None:
+            plan.errors[drv_path] = why
+            building.discard(drv_path)
+            continue
+        deps = [f"{plan.keys[d]}/register" for d in plan.drvs[drv_path].input_drvs
+                if d in building]
+        if deps:
+            stages.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
+                                deps=deps, description=f"BuildRequest of {drv_path}"))
+        else:
+            try:
+                _make_request(plan, drv_path, cores)
+            except NixError as exc:
+                plan.errors[drv_path] = str(exc)
+                building.discard(drv_path)
+                continue
+        stages.append(Stage(name=f"{key}/build", fn=_remote_build_fn(plan, drv_path, cores,
+                                                                     service),
+                            deps=[f"{key}/request"] if deps else [],
+                            resources=[Resource(name="remote", kind="remote", factory=_slot)],
+                            description=f"build {drv_path} on the build service"))
+        stages.append(Stage(name=f"{key}/register",
+                            fn=_register_fn(plan, drv_path, cores, source="build"),
+                            deps=[f"{key}/build"],
+                            description=f"NAR hashes, references; register {drv_path}'s "
+                                        f"outputs"))
+    plan.to_build = [d for d in plan.to_build if d in building]
+    return Graph(stages=stages) if stages else None
+
+
+def _remote_build_fn(plan: _Plan, drv_path: str, cores: int, service: BuildService):
+    async def build(ctx) -> dict:
+        from stages.castore.nodes import node_to_json_value
+        from stages.service.events import LogLine, StageChanged, Started
+
+        key = plan.keys[drv_path]
+        dreq = plan.requests.get(drv_path)
+        if dreq is None:
+            dreq = await asyncio.to_thread(_make_request, plan, drv_path, cores)
+        log_dir = ctx.run_dir / "logs"
+        log_dir.mkdir(exist_ok=True)
+        with open(log_dir / f"{key}.log", "ab") as log:
+            def emit(event: object) -> None:
+                if isinstance(event, LogLine):
+                    log.write(event.data)
+                    log.flush()
+                    ctx.log(event.data.decode("utf-8", "replace").rstrip("\n"),
+                            stream=event.stream, raw=event.data)
+                elif isinstance(event, StageChanged) and event.state != "started":
+                    ctx.log(f"{event.name}: {event.state} ({event.elapsed:.2f} s)")
+                elif isinstance(event, Started):
+                    ctx.log(f"building as {event.build_id}", build_id=event.build_id)
+
+            built = await service.stream_build(dreq.request, emit)
+        return {"outputs": [node_to_json_value(n) for n in built.outputs],
+                "needles": [list(n.needles) for n in built.outputs_needles]}
+
+    return build
 
 
 #: The reference checks of an output, as Nix 2.8 applies them:
@@ -740,7 +821,7 @@ PLAN_VERSION = 1
 
 
 def _save_plan(run_dir: Path, plan: _Plan, targets: Sequence[str], cores: int,
-               keep_failed: bool) -> None:
+               keep_failed: bool, remote: bool = False) -> None:
     import json
 
     from stages.util.files import write_atomic
@@ -749,6 +830,7 @@ def _save_plan(run_dir: Path, plan: _Plan, targets: Sequence[str], cores: int,
         "version": PLAN_VERSION, "targets": list(targets), "to_build": plan.to_build,
         "keys": {d: plan.keys[d] for d in plan.to_build}, "cores": cores,
         "sandbox_paths": list(plan.sandbox_paths), "keep_failed": keep_failed,
+        "remote": remote,
         "errors": {d: e for d, e in plan.errors.items() if d not in plan.keys},
     }, indent=2) + "\n")
 
@@ -772,6 +854,9 @@ def _load_plan(run_dir: Path) -> dict:
         keys = {str(d): str(k) for d, k in saved["keys"].items()}
         if set(keys) != set(to_build):
             raise NixError(f"{path}: its keys do not match its derivations")
+        if saved.get("remote"):
+            raise NixError(f"run {run_dir.name} was built on a remote build service; "
+                           f"resume continues local runs only (build it again)")
         return {"targets": [str(d) for d in saved["targets"]], "to_build": to_build,
                 "keys": keys, "cores": int(saved["cores"]),
                 "sandbox_paths": tuple(str(p) for p in saved["sandbox_paths"]),
@@ -805,13 +890,18 @@ def _stage_names(graph: Graph, specs: Sequence[BuildSpec], stage: str,
     return [stage]
 
 
-def _settle(run: Run, plan: _Plan, host: BuildHost, run_dir: Path,
-                  specs: list[BuildSpec], keep_failed: bool) -> dict[str, tuple[str, str]]:
-    """Record each derivation's failure from the run; the kept sandboxes, if asked."""
+def _settle_errors(run: Run, plan: _Plan) -> None:
+    """Record each derivation's failure from the run."""
     for drv_path in plan.to_build:  # dependencies first: a failed input is known
         outcome = run.stages.get(f"{plan.keys[drv_path]}/register")
         if outcome is None or not outcome.state.ok:
             plan.errors[drv_path] = _failure(run, plan, drv_path)
+
+
+def _settle(run: Run, plan: _Plan, host: BuildHost, run_dir: Path,
+            specs: list[BuildSpec], keep_failed: bool) -> dict[str, tuple[str, str]]:
+    """Record each derivation's failure from the run; the kept sandboxes, if asked."""
+    _settle_errors(run, plan)
     return _save_kept(plan, host, run_dir, specs) if keep_failed else {}
 
 
@@ -833,29 +923,45 @@ def _results(targets: Sequence[str], plan: _Plan, pathinfo: PathInfoDB,
     return results
 
 
-async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildService,
+async def build_derivations(drv_paths: Sequence[str], *, service: BuildService,
                             pathinfo: PathInfoDB, jobs: int = 1, cores: int = 0,
                             subscribers: Iterable[Subscriber] = (),
                             sandbox_paths: Sequence[str] = (),
-                            keep_failed: bool = False) -> dict[str, DrvResult]:
+                            keep_failed: bool = False, castore: Castore | None = None,
+                            runs_dir: Path | None = None) -> dict[str, DrvResult]:
     """Build ``drv_paths`` and what they need; one :class:`DrvResult` per requested path.
 
-    ``service`` must be started (``async with``); its castore is where inputs
-    and outputs go, and ``pathinfo`` must be that castore's database.
-    ``jobs`` caps concurrent containers; ``cores`` is NIX_BUILD_CORES (0:
-    every core, as Nix's default). ``sandbox_paths``: read-only paths of
-    every build (nix.conf's sandbox paths' targets; the service's policy
-    must grant them, see :mod:`stages.nix.config`). Never raises for a
-    derivation that fails: its result says why. ``keep_failed`` keeps the
-    sandbox (bundle, scratch) of each derivation whose build fails, for
-    ``ocibuild shell``; its result's ``kept`` names the run and build key.
+    ``service`` must be started (``async with``). An
+    :class:`~stages.service.OciBuildService` builds here, each build's seven
+    stages in the run's graph; its castore is where inputs and outputs go.
+    Any other service (a Ray cluster, a gRPC server) gets one call per
+    derivation; ``castore`` must then be the store it builds from and
+    ``runs_dir`` where this run's record goes. ``pathinfo`` must be the
+    castore's database. ``jobs`` caps concurrent builds; ``cores`` is
+    NIX_BUILD_CORES (0: every core, as Nix's default). ``sandbox_paths``:
+    read-only paths of every build (nix.conf's sandbox paths' targets; the
+    service's policy must grant them, see :mod:`stages.nix.config`). Never
+    raises for a derivation that fails: its result says why.
+    ``keep_failed`` (local services only) keeps the sandbox (bundle,
+    scratch) of each derivation whose build fails, for ``ocibuild shell``;
+    its result's ``kept`` names the run and build key.
     """
-    host = service.host
-    if host is None:
-        raise NixError("the build service is not started; use it with 'async with'")
+    from stages.service import OciBuildService
+
+    local = service if isinstance(service, OciBuildService) else None
+    if local is not None:
+        if local.host is None:
+            raise NixError("the build service is not started; use it with 'async with'")
+        castore, runs_dir = local.host.castore, local.runs_dir
+    elif castore is None or runs_dir is None:
+        raise ValueError("a remote build service needs the castore it builds from and a "
+                         "runs_dir")
+    elif keep_failed:
+        raise NixError("--keep-failed keeps a sandbox on this machine: it needs a local "
+                       "build service, not a remote one")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
-    plan = _Plan(castore=host.castore, pathinfo=pathinfo, sandbox_paths=tuple(sandbox_paths))
+    plan = _Plan(castore=castore, pathinfo=pathinfo, sandbox_paths=tuple(sandbox_paths))
     kept: dict[str, tuple[str, str]] = {}
     done: set[str] = set()
     for drv_path in drv_paths:
@@ -863,24 +969,33 @@ async def build_derivations(drv_paths: Sequence[str], *, service: OciBuildServic
     await _import_sources(plan)
 
     if plan.to_build:
-        from pipeline import new_run_dir, run_token
+        from pipeline import Caps, Runner, new_run_dir, run_token
 
-        run_dir = new_run_dir(service.runs_dir, "nix")
+        run_dir = new_run_dir(runs_dir, "nix")
         try:
             plan.keys = {d: _key(d, plan.drvs[d], run_token(run_dir)) for d in plan.to_build}
-            # At once, before the graph is made: so that crash recovery (a later
-            # service) removes their bundles, and a concurrent prune spares the run.
-            service.record_keys(plan.keys.values())
-            specs, graph = _graph(plan, host, cores, keep_failed)
+            if local is None:
+                specs: list[BuildSpec] = []
+                graph = _remote_graph(plan, service, cores)
+            else:
+                # At once, before the graph is made: so that crash recovery (a later
+                # service) removes their bundles, and a concurrent prune spares the run.
+                local.record_keys(plan.keys.values())
+                specs, graph = _graph(plan, local.host, cores, keep_failed)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
             raise
         if graph is None:
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif local is None:
+            _save_plan(run_dir, plan, drv_paths, cores, keep_failed, remote=True)
+            run = await Runner(graph, run_dir=run_dir, caps=Caps(kinds={"remote": jobs}),
+                               subscribers=subscribers).run()
+            _settle_errors(run, plan)
         else:
             _save_plan(run_dir, plan, drv_paths, cores, keep_failed)
-            run = await _run(service, run_dir, graph, specs, jobs, subscribers)
-            kept = _settle(run, plan, host, run_dir, specs, keep_failed)
+            run = await _run(local, run_dir, graph, specs, jobs, subscribers)
+            kept = _settle(run, plan, local.host, run_dir, specs, keep_failed)
     return _results(drv_paths, plan, pathinfo, kept)
 
 

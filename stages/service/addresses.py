@@ -7,9 +7,9 @@
   (:func:`stages.service.runs.default_state_dir`);
 - any other scheme: an installed distribution's entry point in the group
   ``ocibuild.build_services``, named by the scheme: a callable taking the
-  address (ocibuild's gRPC client registers ``grpc+unix``, ``grpc+http``
-  and ``grpc+https``, in pyproject.toml). The service layer never imports
-  the layers above it.
+  address and options (ocibuild's gRPC client registers ``grpc+unix``,
+  ``grpc+http`` and ``grpc+https``, its Ray client ``ray``, in
+  pyproject.toml). The service layer never imports the layers above it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ BUILD_SERVICE_GROUP = "ocibuild.build_services"
 def open_build_service(address: str | None = None, **kw: Any) -> BuildService:
     """A build service by address (``BUILD_SERVICE_ADDR`` when None).
 
-    ``kw`` goes to OciBuildService (jobs, keep, timeout, stores, ...).
+    ``kw`` goes to OciBuildService (jobs, keep, timeout, stores, ...), or
+    to a plugin's opener (which refuses what it does not take).
     """
     address = address or os.environ.get("BUILD_SERVICE_ADDR")
     if not address:
@@ -51,5 +52,5 @@ def open_build_service(address: str | None = None, **kw: Any) -> BuildService:
                  *(f"{s}://" for s in plugin_names(BUILD_SERVICE_GROUP))]
         raise ServiceError(address, f"unknown build service scheme {url.scheme!r}; known: "
                                     f"{', '.join(known)}")
-    service: BuildService = opener(address)
+    service: BuildService = opener(address, **kw)
     return service
