@@ -7,7 +7,7 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 # golang-github-opencontainers-specs-dev: the OCI runtime-spec JSON schema
 # (stages/oci/schema.py reads it from /usr/share/gocode/...).
-APT_PACKAGES := python3 runc slirp4netns iproute2 fuse3 libfuse3-dev pkg-config busybox-static nix-bin b3sum graphviz \
+APT_PACKAGES := python3 runc bubblewrap libseccomp2 slirp4netns iproute2 fuse3 libfuse3-dev pkg-config busybox-static nix-bin b3sum graphviz \
   golang-github-opencontainers-specs-dev
 # pip: errors only. Machines with find-links or extra indexes that do not exist
 # would print a warning per package; `make` prints what it does instead.

@@ -132,6 +132,9 @@ class BuildHost:
     runtime_dir: Path | None = None
     #: On disk: the scratch roots of ephemeral bundles (with runtime_dir).
     scratch_dir: Path | None = None
+    #: What runs a bundle: ``runc`` (its config.json) or ``bwrap`` (the same
+    #: config.json rendered as bwrap arguments, :mod:`stages.oci.bwrap`).
+    runtime: str = attrs.field(default="runc", validator=attrs.validators.in_(("runc", "bwrap")))
     _deleting: set[asyncio.Task[None]] = attrs.field(factory=set, init=False)
     _shared_roots: set[str] = attrs.field(factory=set, init=False)
     # (build key, on the runtime tmpfs, with the shared root) -> its layout:

@@ -20,16 +20,18 @@ from typing import Any
 
 from stages.context import BuildHost, BuildSpec, StageContext, request_of
 from stages.errors import RuncError, RuncTimeoutError
+from stages.oci.cgroups import BuildCgroup
 from stages.oci.network import SlirpNetwork
+from stages.oci.process import SandboxProcess
 from stages.oci.runc import RuncContainer
 from stages.util.aio import finish_then_cancel
 
-__all__ = ["container", "log_path", "stage"]
+__all__ = ["container", "log_path", "sandbox", "stage"]
 
 
 @contextlib.asynccontextmanager
 async def container(build: BuildSpec, host: BuildHost,
-                    ctx: StageContext) -> AsyncIterator[RuncContainer]:
+                    ctx: StageContext) -> AsyncIterator[SandboxProcess]:
     """Resource factory: one container of the build's bundle, deleted on release,
     in the build's own cgroup (made here with the policy's limits, removed after)."""
     cgroup = host.cgroup(build)
@@ -43,13 +45,27 @@ async def container(build: BuildSpec, host: BuildHost,
         async with contextlib.AsyncExitStack() as stack:
             if request_of(build, ctx).network_access and host.netns_dir is not None:
                 await stack.enter_async_context(SlirpNetwork(host.netns_path(build)))
-            c = await stack.enter_async_context(
-                RuncContainer(host.bundle_dir(build), f"ocibuild-{build.key}",
-                              state_root=host.runc_root))
+            c = await stack.enter_async_context(sandbox(build, host, cgroup))
             yield c
     finally:
         if cgroup is not None:
             await finish_then_cancel(asyncio.to_thread(cgroup.remove))
+
+
+def sandbox(build: BuildSpec, host: BuildHost, cgroup: BuildCgroup | None = None, *,
+            bundle_dir: Path | None = None, name: str | None = None) -> SandboxProcess:
+    """What runs the build's bundle (or ``bundle_dir``): a runc container, or
+    bwrap (the host's ``runtime``) in the build's cgroup."""
+    bundle = bundle_dir or host.bundle_dir(build)
+    name = name or f"ocibuild-{build.key}"
+    if host.runtime == "runc":
+        return RuncContainer(bundle, name, state_root=host.runc_root)
+    from stages.oci.bwrap import BwrapSandbox
+    from stages.oci.idmap import BUILD_GID, BUILD_UID
+
+    return BwrapSandbox(bundle, name, uid=host.idmap.host_uid(BUILD_UID),
+                        gid=host.idmap.host_gid(BUILD_GID),
+                        cgroup_procs=cgroup.procs_files() if cgroup is not None else ())
 
 
 def log_path(build: BuildSpec, host: BuildHost, run_dir: Path | None) -> Path:
@@ -59,7 +75,7 @@ def log_path(build: BuildSpec, host: BuildHost, run_dir: Path | None) -> Path:
 
 
 async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[str, Any]:
-    c: RuncContainer = ctx.resources["container"]
+    c: SandboxProcess = ctx.resources["container"]
     log = log_path(build, host, ctx.run_dir)
     log.parent.mkdir(parents=True, exist_ok=True)
 

@@ -150,6 +150,20 @@ class BuildCgroup:
         if max_pids is not None:
             (pids / "pids.max").write_text(str(max_pids))
 
+    def procs_files(self) -> list[Path]:
+        """The ``cgroup.procs`` files a process writes its pid to in order to run
+        in the build's container cgroup (made here, as runc makes
+        :attr:`container_path`): for a runtime that does not make cgroups."""
+        leaf = self.container_path.strip("/")
+        if _unified():
+            (CGROUP_FS / leaf).mkdir(exist_ok=True)
+            return [CGROUP_FS / leaf / "cgroup.procs"]
+        files = []
+        for controller in _V1_LIMITS:
+            (CGROUP_FS / controller / leaf).mkdir(exist_ok=True)
+            files.append(CGROUP_FS / controller / leaf / "cgroup.procs")
+        return files
+
     def _create_unified(self, max_memory: int | None, max_pids: int | None) -> None:
         parts = self.relative.split("/")
         node = CGROUP_FS

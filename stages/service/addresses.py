@@ -1,7 +1,9 @@
 """Build services by address, as tvix spells them (``BUILD_SERVICE_ADDR``).
 
 - ``oci:///abs/state/dir``: :class:`~stages.service.oci.OciBuildService`
-  keeping its state there;
+  keeping its state there, building in runc containers;
+- ``bwrap:///abs/state/dir``: the same service, building with bubblewrap
+  (the same sandbox, :mod:`stages.oci.bwrap`);
 - ``dummy://``: refuses every build (for wiring tests);
 - without an address: ``oci://`` + the default state directory
   (:func:`stages.service.runs.default_state_dir`);
@@ -24,9 +26,11 @@ from stages.service.oci import OciBuildService
 from stages.service.runs import default_state_dir
 from stages.util.plugins import load_plugin, plugin_names
 
-__all__ = ["BUILD_SERVICE_GROUP", "open_build_service"]
+__all__ = ["BUILD_SERVICE_GROUP", "LOCAL_SCHEMES", "open_build_service"]
 
 BUILD_SERVICE_GROUP = "ocibuild.build_services"
+#: The schemes of the service on this machine, by the runtime they build with.
+LOCAL_SCHEMES = {"oci": "runc", "bwrap": "bwrap"}
 
 
 def open_build_service(address: str | None = None, **kw: Any) -> BuildService:
@@ -41,14 +45,14 @@ def open_build_service(address: str | None = None, **kw: Any) -> BuildService:
     url = urllib.parse.urlsplit(address)
     if url.scheme == "dummy":
         return DummyBuildService()
-    if url.scheme == "oci":
+    if url.scheme in LOCAL_SCHEMES:
         if url.netloc or not url.path.startswith("/"):
-            raise ServiceError(address, "an oci:// address needs an absolute path: "
-                                        "oci:///abs/state/dir")
-        return OciBuildService(url.path, **kw)
+            raise ServiceError(address, f"an {url.scheme}:// address needs an absolute path: "
+                                        f"{url.scheme}:///abs/state/dir")
+        return OciBuildService(url.path, runtime=LOCAL_SCHEMES[url.scheme], **kw)
     opener = load_plugin(BUILD_SERVICE_GROUP, url.scheme) if url.scheme else None
     if opener is None:
-        known = ["dummy://", "oci:///abs/path",
+        known = ["dummy://", "oci:///abs/path", "bwrap:///abs/path",
                  *(f"{s}://" for s in plugin_names(BUILD_SERVICE_GROUP))]
         raise ServiceError(address, f"unknown build service scheme {url.scheme!r}; known: "
                                     f"{', '.join(known)}")

@@ -85,7 +85,10 @@ if TYPE_CHECKING:
 # (in functions below), not with this module: a starting service spawns its
 # FUSE mount server first and imports them while that boots.
 
-__all__ = ["OciBuildService"]
+__all__ = ["RUNTIMES", "OciBuildService"]
+
+#: The runtimes a service can run its builds with.
+RUNTIMES = ("runc", "bwrap")
 
 
 class OciBuildService(BuildService):
@@ -99,8 +102,14 @@ class OciBuildService(BuildService):
                  blob_address: str | None = None, directory_address: str | None = None,
                  jobs: int | None = None, keep: Keep = "never", timeout: float | None = None,
                  policy: Policy | None = None,
-                 subscribers: Iterable[Subscriber] = (), keep_runs: bool = True) -> None:
+                 subscribers: Iterable[Subscriber] = (), keep_runs: bool = True,
+                 runtime: str = "runc") -> None:
         self.state_dir = Path(state_dir).absolute() if state_dir else default_state_dir()
+        if runtime not in RUNTIMES:
+            raise ServiceError(str(self.state_dir), f"unknown runtime {runtime!r}; known: "
+                                                     f"{', '.join(RUNTIMES)}")
+        #: What runs the builds: runc, or bwrap (the same sandbox, :mod:`stages.oci.bwrap`).
+        self.runtime = runtime
         #: Whether each run leaves its record (runs/<id>: journal, logs,
         #: requests). False: a run that keeps nothing (keep "never", no
         #: stop) runs in memory and leaves nothing behind, as on a Ray node,
@@ -183,7 +192,8 @@ class OciBuildService(BuildService):
                                   runtime_dir=self._instance.runtime, policy=self.policy,
                                   cgroup_root="ocibuild" if cgroups.available() else None,
                                   netns_dir=self._instance.dir / "netns",
-                                  scratch_dir=self._instance.dir / "scratch")
+                                  scratch_dir=self._instance.dir / "scratch",
+                                  runtime=self.runtime)
         except BaseException:
             await self.aclose()
             raise
@@ -245,7 +255,7 @@ class OciBuildService(BuildService):
             graph = graph_for_requests(specs, host)
             stops = stop_points(specs, stop_after)
             if record:
-                save_specs(run_dir, specs, sources)
+                save_specs(run_dir, specs, sources, self.runtime)
         except BaseException:
             if record:
                 shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BUILDS_FILE", "build_key", "build_result", "default_state_dir", "full_stage",
            "key_of_run", "list_runs", "load_build_specs", "restart_points", "run_keys",
-           "save_specs", "stage_name", "stop_points"]
+           "run_runtime", "save_specs", "stage_name", "stop_points"]
 
 BUILDS_FILE = "builds.json"
 
@@ -92,8 +92,9 @@ def run_keys(run_dir: Path, run: Run | None = None) -> set[str]:
 
 
 def save_specs(run_dir: Path, specs: Sequence[BuildSpec],
-                sources: Sequence[str] | None) -> None:
-    """The builds of a run, so that resume and shell can rebuild its graph."""
+               sources: Sequence[str] | None, runtime: str = "runc") -> None:
+    """The builds of a run, so that resume and shell can rebuild its graph
+    (and run it with the same runtime)."""
     from stages.request import write_request_file
 
     (run_dir / "requests").mkdir(exist_ok=True)
@@ -103,7 +104,7 @@ def save_specs(run_dir: Path, specs: Sequence[BuildSpec],
         write_request_file(run_dir / "requests" / f"{i}.binpb", spec.request)
         meta.append({"key": spec.key, "keep": spec.keep, "timeout": spec.timeout,
                      "request": f"requests/{i}.binpb",
-                     "source": sources[i] if sources else None})
+                     "source": sources[i] if sources else None, "runtime": runtime})
     write_atomic(run_dir / BUILDS_FILE, json.dumps(meta, indent=2) + "\n")
 
 
@@ -201,6 +202,16 @@ def load_build_specs(run_dir: Path) -> list[BuildSpec]:
         raise ServiceError(str(run_dir), f"builds.json is not valid JSON: {exc}") from exc
     return [BuildSpec(request=read_request_file(run_dir / m["request"]), key=m["key"],
                       keep=m["keep"], timeout=m["timeout"]) for m in meta]
+
+
+def run_runtime(run_dir: Path) -> str | None:
+    """The runtime a run's builds ran with (runc, bwrap), as builds.json
+    records it; None when it does not say (older runs: runc)."""
+    try:
+        meta = json.loads((run_dir / BUILDS_FILE).read_text())
+        return str(meta[0]["runtime"]) if meta and "runtime" in meta[0] else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def list_runs(state_dir: Path | None = None) -> list[tuple[Path, Run | None, str]]:
