@@ -48,11 +48,15 @@ def _mounts_inputs(argv: Sequence[str]) -> bool:
     if "-h" in argv or "--help" in argv:
         return False
     address = os.environ.get("BUILD_SERVICE_ADDR", "")
-    if any(a == "--build-service-addr" or a.startswith("--build-service-addr=") for a in argv):
-        return False  # remote (a local address is refused there)
+    for i, word in enumerate(argv):
+        if word.startswith("--build-service-addr="):
+            address = word.partition("=")[2]
+        elif word == "--build-service-addr" and i + 1 < len(argv):
+            address = argv[i + 1]
+    local = not address or address.startswith(("oci:", "bwrap:"))
     if argv[:2] == ["nix", "build"]:
         return not address.startswith("ray:")  # (a gRPC address is for 'ocibuild build')
-    return argv[:1] == ["build"] and (not address or address.startswith("oci://"))
+    return argv[:1] == ["build"] and local
 
 
 def main(argv: Sequence[str] | None = None) -> int:

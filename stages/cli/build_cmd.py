@@ -26,6 +26,7 @@ from stages.cli.common import (
     policy_options,
     progress_option,
     run_cancellable,
+    runtime,
     service,
     state_dir,
     store_options,
@@ -112,6 +113,7 @@ def _find_run(args: argparse.Namespace, run: str) -> Path:
 def cmd_resume(args: argparse.Namespace) -> int:
     from stages.nix.build import is_nix_run
     from stages.service import load_build_specs
+    from stages.service.runs import run_runtime
 
     run_dir = _find_run(args, args.run)
     if is_nix_run(run_dir):
@@ -122,7 +124,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     sources = [s.key for s in specs]
 
     async def main() -> int:
-        async with service(args, jobs=args.jobs) as svc:
+        async with service(args, jobs=args.jobs,
+                           runtime=runtime(args, run_runtime(run_dir))) as svc:
             run, specs2 = await svc.resume_run(run_dir, from_stage=args.from_stage,
                                                stop_after=args.stop_after,
                                                subscribers=subscribers(args))
@@ -315,7 +318,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="kill a builder that runs longer than this")
     p.add_argument("--build-service-addr", metavar="ADDR",
-                   help="build remotely on grpc+unix:///abs/path or grpc+http(s)://host:port "
+                   help="bwrap:///abs/state/dir builds here with bubblewrap (oci:///... with "
+                        "runc, the default); grpc+unix:///abs/path, grpc+http(s)://host:port "
+                        "or ray://... build remotely "
                         "(default: $BUILD_SERVICE_ADDR when it is a grpc+ address)")
     p.add_argument("--no-fetch-outputs", action="store_true",
                    help="remote builds: leave the outputs in the server's store")

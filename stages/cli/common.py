@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["check_timeout", "policy", "policy_options", "ray_service", "run_cancellable",
-           "service",
+           "runtime", "service",
            "state_dir", "store_options", "subscribers"]
 
 
@@ -74,21 +74,19 @@ def check_timeout(timeout: float | None) -> None:
         raise UserError(f"--timeout must be a positive number of seconds, not {timeout}")
 
 
-def state_dir(args: argparse.Namespace) -> Path:
-    """--state-dir, else the path of an oci:// BUILD_SERVICE_ADDR, else the default.
-
-    The CLI drives the OCI service itself (runs, bundles, shells), so any
-    other BUILD_SERVICE_ADDR (dummy://) is refused here, clearly.
-    """
+def _local_address(args: argparse.Namespace) -> tuple[str, Path | None]:
+    """The runtime and state directory of a local service address
+    (``--build-service-addr``, else ``BUILD_SERVICE_ADDR``): ``oci:///dir``
+    (runc), ``bwrap:///dir`` (bubblewrap); ("runc", None) without one.
+    Any other address is refused here, clearly: the CLI drives the local
+    service itself (runs, bundles, shells)."""
     import os
 
-    from stages.service import OciBuildService, default_state_dir, open_build_service
+    from stages.service import OciBuildService, open_build_service
 
-    if getattr(args, "state_dir", None) is not None:
-        return args.state_dir
-    address = os.environ.get("BUILD_SERVICE_ADDR")
+    address = getattr(args, "build_service_addr", None) or os.environ.get("BUILD_SERVICE_ADDR")
     if not address:
-        return default_state_dir()
+        return "runc", None
     svc = open_build_service(address)
     if not isinstance(svc, OciBuildService):
         from stages.errors import ServiceError
@@ -96,17 +94,38 @@ def state_dir(args: argparse.Namespace) -> Path:
         what = ("is remote: only 'ocibuild build' and 'nix build' use it; runs, resume and "
                 "shell need " if address.startswith(("grpc+", "ray:"))
                 else "refuses every build; the ocibuild CLI needs ")
-        raise ServiceError(address, what + "an oci:///abs/state/dir service "
-                                           "(BUILD_SERVICE_ADDR) or --state-dir")
-    return svc.state_dir
+        raise ServiceError(address, what + "an oci:///abs/state/dir or bwrap:///abs/state/dir "
+                                           "service (BUILD_SERVICE_ADDR) or --state-dir")
+    return svc.runtime, svc.state_dir
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir, else the path of a local BUILD_SERVICE_ADDR, else the default."""
+    from stages.service import default_state_dir
+
+    if getattr(args, "state_dir", None) is not None:
+        return args.state_dir
+    return _local_address(args)[1] or default_state_dir()
+
+
+def runtime(args: argparse.Namespace, recorded: str | None = None) -> str:
+    """What runs the builds: the runtime of a local service address, else
+    ``recorded`` (a run's own), else runc."""
+    import os
+
+    given = getattr(args, "build_service_addr", None) or os.environ.get("BUILD_SERVICE_ADDR")
+    if given:
+        return _local_address(args)[0]
+    return recorded or "runc"
 
 
 def service(args: argparse.Namespace, **kw: Any) -> Any:
-    """The OCI service of the command's options (and its policy, if it has those)."""
+    """The local service of the command's options (and its policy, if it has those)."""
     from stages.service import OciBuildService
 
     if "policy" not in kw and hasattr(args, "max_pids"):
         kw["policy"] = policy(args)
+    kw.setdefault("runtime", runtime(args))
     return OciBuildService(state_dir(args), blob_address=args.blob_service_addr,
                            directory_address=args.directory_service_addr, **kw)
 

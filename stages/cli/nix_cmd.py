@@ -34,6 +34,7 @@ from stages.cli.common import (
     policy_options,
     progress_option,
     run_cancellable,
+    runtime,
     service,
     store_options,
     subscribers,
@@ -61,9 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="keep the sandbox of a derivation whose build fails, to enter "
                             "with 'ocibuild shell'")
     build.add_argument("--build-service-addr", metavar="ADDR",
-                       help="build on a Ray cluster: ray://auto or ray://HOST:PORT (default: "
-                            "$BUILD_SERVICE_ADDR when it is one); needs "
-                            "--blob-service-addr/--directory-service-addr every node reaches")
+                       help="bwrap:///abs/state/dir: build here with bubblewrap (oci:///... "
+                            "with runc, the default); ray://auto or ray://HOST:PORT: on a Ray "
+                            "cluster, with --blob-service-addr/--directory-service-addr every "
+                            "node reaches (default: $BUILD_SERVICE_ADDR)")
     progress_option(build)
     store_options(build)
     policy_options(build, network=False)
@@ -215,10 +217,11 @@ def resume_nix(args: argparse.Namespace, run_dir: Path) -> int:
 
     async def main() -> int:
         from pipeline import RunStatus
-        from stages.nix.build import resume_derivations
+        from stages.nix.build import plan_runtime, resume_derivations
 
         nix_policy, _sandbox = _nix_policy(args)
-        async with service(args, jobs=jobs, policy=nix_policy) as svc:
+        async with service(args, jobs=jobs, policy=nix_policy,
+                           runtime=runtime(args, plan_runtime(run_dir))) as svc:
             with _pathinfo(args) as pathinfo:
                 results, run = await resume_derivations(
                     run_dir, service=svc, pathinfo=pathinfo, jobs=jobs,

@@ -28,16 +28,20 @@ from stages.cli import UserError
 __all__ = ["remote_address", "run_remote"]
 
 REMOTE_SCHEMES = ("grpc+unix:", "grpc+http:", "grpc+https:", "ray:")
+LOCAL_SCHEMES = ("oci:", "bwrap:")
 
 
 def remote_address(args: argparse.Namespace) -> str | None:
     """The remote build service's address, or None for a local build."""
     address = getattr(args, "build_service_addr", None)
     if address:
+        if address.startswith(LOCAL_SCHEMES):
+            return None  # this machine's service (stages.cli.common.service)
         if not address.startswith(REMOTE_SCHEMES):
-            raise UserError(f"--build-service-addr {address!r}: expected grpc+unix:///abs/path, "
+            raise UserError(f"--build-service-addr {address!r}: expected oci:///abs/state/dir, "
+                            f"bwrap:///abs/state/dir, grpc+unix:///abs/path, "
                             f"grpc+http://host:port, grpc+https://host:port, ray://auto or "
-                            f"ray://HOST:PORT (for a local service, use --state-dir)")
+                            f"ray://HOST:PORT")
         return address
     env = os.environ.get("BUILD_SERVICE_ADDR", "")
     return env if env.startswith(REMOTE_SCHEMES) else None

@@ -28,7 +28,6 @@ from stages.castore.nodes import SymlinkNode
 from stages.errors import ServiceError
 from stages.oci.layout import rmtree
 from stages.oci.network import SlirpNetwork
-from stages.oci.runc import RuncContainer
 from stages.request import BuildRequest
 
 __all__ = ["kept_limits", "open_shell", "shell_config"]
@@ -85,10 +84,12 @@ def open_shell(run_dir: Path, args: argparse.Namespace, *, command: list[str] | 
 
 
 async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
-    from stages.cli.common import service
+    from stages.cli.common import runtime, service
+    from stages.run import sandbox
+    from stages.service.runs import run_runtime
     from stages.spec import SpecOptions, make_spec
 
-    async with service(args, jobs=1) as svc:
+    async with service(args, jobs=1, runtime=runtime(args, run_runtime(run_dir))) as svc:
         host = svc.host
         assert host is not None
         bundle = host.bundle_dir(spec)
@@ -135,7 +136,7 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
                 if network:  # the build's kind of network: a namespace of its own
                     await stack.enter_async_context(SlirpNetwork(netns))
                 container = await stack.enter_async_context(
-                    RuncContainer(shell_bundle, container_id, state_root=host.runc_root))
+                    sandbox(spec, host, bundle_dir=shell_bundle, name=container_id))
                 return await container.run_attached()
         finally:
             rmtree(shell_bundle, ignore_errors=True)

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     from stages.service import BuildService, OciBuildService
 
 __all__ = ["PLAN_FILE", "DrvResult", "NixStoreError", "OutputResult", "build_derivations",
-           "import_from_nix_store", "is_nix_run", "resume_derivations"]
+           "import_from_nix_store", "is_nix_run", "plan_runtime", "resume_derivations"]
 
 
 class NixStoreError(NixError):
@@ -808,7 +808,7 @@ def _save_kept(plan: _Plan, host: BuildHost, run_dir: Path,
             kept_specs.append(attrs.evolve(by_key[key], request=dreq.request, request_from=None))
             kept[drv_path] = (run_dir.name, key)
     if kept_specs:
-        save_specs(run_dir, kept_specs, [d for d in plan.to_build if d in kept])
+        save_specs(run_dir, kept_specs, [d for d in plan.to_build if d in kept], host.runtime)
     else:  # a resumed run whose kept builds now passed: nothing left to enter
         (run_dir / BUILDS_FILE).unlink(missing_ok=True)
     return kept
@@ -821,7 +821,7 @@ PLAN_VERSION = 1
 
 
 def _save_plan(run_dir: Path, plan: _Plan, targets: Sequence[str], cores: int,
-               keep_failed: bool, remote: bool = False) -> None:
+               keep_failed: bool, remote: bool = False, runtime: str = "runc") -> None:
     import json
 
     from stages.util.files import write_atomic
@@ -830,9 +830,20 @@ def _save_plan(run_dir: Path, plan: _Plan, targets: Sequence[str], cores: int,
         "version": PLAN_VERSION, "targets": list(targets), "to_build": plan.to_build,
         "keys": {d: plan.keys[d] for d in plan.to_build}, "cores": cores,
         "sandbox_paths": list(plan.sandbox_paths), "keep_failed": keep_failed,
-        "remote": remote,
+        "remote": remote, "runtime": runtime,
         "errors": {d: e for d, e in plan.errors.items() if d not in plan.keys},
     }, indent=2) + "\n")
+
+
+def plan_runtime(run_dir: Path) -> str | None:
+    """The runtime an ``ocibuild nix build`` run built with (None: not a Nix
+    run, or it does not say)."""
+    import json
+
+    try:
+        return str(json.loads((run_dir / PLAN_FILE).read_text())["runtime"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def is_nix_run(run_dir: Path) -> bool:
@@ -861,6 +872,7 @@ def _load_plan(run_dir: Path) -> dict:
                 "keys": keys, "cores": int(saved["cores"]),
                 "sandbox_paths": tuple(str(p) for p in saved["sandbox_paths"]),
                 "keep_failed": bool(saved["keep_failed"]),
+                "runtime": str(saved.get("runtime", "runc")),
                 "errors": {str(d): str(e) for d, e in saved["errors"].items()}}
     except FileNotFoundError:
         raise NixError(f"{run_dir} is not a run of 'ocibuild nix build' "
@@ -993,7 +1005,7 @@ async def build_derivations(drv_paths: Sequence[str], *, service: BuildService,
                                subscribers=subscribers).run()
             _settle_errors(run, plan)
         else:
-            _save_plan(run_dir, plan, drv_paths, cores, keep_failed)
+            _save_plan(run_dir, plan, drv_paths, cores, keep_failed, runtime=local.runtime)
             run = await _run(local, run_dir, graph, specs, jobs, subscribers)
             kept = _settle(run, plan, local.host, run_dir, specs, keep_failed)
     return _results(drv_paths, plan, pathinfo, kept)
