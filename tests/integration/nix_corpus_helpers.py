@@ -12,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["CASES", "CORPUS", "OCIBUILD", "REPO", "Corpus", "instantiate", "recursive_hash",
-           "sh", "valid"]
+__all__ = ["CASES", "CORPUS", "OCIBUILD", "REPO", "RUNTIMES", "Corpus", "instantiate",
+           "recursive_hash", "sh", "valid"]
+
+#: The runtimes every corpus build runs under.
+RUNTIMES = ("runc", "bwrap")
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "nix_corpus"
@@ -36,12 +39,30 @@ class Corpus:
         self.nix_ok: set[str] = set()             # .drv paths nix-build built
         self.nix_outputs: dict[str, dict[str, str]] = {}   # .drv -> {output: path}
         self.nix_stderr = ""
-        self.ours: dict = {}
+        self.ours: dict[str, dict] = {}           # runtime -> ocibuild's --json
+        self.ours_rc: dict[str, int] = {}
         self.store = f"local://{base}/store"
 
-    def store_args(self) -> list[str]:
-        return ["--state-dir", str(self.base / "state"), "--blob-service-addr", self.store,
-                "--directory-service-addr", self.store]
+    # Each runtime builds the corpus into a store and state directory of its
+    # own (runc's are "store" and "state"), so both really build.
+    def state(self, runtime: str = "runc") -> Path:
+        return self.base / ("state" if runtime == "runc" else f"{runtime}-state")
+
+    def store_of(self, runtime: str = "runc") -> str:
+        return self.store if runtime == "runc" else f"local://{self.base}/{runtime}-store"
+
+    def store_args(self, runtime: str = "runc") -> list[str]:
+        """State and stores of a runtime's builds (resume and shell read the
+        runtime from the run)."""
+        store = self.store_of(runtime)
+        return ["--state-dir", str(self.state(runtime)), "--blob-service-addr", store,
+                "--directory-service-addr", store]
+
+    def build_args(self, runtime: str = "runc") -> list[str]:
+        """store_args and the runtime, for ``nix build``."""
+        scheme = "oci" if runtime == "runc" else runtime
+        return [*self.store_args(runtime), "--build-service-addr",
+                f"{scheme}://{self.state(runtime)}"]
 
     @property
     def failing(self) -> set[str]:

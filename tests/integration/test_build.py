@@ -36,6 +36,7 @@ from stages.errors import BuildFailed
 from stages.oci.schema import validate_config
 from stages.request import AdditionalFile, BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService
+from stages.service.oci import RUNTIMES
 
 pytestmark = [pytest.mark.runc, pytest.mark.fuse,
               pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -138,15 +139,16 @@ def _make_inputs(base: Path) -> dict[str, Path]:
     return {BB_NAME: bb, DATA_NAME: data, FILE_NAME: src / FILE_NAME}
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def env():
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIMES)
+async def env(request: pytest.FixtureRequest):
+    """The service of every test here, with each runtime (runc, bwrap)."""
     base = Path(tempfile.mkdtemp(prefix="ocibuild-build-test-"))
     os.chmod(base, 0o711)
     store = f"local://{base}/store"
     try:
         paths = _make_inputs(base)
         async with OciBuildService(base / "state", blob_address=store, directory_address=store,
-                                   jobs=2) as svc:
+                                   jobs=2, runtime=request.param) as svc:
             inputs: dict[str, object] = {}
             for name, path in paths.items():
                 inputs[name] = await ingest_path(svc.host.castore, path)
@@ -241,6 +243,7 @@ def assert_clean(env: Env, keys: set[str], fds_before: set[str], fuse_before: li
             assert not Path("/sys/fs/cgroup", controller, "ocibuild", key).exists(), \
                 f"the {controller} cgroup of build {key} survived"
         assert f"ocibuild-{key}" not in _runc_ids(), f"container of {key} in the global runc list"
+        assert not processes_with(key), f"a process of build {key} survived"
         if key not in kept:
             for place in _bundle_places(env, key):
                 assert not place.exists(), f"bundle of {key} survived: {place}"
@@ -363,6 +366,8 @@ async def test_environment_and_etc_exactly(env: Env) -> None:
     build = await env.svc.do_build(req)
     environ, group, hosts, passwd, who = [await env.blob(n) for n in build.outputs]
     expected_env = {"HOME": "/homeless-shelter", "PATH": BB, **extra}
+    if env.svc.runtime == "bwrap":  # bwrap always sets it (README, stages.oci.bwrap)
+        expected_env["PWD"] = "/build"
     got_env = dict(v.split("=", 1) for v in environ.decode().split("\0") if v)
     assert got_env == expected_env
     assert passwd.decode() == NIX_PASSWD
@@ -514,7 +519,9 @@ async def test_cancel_while_the_builder_runs(env: Env) -> None:
     # The busybox input, through the link, as the container binds it.
     busybox = env.inputs[BB_NAME]
     assert (link / content_name(busybox) / "busybox").is_file()
-    assert _runc_ids(env.host.runc_root) == [f"ocibuild-{key}"]
+    if env.svc.runtime == "runc":
+        assert _runc_ids(env.host.runc_root) == [f"ocibuild-{key}"]
+    assert processes_with("sleep 60")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -26,6 +26,7 @@ from stages.errors import BuildFailed
 from stages.policy import Policy
 from stages.request import BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService
+from stages.service.oci import RUNTIMES
 
 pytestmark = [pytest.mark.runc, pytest.mark.fuse, pytest.mark.root,
               pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -70,8 +71,9 @@ class Env:
         return await self.svc.host.castore.blobs.get(build.outputs[0].digest)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def env():
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIMES)
+async def env(request: pytest.FixtureRequest):
+    """Every attack, against each runtime (runc, bwrap)."""
     # Not under /tmp: a request cannot name paths there (the sandbox owns /tmp).
     base = Path(tempfile.mkdtemp(prefix="ocibuild-hardening-", dir="/var/tmp"))
     os.chmod(base, 0o711)
@@ -92,7 +94,7 @@ async def env():
                     max_pids=MAX_PIDS, max_memory=MAX_MEMORY, tmp_size=TMP_SIZE)
     try:
         async with OciBuildService(base / "state", blob_address=store, directory_address=store,
-                                   jobs=2, policy=policy) as svc:
+                                   jobs=2, policy=policy, runtime=request.param) as svc:
             assert svc.host is not None
             yield Env(base, svc, await ingest_path(svc.host.castore, bb))
     finally:

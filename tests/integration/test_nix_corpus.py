@@ -8,7 +8,9 @@ case file giving an attribute set of derivations. Every derivation is built:
   sandbox on), the oracle: ``nix-store -q --hash`` and ``--references`` of
   each output;
 - by ``ocibuild nix build --json --jobs 2`` (the CLI, one call for the whole
-  corpus) over a fresh local store and state directory.
+  corpus), once with each runtime (runc, bwrap), each over a fresh local
+  store and state directory of its own; every test of ocibuild's side runs
+  for both.
 
 Attributes named ``fail_*`` must fail under both (and a derivation that
 depends on one as well); every other one must build under both with equal
@@ -38,6 +40,7 @@ from nix_corpus_helpers import (
     CORPUS,
     OCIBUILD,
     REPO,
+    RUNTIMES,
     Corpus,
     instantiate,
     recursive_hash,
@@ -80,12 +83,13 @@ def corpus():
                 c.nix_ok.add(drv)
             c.nix_outputs[drv] = paths
 
-        # ocibuild: the CLI, one call for the whole corpus.
-        ours = sh(*OCIBUILD, "nix", "build", "--json", "--jobs", "2", *c.store_args(), *drvs,
-                  check=False, cwd=REPO)
-        assert ours.stdout, ours.stderr
-        c.ours = json.loads(ours.stdout)
-        c.ours_rc = ours.returncode  # type: ignore[attr-defined]  # added to the case here
+        # ocibuild: the CLI, one call for the whole corpus, with each runtime.
+        for runtime in RUNTIMES:
+            ours = sh(*OCIBUILD, "nix", "build", "--json", "--jobs", "2",
+                      *c.build_args(runtime), *drvs, check=False, cwd=REPO)
+            assert ours.stdout, ours.stderr
+            c.ours[runtime] = json.loads(ours.stdout)
+            c.ours_rc[runtime] = ours.returncode
         yield c
     finally:
         made = [p for outs in c.nix_outputs.values() for p in outs.values()
@@ -114,11 +118,12 @@ def _cases(corpus_failing: bool) -> list[str]:
     return sorted(set(ids))
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("name", _cases(False))
-def test_same_nar_hash_and_references_as_nix(corpus: Corpus, name: str) -> None:
+def test_same_nar_hash_and_references_as_nix(corpus: Corpus, name: str, runtime: str) -> None:
     drv = corpus.drvs[name]
     assert drv in corpus.nix_ok, f"nix-build did not build {drv}:\n{corpus.nix_stderr[-3000:]}"
-    ours = corpus.ours[drv]
+    ours = corpus.ours[runtime][drv]
     assert ours["status"] == "built", ours
     assert set(ours["outputs"]) == set(corpus.nix_outputs[drv])
     for output, path in corpus.nix_outputs[drv].items():
@@ -129,18 +134,20 @@ def test_same_nar_hash_and_references_as_nix(corpus: Corpus, name: str) -> None:
                                               path).stdout.split()), output
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("name", _cases(True))
-def test_failures_fail_under_both(corpus: Corpus, name: str) -> None:
+def test_failures_fail_under_both(corpus: Corpus, name: str, runtime: str) -> None:
     drv = corpus.drvs[name]
     assert drv not in corpus.nix_ok
-    ours = corpus.ours[drv]
+    ours = corpus.ours[runtime][drv]
     assert ours["status"] == "failed" and ours["error"], ours
     assert "outputs" not in ours
-    assert corpus.ours_rc != 0  # type: ignore[attr-defined]  # added by the fixture
+    assert corpus.ours_rc[runtime] != 0
 
 
-def test_failure_reasons_are_named(corpus: Corpus) -> None:
-    err = {k: corpus.ours[d].get("error", "") for k, d in corpus.drvs.items()}
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_failure_reasons_are_named(corpus: Corpus, runtime: str) -> None:
+    err = {k: corpus.ours[runtime][d].get("error", "") for k, d in corpus.drvs.items()}
     assert "exit" in err["failing.fail_exit"] and "3" in err["failing.fail_exit"]
     assert "did not create" in err["failing.fail_no_output"]
     assert corpus.drvs["failing.fail_exit"] in err["failing.fail_dependent"]
@@ -179,12 +186,13 @@ def test_failure_reasons_are_named(corpus: Corpus) -> None:
         assert want.group(0) in err[f"structured.{name}"], err[f"structured.{name}"]
 
 
-def test_nix_log_prints_what_nix_logged(corpus: Corpus) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_nix_log_prints_what_nix_logged(corpus: Corpus, runtime: str) -> None:
     """``ocibuild nix log DRV`` against ``nix-store --read-log`` of the same derivation."""
     for name in ("failing.fail_exit", "failing.fail_no_output"):
         drv = corpus.drvs[name]
         theirs = sh("nix-store", "--read-log", drv).stdout
-        ours = sh(*OCIBUILD, "nix", "log", "--state-dir", str(corpus.base / "state"), drv,
+        ours = sh(*OCIBUILD, "nix", "log", "--state-dir", str(corpus.state(runtime)), drv,
                   cwd=REPO).stdout
         assert ours == theirs and ours.strip(), (name, ours, theirs)
     never = sh(*OCIBUILD, "nix", "log", "--state-dir", str(corpus.base / "state"),
@@ -212,19 +220,20 @@ in lib.mk {
 """
 
 
-def test_keep_failed_shell_then_resume(corpus: Corpus) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_keep_failed_shell_then_resume(corpus: Corpus, runtime: str) -> None:
     """The sandbox of a failed derivation: entered with `shell` (`$out` as Nix
     sets it, what the builder left), mended there, then `resume` re-runs the
     build from its run stage in that sandbox and goes on to its dependent."""
     (corpus.dir / "keepfailed.nix").write_text(KEEP_FAILED)
-    top = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce,
+    top = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce + runtime,
              str(corpus.dir / "keepfailed.nix")).stdout.split()[0]
     shown = json.loads(sh("nix", "show-derivation", "-r", top).stdout)
     (drv,) = [d for d in shown if "-keep-failed-" in d and "after" not in d]
     out = shown[drv]["outputs"]["out"]["path"]
     top_out = shown[top]["outputs"]["out"]["path"]
     try:
-        proc = sh(*OCIBUILD, "nix", "build", "--keep-failed", *corpus.store_args(), top,
+        proc = sh(*OCIBUILD, "nix", "build", "--keep-failed", *corpus.build_args(runtime), top,
                   check=False, cwd=REPO)
         assert proc.returncode == 1, proc.stderr
         found = re.search(r"enter it with: ocibuild shell --build (\S+) (\S+)\n", proc.stderr)
@@ -234,7 +243,7 @@ def test_keep_failed_shell_then_resume(corpus: Corpus) -> None:
         script = ('echo "out=$out"; read p < /build/partial; echo "partial=$p"; '
                   'read h < $out/half; echo "half=$h"; read n < $notePath; echo "note=$n"; pwd; '
                   'echo mended > /build/fixed')
-        shell = subprocess.run([*OCIBUILD, "shell", "--build", key, *corpus.store_args(), run_id,
+        shell = subprocess.run([*OCIBUILD, "shell", "--build", key, *corpus.store_args(runtime), run_id,
                                 "--", "/bin/sh", "-c", script], capture_output=True, text=True,
                                timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
         assert shell.returncode == 0, shell.stderr
@@ -242,7 +251,7 @@ def test_keep_failed_shell_then_resume(corpus: Corpus) -> None:
         assert shell.stdout == (f"out={out}\npartial=partial\nhalf=half\nnote=a note\n"
                                 "/build\n")
 
-        resumed = sh(*OCIBUILD, "resume", *corpus.store_args(), "--json", run_id,
+        resumed = sh(*OCIBUILD, "resume", *corpus.store_args(runtime), "--json", run_id,
                      check=False, cwd=REPO)
         assert resumed.returncode == 0, resumed.stderr
         result = json.loads(resumed.stdout)[top]
@@ -250,43 +259,46 @@ def test_keep_failed_shell_then_resume(corpus: Corpus) -> None:
         assert result["outputs"]["out"]["path"] == top_out
         # The failed build ran again in its own sandbox (its first attempt's
         # file still there), and its dependent saw that.
-        dest = corpus.base / "resumed-export"
+        dest = corpus.base / f"resumed-export-{runtime}"
         dest.mkdir()
-        store = ["--blob-service-addr", corpus.store, "--directory-service-addr", corpus.store]
+        store = ["--blob-service-addr", corpus.store_of(runtime), "--directory-service-addr",
+                 corpus.store_of(runtime)]
         exported = Path(sh(*OCIBUILD, "nix", "export", *store, top_out, str(dest),
                            cwd=REPO).stdout.strip())
         assert (exported / "seen").read_text() == "attempt\nattempt\n"
         # Its sandbox is gone now that it passed, and nothing is left to enter.
-        assert not (corpus.base / "state" / "bundles" / key).exists()
-        again = sh(*OCIBUILD, "shell", "--build", key, *corpus.store_args(), run_id, "--",
+        assert not (corpus.state(runtime) / "bundles" / key).exists()
+        again = sh(*OCIBUILD, "shell", "--build", key, *corpus.store_args(runtime), run_id, "--",
                    "/bin/sh", "-c", "true", check=False, cwd=REPO)
         assert again.returncode == 1 and len(again.stderr.splitlines()) == 1, again.stderr
-        listing = sh(*OCIBUILD, "runs", "--state-dir", str(corpus.base / "state"),
+        listing = sh(*OCIBUILD, "runs", "--state-dir", str(corpus.state(runtime)),
                      cwd=REPO).stdout
         assert any(line.startswith(run_id) and "finished" in line
                    for line in listing.splitlines()), listing
         # A second resume of the finished run builds nothing again.
-        twice = sh(*OCIBUILD, "resume", *corpus.store_args(), run_id, cwd=REPO)
+        twice = sh(*OCIBUILD, "resume", *corpus.store_args(runtime), run_id, cwd=REPO)
         assert f"built {top}" in twice.stdout
     finally:
         sh("nix-store", "--delete", top, drv, check=False)
 
 
-def test_resume_of_a_failed_nix_run_without_kept_sandbox(corpus: Corpus) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_resume_of_a_failed_nix_run_without_kept_sandbox(corpus: Corpus, runtime: str) -> None:
     """Without --keep-failed the failed build's bundle is gone: resume makes it
     anew (fresh sandbox, so the derivation fails the same way again)."""
     (corpus.dir / "keepfailed2.nix").write_text(KEEP_FAILED)
-    top = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce + "x",
+    top = sh("nix-instantiate", "--argstr", "nonce", corpus.nonce + "x" + runtime,
              str(corpus.dir / "keepfailed2.nix")).stdout.split()[0]
     try:
-        proc = sh(*OCIBUILD, "nix", "build", *corpus.store_args(), top, check=False, cwd=REPO)
+        proc = sh(*OCIBUILD, "nix", "build", *corpus.build_args(runtime), top, check=False,
+                  cwd=REPO)
         assert proc.returncode == 1
-        run_id = _last_run(corpus)
-        resumed = sh(*OCIBUILD, "resume", *corpus.store_args(), run_id, check=False, cwd=REPO)
+        run_id = _last_run(corpus, runtime)
+        resumed = sh(*OCIBUILD, "resume", *corpus.store_args(runtime), run_id, check=False, cwd=REPO)
         assert resumed.returncode == 1, resumed.stderr
         assert "Traceback" not in resumed.stderr
         assert "exit code 4" in resumed.stderr, resumed.stderr
-        bad = sh(*OCIBUILD, "resume", *corpus.store_args(), "--from", "runn", run_id,
+        bad = sh(*OCIBUILD, "resume", *corpus.store_args(runtime), "--from", "runn", run_id,
                  check=False, cwd=REPO)
         assert bad.returncode == 1 and "unknown stage 'runn'" in bad.stderr
         assert len(bad.stderr.splitlines()) == 1, bad.stderr
@@ -294,23 +306,24 @@ def test_resume_of_a_failed_nix_run_without_kept_sandbox(corpus: Corpus) -> None
         sh("nix-store", "--delete", top, check=False)
 
 
-def _last_run(corpus: Corpus) -> str:
-    runs = corpus.base / "state" / "runs"
+def _last_run(corpus: Corpus, runtime: str) -> str:
+    runs = corpus.state(runtime) / "runs"
     return max(runs.iterdir(), key=lambda p: p.stat().st_mtime).name
 
 
-def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus) -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_rebuild_is_cached_and_export_matches_nix(corpus: Corpus, runtime: str) -> None:
     """A second call builds nothing; exported trees have Nix's NAR hash."""
     good = [d for k, d in sorted(corpus.drvs.items()) if d in corpus.nix_ok]
-    again = sh(*OCIBUILD, "nix", "build", *corpus.store_args(), *good, cwd=REPO)
+    again = sh(*OCIBUILD, "nix", "build", *corpus.build_args(runtime), *good, cwd=REPO)
     assert again.stdout.count("cached ") == len(good), again.stdout
-    dest = corpus.base / "export"
+    dest = corpus.base / f"export-{runtime}"
     dest.mkdir()
     for name in ("symlinks.links", "symlinks.linkout", "symlinks.exeout", "sources.copy",
                  "outputs.multi"):
         for path in corpus.nix_outputs[corpus.drvs[name]].values():
-            store = ["--blob-service-addr", corpus.store, "--directory-service-addr",
-                     corpus.store]
+            store = ["--blob-service-addr", corpus.store_of(runtime),
+                     "--directory-service-addr", corpus.store_of(runtime)]
             out = sh(*OCIBUILD, "nix", "export", *store, path, str(dest), cwd=REPO)
             exported = Path(out.stdout.strip())
             assert exported == dest / Path(path).name

@@ -1,5 +1,8 @@
 """``ocibuild nix build`` killed with SIGKILL mid-build: its container dies with it.
 
+With either runtime: runc (the supervisor kills the containers) or bwrap
+(the sandbox dies with bwrap's parent).
+
 The same guarantee as for ``ocibuild build`` and ``ocibuild serve``
 (test_build_cli.py, test_serve.py): the service's supervisor kills the
 containers of an instance whose owner died, within 2 s; the next start on
@@ -24,6 +27,7 @@ import pytest
 from integration_helpers import processes_with
 
 from stages.service import OciBuildService
+from stages.service.oci import RUNTIMES
 
 pytestmark = [pytest.mark.nix, pytest.mark.runc, pytest.mark.fuse, pytest.mark.root,
               pytest.mark.timeout(120)]
@@ -39,7 +43,8 @@ in derivation {
 """
 
 
-def test_sigkill_of_nix_build_kills_its_container_within_2s() -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_sigkill_of_nix_build_kills_its_container_within_2s(runtime: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="ocibuild-nix-kill-", dir="/var/tmp"))
     os.chmod(work, 0o711)
     drv = None
@@ -48,15 +53,17 @@ def test_sigkill_of_nix_build_kills_its_container_within_2s() -> None:
         shutil.copy2("/bin/busybox", work / "bbdir" / "busybox")
         (work / "sleeper.nix").write_text(EXPR)
         marker = str(9_000_000 + uuid.uuid4().int % 1_000_000)
+        # (a new marker per runtime: each its own derivation)
         drv = subprocess.run(["nix-instantiate", "sleeper.nix", "--argstr", "marker", marker],
                              cwd=work, check=True, capture_output=True, text=True).stdout.strip()
         store = f"local://{work}/store"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         for k in ("BUILD_SERVICE_ADDR", "BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR"):
             env.pop(k, None)
-        cmd = [sys.executable, "-m", "stages.cli", "nix", "build", "--state-dir",
-               str(work / "state"), "--blob-service-addr", store, "--directory-service-addr",
-               store, drv]
+        scheme = "oci" if runtime == "runc" else runtime
+        cmd = [sys.executable, "-m", "stages.cli", "nix", "build", "--build-service-addr",
+               f"{scheme}://{work / 'state'}", "--blob-service-addr", store,
+               "--directory-service-addr", store, drv]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:

@@ -197,8 +197,9 @@ def test_failed_and_refused_builds_exit_1_with_one_line(setup: Setup) -> None:
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1, proc.stderr
         assert f"{flag.split('=')[0]} is not supported for a remote build" in proc.stderr
-    proc = setup.build("--build-service-addr", "oci:///x", str(req))
-    assert proc.returncode == 1 and "expected grpc+unix" in proc.stderr
+    proc = setup.build("--build-service-addr", "tcp://x:1", str(req))
+    assert proc.returncode == 1 and "expected oci:///abs/state/dir" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_unreachable_server_is_one_clear_line(setup: Setup) -> None:

@@ -36,10 +36,12 @@ import pytest
 
 from stages.bundle import write_bundle
 from stages.castore.nodes import DirectoryNode
-from stages.oci.idmap import load_idmap
+from stages.oci.bwrap import BwrapSandbox
+from stages.oci.idmap import BUILD_GID, BUILD_UID, load_idmap
 from stages.oci.runc import RuncContainer, cleanup_stale_containers
 from stages.oci.schema import validate_config
 from stages.request import BuildConstraints, BuildRequest, EnvVar
+from stages.service.oci import RUNTIMES
 from stages.validate import validate_request
 
 pytestmark = [pytest.mark.nix, pytest.mark.runc, pytest.mark.timeout(120)]
@@ -95,7 +97,8 @@ def request_from_drv(drv: dict) -> BuildRequest:
     )
 
 
-async def test_sandbox_matches_nix_byte_for_byte() -> None:
+@pytest.mark.parametrize("runtime", RUNTIMES)
+async def test_sandbox_matches_nix_byte_for_byte(runtime: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="ocibuild-vs-nix-"))
     os.chmod(work, 0o711)
     state = work / "state"
@@ -116,8 +119,12 @@ async def test_sandbox_matches_nix_byte_for_byte() -> None:
                               input_paths={n.name: "/nix/store/" + n.name.decode()
                                            for n in req.inputs})
         validate_config(json.loads(layout.config.read_text()))
-        async with RuncContainer(layout.root, f"vs-nix-{uuid.uuid4().hex[:8]}",
-                                 state_root=state) as c:
+        idmap = load_idmap()
+        name = f"vs-nix-{uuid.uuid4().hex[:8]}"
+        sandbox = (RuncContainer(layout.root, name, state_root=state) if runtime == "runc" else
+                   BwrapSandbox(layout.root, name, uid=idmap.host_uid(BUILD_UID),
+                                gid=idmap.host_gid(BUILD_GID)))
+        async with sandbox as c:
             await c.run(log_path=layout.log, timeout=60)
         ours = layout.host_path(req.scratch_paths, out_path.lstrip("/")).read_bytes()
 
