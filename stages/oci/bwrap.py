@@ -131,6 +131,19 @@ def compile_seccomp(profile: dict[str, Any]) -> bytes:
     return program
 
 
+def _program_file(profile: dict[str, Any], directory: Path) -> Path:
+    """The compiled filter as a file in ``directory``, named by its content and
+    written once (atomically) for every build that has the same profile."""
+    program = compile_seccomp(profile)
+    path = directory / f".seccomp-{hashlib.sha256(program).hexdigest()[:32]}.bpf"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".seccomp-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(program)
+        os.replace(tmp, path)
+    return path
+
+
 def _size(options: list[str]) -> int | None:
     for opt in options:
         if opt.startswith("size="):
@@ -173,8 +186,9 @@ def bwrap_argv(config: dict[str, Any], bundle_dir: Path, *, seccomp_fd: int | No
     root = config["root"]
     rootfs = Path(root["path"])
     argv += ["--bind", str(rootfs if rootfs.is_absolute() else bundle_dir / rootfs), "/"]
+    mounts = _MountTable()
     for m in config.get("mounts", []):
-        argv += _mount(m, bundle_dir)
+        argv += _mount(m, bundle_dir, mounts)
     for path in linux.get("maskedPaths", []):
         # As runc: what does not exist (here: on the host, whose /proc the
         # sandbox's mirrors) is not masked.
@@ -198,7 +212,7 @@ def bwrap_argv(config: dict[str, Any], bundle_dir: Path, *, seccomp_fd: int | No
     return [*argv, "--", *proc["args"]]
 
 
-def _mount(m: dict[str, Any], bundle_dir: Path) -> list[str]:
+def _mount(m: dict[str, Any], bundle_dir: Path, mounts: _MountTable) -> list[str]:
     dest, kind = m["destination"], m.get("type", "")
     options = list(m.get("options", []))
     if dest in ("/dev/pts", "/dev/mqueue"):
@@ -225,29 +239,32 @@ def _mount(m: dict[str, Any], bundle_dir: Path) -> list[str]:
         # mounted below the source is made read-only too, all the way down
         # (runc's plain "ro" leaves those as they are; read-only is safer).
         out = ["--ro-bind", str(source), dest]
-        for below in _mounts_below(str(source)):
+        for below in mounts.below(str(source)):
             out += ["--remount-ro", os.path.join(dest, below)]
         return out
     raise BundleError(bundle_dir, f"mount {dest} of type {kind!r}: not supported by the "
                                   f"bwrap runtime")
 
 
-def _mounts_below(path: str) -> list[str]:
-    """The mount points strictly below ``path`` on this host, relative to it,
-    parents first (from /proc/self/mountinfo)."""
-    real = os.path.realpath(path).rstrip("/") + "/"
-    found = []
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if len(fields) > 4:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if point.startswith(real):
-                found.append(point[len(real):])
-    return sorted(set(found), key=lambda p: (p.count("/"), p))
+class _MountTable:
+    """This host's mount points (/proc/self/mountinfo), read once, when first asked."""
+
+    def __init__(self) -> None:
+        self._points: list[str] | None = None
+
+    def below(self, path: str) -> list[str]:
+        """The mount points strictly below ``path``, relative to it, parents first."""
+        if self._points is None:
+            self._points = []
+            with contextlib.suppress(OSError):
+                for line in Path("/proc/self/mountinfo").read_text().splitlines():
+                    fields = line.split(" ")
+                    if len(fields) > 4:
+                        self._points.append(re.sub(
+                            r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+        real = os.path.realpath(path).rstrip("/") + "/"
+        found = {p[len(real):] for p in self._points if p.startswith(real)}
+        return sorted(found, key=lambda p: (p.count("/"), p))
 
 
 class BwrapSandbox(SandboxProcess):
@@ -268,7 +285,6 @@ class BwrapSandbox(SandboxProcess):
         self.gid = gid
         self.cgroup_procs = list(cgroup_procs)
         self.bwrap = bwrap
-        self._bpf: Path | None = None
 
     def _config(self) -> dict[str, Any]:
         try:
@@ -280,9 +296,7 @@ class BwrapSandbox(SandboxProcess):
         config = self._config()
         bpf = ""
         if config.get("linux", {}).get("seccomp"):
-            self._bpf = self.bundle_dir / "seccomp.bpf"
-            self._bpf.write_bytes(compile_seccomp(config["linux"]["seccomp"]))
-            bpf = str(self._bpf)
+            bpf = str(_program_file(config["linux"]["seccomp"], self.bundle_dir.parent))
         inner = bwrap_argv(config, self.bundle_dir, seccomp_fd=3 if bpf else None,
                            attached=attached, bwrap=self.bwrap)
         prefix: list[str] = []
@@ -319,6 +333,4 @@ class BwrapSandbox(SandboxProcess):
         deadline = loop.time() + self.stop_timeout
         while self._kill_cgroup() and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        if self._bpf is not None:
-            self._bpf.unlink(missing_ok=True)
 
