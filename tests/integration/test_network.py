@@ -27,6 +27,7 @@ import pytest_asyncio
 from stages.policy import Policy
 from stages.request import BuildConstraints, BuildRequest, EnvVar
 from stages.service import OciBuildService
+from stages.service.oci import RUNTIMES
 
 pytestmark = [pytest.mark.runc, pytest.mark.fuse, pytest.mark.root,
               pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
@@ -146,8 +147,9 @@ class Env:
         return dict(line.split(" ", 1) for line in out.decode().splitlines())
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def env():
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=RUNTIMES)
+async def env(request: pytest.FixtureRequest):
+    """Real network namespaces and slirp4netns, under each runtime (runc, bwrap)."""
     base = Path(tempfile.mkdtemp(prefix="ocibuild-network-", dir="/var/tmp"))
     os.chmod(base, 0o711)
     remote = RemoteHost()
@@ -165,7 +167,7 @@ async def env():
         remote.start()
         policy = Policy(allow_network=True, allowed_ro_paths=list(RO))
         async with OciBuildService(base / "state", blob_address=store, directory_address=store,
-                                   jobs=2, policy=policy) as svc:
+                                   jobs=2, policy=policy, runtime=request.param) as svc:
             yield Env(svc, remote, loopback.server_address[1], name)
     finally:
         loopback.shutdown()
