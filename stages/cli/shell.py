@@ -85,6 +85,7 @@ def open_shell(run_dir: Path, args: argparse.Namespace, *, command: list[str] | 
 
 async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
     from stages.cli.common import runtime, service
+    from stages.oci.cgroups import BuildCgroup
     from stages.run import sandbox
     from stages.service.runs import run_runtime
     from stages.spec import SpecOptions, make_spec
@@ -135,8 +136,15 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
             async with contextlib.AsyncExitStack() as stack:
                 if network:  # the build's kind of network: a namespace of its own
                     await stack.enter_async_context(SlirpNetwork(netns))
+                cgroup = None
+                if host.runtime == "bwrap" and host.cgroup_root is not None:
+                    # runc applies the kept limits itself; bwrap needs a cgroup.
+                    cgroup = BuildCgroup(f"{host.cgroup_root}/{spec.key}.shell")
+                    limits = kept_limits(json.loads(layout.config.read_text()), req)
+                    cgroup.create(max_memory=limits["max_memory"], max_pids=limits["max_pids"])
+                    stack.callback(cgroup.remove)
                 container = await stack.enter_async_context(
-                    sandbox(spec, host, bundle_dir=shell_bundle, name=container_id))
+                    sandbox(spec, host, cgroup, bundle_dir=shell_bundle, name=container_id))
                 return await container.run_attached()
         finally:
             rmtree(shell_bundle, ignore_errors=True)

@@ -45,6 +45,13 @@ Caveats:
 - bwrap puts ``PWD`` (the working directory) into the builder's initial
   environment, always: a shell sets it anyway, a builder that is not a
   shell sees one variable more than under runc or Nix.
+- ``--dev`` makes /dev without the spec's size (what is written there
+  counts against the build's memory limit), and /dev/shm without noexec;
+  on cgroup v1 only the memory and pids controllers are joined (nodev
+  mounts and the user namespace keep devices out).
+- A shell (``ocibuild shell``) runs in a session of its own, so it has no
+  controlling terminal: no job control, and no way to push input into the
+  operator's terminal (runc gives it a pty of its own instead).
 """
 
 from __future__ import annotations
@@ -169,10 +176,11 @@ def bwrap_argv(config: dict[str, Any], bundle_dir: Path, *, seccomp_fd: int | No
     for needed in ("user", "mount", "pid"):
         if needed not in kinds:
             raise BundleError(bundle_dir, f"the bwrap runtime needs a {needed} namespace")
+    # --new-session even for a shell on the operator's terminal: the sandbox
+    # must not have it as its controlling terminal, or it could push input
+    # into the operator's own shell (TIOCSTI). (The shell gets no job control.)
     argv = [bwrap, "--die-with-parent", "--as-pid-1", "--unshare-user", "--disable-userns",
-            "--unshare-pid", "--unshare-cgroup-try"]
-    if not attached:
-        argv.append("--new-session")  # no terminal to push input into (TIOCSTI)
+            "--unshare-pid", "--unshare-cgroup-try", "--new-session"]
     if "ipc" in kinds:
         argv.append("--unshare-ipc")
     if "uts" in kinds:
@@ -294,6 +302,12 @@ class BwrapSandbox(SandboxProcess):
 
     def argv(self, *, attached: bool) -> list[str]:
         config = self._config()
+        limits = config.get("linux", {}).get("resources", {})
+        if (limits.get("pids") or limits.get("memory")) and not self.cgroup_procs:
+            # runc applies linux.resources itself; bwrap has only the cgroup.
+            raise BundleError(self.bundle_dir, "the bwrap runtime applies the limits through "
+                                               "a cgroup, and this sandbox has none (a "
+                                               "writable cgroup file system is needed)")
         bpf = ""
         if config.get("linux", {}).get("seccomp"):
             bpf = str(_program_file(config["linux"]["seccomp"], self.bundle_dir.parent))

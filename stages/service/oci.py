@@ -165,6 +165,11 @@ class OciBuildService(BuildService):
             check_traversable(self.bundles_dir)
         except BuildError as exc:
             raise ServiceError(str(self.state_dir), str(exc)) from exc
+        if self.runtime == "bwrap" and not cgroups.available():
+            raise ServiceError(str(self.state_dir), "the bwrap runtime enforces the limits "
+                                                     "through cgroups, and this process cannot "
+                                                     "make any (not root, or no writable "
+                                                     "cgroup file system); use runc")
         self._instance = Instance.create(self.state_dir)
         try:
             # First: from now on a container of this instance dies with it.

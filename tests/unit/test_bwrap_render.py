@@ -1,0 +1,65 @@
+"""The bwrap rendering of a config.json: what must always be there, and what it refuses.
+
+(The sandbox itself is tested by attack with real builds under both
+runtimes: tests/integration/test_hardening.py and the others.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.errors import BundleError
+from stages.oci.bwrap import BwrapSandbox, bwrap_argv
+
+CONFIG = {
+    "process": {"user": {"uid": 1000, "gid": 100}, "args": ["/bin/sh", "-c", "--help"],
+                "env": ["PATH=/bin", "X=--unshare-all"], "cwd": "/build"},
+    "root": {"path": "rootfs", "readonly": True},
+    "hostname": "localhost",
+    "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+               {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                "options": ["mode=755", "size=65536k"]},
+               {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                "options": ["mode=1777", "size=1048576"]},
+               {"destination": "/in", "type": "bind", "source": "/srv/in",
+                "options": ["rbind", "rro", "rnosuid", "rnodev"]},
+               {"destination": "/build", "type": "bind", "source": "/srv/build",
+                "options": ["bind", "rw"]}],
+    "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "user",
+                                                   "network")],
+              "resources": {"pids": {"limit": 10}}},
+}
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_the_sandbox_never_keeps_the_callers_terminal(attached: bool) -> None:
+    # Not even for an interactive shell: with the operator's terminal as its
+    # controlling one, the sandbox could push input into the operator's shell.
+    argv = bwrap_argv(CONFIG, Path("/b"), attached=attached)
+    assert "--new-session" in argv and "--die-with-parent" in argv
+
+
+def test_request_strings_stay_option_values() -> None:
+    argv = bwrap_argv(CONFIG, Path("/b"))
+    sep = argv.index("--")
+    assert argv[sep + 1:] == ["/bin/sh", "-c", "--help"]  # after --, never options
+    i = argv.index("X")
+    assert argv[i - 1] == "--setenv" and argv[i + 1] == "--unshare-all"
+    assert argv[argv.index("/in") - 2] == "--ro-bind"  # rro: read-only
+    assert argv[argv.index("/build") - 2] == "--bind"
+    assert ["--remount-ro", "/"] == argv[argv.index("--clearenv") - 2:argv.index("--clearenv")]
+
+
+def test_limits_without_a_cgroup_are_refused(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(BundleError, match="applies the limits through a cgroup"):
+        BwrapSandbox(tmp_path, "t", uid=1, gid=1).argv(attached=False)
+
+
+def test_an_unknown_mount_type_is_refused() -> None:
+    config = {**CONFIG, "mounts": [{"destination": "/x", "type": "nfs", "source": "h:/x"}]}
+    with pytest.raises(BundleError, match="not supported by the bwrap runtime"):
+        bwrap_argv(config, Path("/b"))
