@@ -20,12 +20,13 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pipeline.definition import Graph
 from pipeline.errors import PipelineError
 from pipeline.state import Run, StageState
 
-__all__ = ["STATE_COLORS", "render_image", "to_dot", "to_mermaid", "to_text"]
+__all__ = ["STATE_COLORS", "render_image", "to_dot", "to_mermaid", "to_text", "to_timeline"]
 
 STATE_COLORS: Mapping[StageState, str] = {
     StageState.PENDING: "#eeeeee",
@@ -69,23 +70,8 @@ def to_dot(graph: Graph, run: Run | None = None, *, title: str | None = None) ->
               'fillcolor="#ffffff"];'), '  edge [color="#555555"];']
     if title:
         lines.append(f"  label={_q(title)}; labelloc=t;")
-    for stage in graph:
-        label = stage.name
-        local = [f"{r.name} ({r.kind})" for r in stage.local_resources]
-        if local:
-            label += "\n[" + ", ".join(local) + "]"
-        state = states.get(stage.name)
-        if state is not None:
-            label += f"\n{state.value}"
-        attrs_ = [f"label={_q(label)}"]
-        if state is not None:
-            attrs_.append(f"fillcolor={_q(STATE_COLORS[state])}")
-        if stage.always:
-            attrs_.append("peripheries=2")
-        lines.append(f"  {_q(stage.name)} [{', '.join(attrs_)}];")
-    for stage in graph:
-        for dep in stage.deps:
-            lines.append(f"  {_q(dep)} -> {_q(stage.name)};")
+    lines += _dot_stages(graph, states, "", "  ")
+    lines += _dot_edges(graph, "")
     for res in graph.resources:
         rid = _q("resource:" + res.name)
         lines.append(f"  {rid} [shape=ellipse, style=dashed, "
@@ -94,6 +80,61 @@ def to_dot(graph: Graph, run: Run | None = None, *, title: str | None = None) ->
             lines.append(f"  {rid} -> {_q(user)} [style=dashed, arrowhead=none];")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _ends(graph: Graph, prefix: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per stage: the node ids its incoming and its outgoing edges attach to (a
+    sub-graph stage's inner roots and leaves, recursively)."""
+    heads: dict[str, list[str]] = {}
+    tails: dict[str, list[str]] = {}
+    for stage in graph:
+        node = prefix + stage.name
+        sub = stage.subgraph
+        if sub is None:
+            heads[stage.name] = tails[stage.name] = [node]
+            continue
+        inner_heads, inner_tails = _ends(sub, node + "/")
+        used = {d for s in sub for d in s.deps}
+        heads[stage.name] = [h for s in sub if not s.deps for h in inner_heads[s.name]]
+        tails[stage.name] = [t for s in sub if s.name not in used for t in inner_tails[s.name]]
+    return heads, tails
+
+
+def _dot_stages(graph: Graph, states: Mapping[str, StageState], prefix: str,
+                indent: str) -> list[str]:
+    lines = []
+    for stage in graph:
+        node = prefix + stage.name
+        state = states.get(stage.name) if not prefix else None
+        if stage.subgraph is not None:
+            label = stage.name + (f" ({state.value})" if state is not None else "")
+            lines.append(f"{indent}subgraph {_q('cluster_' + node)} {{")
+            lines.append(f"{indent}  label={_q(label)}; style=\"rounded,dashed\";")
+            if state is not None:
+                lines.append(f"{indent}  bgcolor={_q(STATE_COLORS[state])};")
+            lines += _dot_stages(stage.subgraph, {}, node + "/", indent + "  ")
+            lines += _dot_edges(stage.subgraph, node + "/", indent + "  ")
+            lines.append(f"{indent}}}")
+            continue
+        label = stage.name
+        local = [f"{r.name} ({r.kind})" for r in stage.local_resources]
+        if local:
+            label += "\n[" + ", ".join(local) + "]"
+        if state is not None:
+            label += f"\n{state.value}"
+        attrs_ = [f"label={_q(label)}"]
+        if state is not None:
+            attrs_.append(f"fillcolor={_q(STATE_COLORS[state])}")
+        if stage.always:
+            attrs_.append("peripheries=2")
+        lines.append(f"{indent}{_q(node)} [{', '.join(attrs_)}];")
+    return lines
+
+
+def _dot_edges(graph: Graph, prefix: str, indent: str = "  ") -> list[str]:
+    heads, tails = _ends(graph, prefix)
+    return [f"{indent}{_q(a)} -> {_q(b)};" for stage in graph for dep in stage.deps
+            for a in tails[dep] for b in heads[stage.name]]
 
 
 def to_mermaid(graph: Graph, run: Run | None = None) -> str:
@@ -108,6 +149,9 @@ def to_mermaid(graph: Graph, run: Run | None = None) -> str:
         if stage.name in states:
             label += f"<br/>{states[stage.name].value}"
         text = label.replace('"', "#quot;")
+        if stage.subgraph is not None:
+            out += _mermaid_subgraph(stage.subgraph, ids[stage.name], text, "  ")
+            continue
         shape = f'[["{text}"]]' if stage.always else f'["{text}"]'
         out.append(f"  {ids[stage.name]}{shape}")
     for stage in graph:
@@ -124,6 +168,23 @@ def to_mermaid(graph: Graph, run: Run | None = None) -> str:
     for name, state in states.items():
         out.append(f"  class {ids[name]} {state.value}")
     return "\n".join(out) + "\n"
+
+
+def _mermaid_subgraph(graph: Graph, sid: str, label: str, indent: str) -> list[str]:
+    """A sub-graph stage as a Mermaid subgraph (edges to it attach to the box)."""
+    ids = {name: f"{sid}_{i}" for i, name in enumerate(graph.names)}
+    out = [f'{indent}subgraph {sid} ["{label}"]']
+    for stage in graph:
+        text = stage.name.replace('"', "#quot;")
+        if stage.subgraph is not None:
+            out += _mermaid_subgraph(stage.subgraph, ids[stage.name], text, indent + "  ")
+        else:
+            out.append(f'{indent}  {ids[stage.name]}["{text}"]')
+    for stage in graph:
+        for dep in stage.deps:
+            out.append(f"{indent}  {ids[dep]} --> {ids[stage.name]}")
+    out.append(f"{indent}end")
+    return out
 
 
 def to_text(graph: Graph, run: Run | None = None) -> str:
@@ -154,6 +215,9 @@ def to_text(graph: Graph, run: Run | None = None) -> str:
             if outcome.error and outcome.state is StageState.FAILED:
                 text += f"\n    {outcome.error}"
         lines.append(text.rstrip())
+        if stage.subgraph is not None:
+            inner = to_text(stage.subgraph).rstrip("\n").splitlines()
+            lines += ["    | " + line for line in inner]
     if run is not None:
         lines.append(f"run {run.status.value}: " + ", ".join(
             f"{k} {v}" for k, v in sorted(_count(run).items())))
@@ -188,3 +252,109 @@ def render_image(graph: Graph, path: str | Path, run: Run | None = None, *,
         raise PipelineError(f"Graphviz dot failed rendering {path} "
                             f"(exit {proc.returncode}): {proc.stderr.strip()}")
     return path
+
+
+# --- a run as a timeline -------------------------------------------------------------
+
+_ROW = 18
+_LABEL = 220
+_CHART = 640
+
+
+def _kinds_of(definition: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Stage name -> the kinds of the resources it holds (from a graph definition)."""
+    shared = {r["name"]: r.get("kind", r["name"]) for r in definition.get("resources", [])}
+    out: dict[str, list[str]] = {}
+    for s in definition.get("stages", []):
+        kinds = []
+        for r in s.get("resources", []):
+            kinds.append(shared.get(r, r) if isinstance(r, str) else r.get("kind", r["name"]))
+        out[s["name"]] = kinds
+    return out
+
+
+def to_timeline(definition: Mapping[str, Any], run: Run) -> str:
+    """An SVG Gantt chart of a run: a bar per stage that ran (start to end, its
+    state's colour, its attempts), and under it each resource kind's
+    occupancy over time (how many of its stages held one). ``definition`` is
+    the graph's canonical definition (a run directory's graph.json)."""
+    from xml.sax.saxutils import escape
+
+    kinds = _kinds_of(definition)
+    order = [s["name"] for s in definition.get("stages", [])]
+    timed = {n: o for n, o in run.stages.items() if o.started is not None}
+    starts = [o.started for o in timed.values() if o.started is not None]
+    ends = [o.ended for o in timed.values() if o.ended is not None]
+    t0 = min(starts, default=run.started or 0.0)
+    t1 = max([*ends, *starts, run.ended or 0.0, t0 + 1e-3])
+    span = t1 - t0
+
+    def x(t: float) -> float:
+        return _LABEL + (t - t0) / span * _CHART
+
+    # Stages in order of their start (then the graph's), those that never ran last.
+    rows = sorted(order, key=lambda n: (timed[n].started if n in timed else float("inf"),
+                                        order.index(n)))
+    kind_names = sorted({k for n in timed for k in kinds.get(n, [])})
+    height = 40 + _ROW * len(rows) + 30 + 50 * len(kind_names) + 20
+    width = _LABEL + _CHART + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<title>run {escape(run.run_dir.name if run.run_dir else "")}: '
+           f'{run.status.value}, {span:.3f} s</title>',
+           f'<text x="4" y="14" font-weight="bold">run '
+           f'{escape(run.run_dir.name if run.run_dir else "")}: {run.status.value}, '
+           f'{span:.3f} s</text>']
+    for i in range(6):  # the time axis
+        t = span * i / 5
+        px = _LABEL + _CHART * i / 5
+        out.append(f'<line x1="{px:.1f}" y1="22" x2="{px:.1f}" y2="{height - 20}" '
+                   f'stroke="#dddddd"/>')
+        out.append(f'<text x="{px:.1f}" y="32" text-anchor="middle">{t:.3g} s</text>')
+    y = 40
+    for name in rows:
+        o = run.stages.get(name)
+        label = escape(name if len(name) <= 34 else "…" + name[-33:])
+        out.append(f'<text x="4" y="{y + 12}">{label}</text>')
+        if o is not None and o.started is not None:
+            end = o.ended if o.ended is not None else t1
+            w = max(x(end) - x(o.started), 1.0)
+            tries = f", {o.attempts} attempts" if o.attempts > 1 else ""
+            out.append(f'<rect class="stage" data-stage="{escape(name)}" '
+                       f'x="{x(o.started):.1f}" y="{y + 2}" width="{w:.1f}" '
+                       f'height="{_ROW - 4}" fill="{STATE_COLORS[o.state]}" '
+                       f'stroke="#555555"><title>{escape(name)}: {o.state.value}, '
+                       f'{end - o.started:.3f} s{tries}</title></rect>')
+            if o.attempts > 1:
+                out.append(f'<text x="{x(end) + 3:.1f}" y="{y + 12}">×{o.attempts}</text>')
+        else:
+            state = o.state.value if o is not None else "pending"
+            out.append(f'<text x="{_LABEL + 4}" y="{y + 12}" fill="#888888">({state}, '
+                       f'not run)</text>')
+        y += _ROW
+    y += 30
+    for kind in kind_names:  # each kind's occupancy: a step line over time
+        steps: list[tuple[float, int]] = []
+        for n, o in timed.items():
+            held = kinds.get(n, []).count(kind)
+            if held and o.started is not None:
+                steps.append((o.started, held))
+                steps.append((o.ended if o.ended is not None else t1, -held))
+        steps.sort(key=lambda s: (s[0], s[1]))
+        peak, level, points = 0, 0, [(x(t0), 0)]
+        for t, d in steps:
+            points.append((x(t), level))
+            level += d
+            points.append((x(t), level))
+            peak = max(peak, level)
+        points.append((x(t1), level))
+        scale = 36 / max(peak, 1)
+        path = " ".join(f"{px:.1f},{y + 40 - lv * scale:.1f}" for px, lv in points)
+        out.append(f'<text x="4" y="{y + 24}">{escape(kind)} (at most {peak})</text>')
+        out.append(f'<polyline class="occupancy" data-kind="{escape(kind)}" points="{path}" '
+                   f'fill="none" stroke="#3366cc" stroke-width="1.5"/>')
+        out.append(f'<line x1="{_LABEL}" y1="{y + 40}" x2="{_LABEL + _CHART}" y2="{y + 40}" '
+                   f'stroke="#999999"/>')
+        y += 50
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
