@@ -5,7 +5,11 @@ with :class:`Runner` (or :func:`run_sync` from synchronous code, which also
 handles SIGINT/SIGTERM), watch it through subscribers, draw it with
 :func:`to_dot`/:func:`to_mermaid`/:func:`render_image`/:func:`to_text`, and
 continue a stopped or failed run with :func:`resume`. While a run goes,
-:meth:`Runner.why_pending` says what a stage waits for.
+:meth:`Runner.why_pending` says what a stage waits for. A graph can be one
+stage of another (:meth:`Graph.as_stage`); :func:`to_timeline` draws a run
+as a Gantt chart. ``python -m pipeline`` (``pipeline-run``,
+:mod:`pipeline.cli`) runs, resumes, draws and explains anyone's graphs from
+the command line.
 
 This package knows nothing of containers or stores; it imports nothing from
 ``stages``.
@@ -49,7 +53,14 @@ from pipeline.events import (
     RichProgress,
     Subscriber,
 )
-from pipeline.render import STATE_COLORS, render_image, to_dot, to_mermaid, to_text
+from pipeline.render import (
+    STATE_COLORS,
+    render_image,
+    to_dot,
+    to_mermaid,
+    to_text,
+    to_timeline,
+)
 from pipeline.resume import plan_resume, resume
 from pipeline.runner import Runner
 from pipeline.state import (
@@ -119,4 +130,5 @@ __all__ = [
     "to_dot",
     "to_mermaid",
     "to_text",
+    "to_timeline",
 ]

@@ -31,6 +31,7 @@ def run_sync(
     graph: Graph,
     *,
     run_root: str | Path | None = None,
+    run_dir: str | Path | None = None,
     resume_dir: str | Path | None = None,
     from_stage: str | Sequence[str] | None = None,
     stop_after: str | Sequence[str] | None = None,
@@ -42,6 +43,9 @@ def run_sync(
     check: bool = True,
 ) -> Run:
     """Run (or, with ``resume_dir``, resume) a graph from synchronous code.
+
+    The run's directory: a new one under ``run_root``, or ``run_dir`` (new and
+    empty, made by the caller: :func:`~pipeline.new_run_dir`), or none.
 
     With ``handle_signals``, the first SIGINT or SIGTERM cancels the run
     cleanly (unstarted stages are skipped, ``always`` stages run, resources are
@@ -58,6 +62,9 @@ def run_sync(
         if resume_dir is not None:
             reused, attempt = plan_resume(resume_dir, graph, from_stage)
             runner = Runner(graph, run_dir=resume_dir, caps=caps, subscribers=subscribers,
+                            durability=durability, fail_fast=fail_fast)
+        elif run_dir is not None:
+            runner = Runner(graph, run_dir=run_dir, caps=caps, subscribers=subscribers,
                             durability=durability, fail_fast=fail_fast)
         else:
             runner = Runner(graph, run_root=run_root, caps=caps, subscribers=subscribers,

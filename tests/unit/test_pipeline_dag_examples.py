@@ -58,3 +58,35 @@ def test_stop_and_resume(tmp_path):
         assert root.tag.endswith("svg")
     stopped = (tmp_path / "stopped.svg").read_text()
     assert "pending" in stopped and "finished" in stopped
+
+
+def test_word_counts_through_the_command_line_only(tmp_path):
+    """dag_examples/word_counts.py has no __main__: the CLI runs it, why names a
+    failure, resume finishes it, show draws its timeline."""
+    import json
+    import os
+    import shutil
+
+    shutil.copy(EXAMPLES / "word_counts.py", tmp_path / "word_counts.py")
+
+    def cli(*args, **env):
+        full = {k: v for k, v in os.environ.items()
+                if k not in ("PIPELINE_RUN_ROOT", "WORD_COUNTS_FAIL")}
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env={**full, **env})
+
+    assert 'if __name__ == "__main__"' not in (EXAMPLES / "word_counts.py").read_text()
+    failed = cli("run", "word_counts.py:graph", "--caps", "reader=2", WORD_COUNTS_FAIL="sea")
+    assert failed.returncode == 1, failed.stderr
+    (run,) = [p.name for p in (tmp_path / "pipeline-runs").iterdir()]
+    assert cli("why", run, "publish").stdout.strip() == (
+        "publish did not run: its dependency count_sea failed: stage 'count_sea' failed: "
+        "RuntimeError: cannot read sea")
+    done = cli("resume", run)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "word_counts.json").read_text()) == {
+        "fox": 9, "rain": 9, "sea": 7, "total": 25}
+    svg = cli("show", run, "--format", "timeline").stdout
+    root = ET.fromstring(svg)
+    bars = [e for e in root.iter() if e.tag.endswith("rect") and e.get("class") == "stage"]
+    assert len(bars) == 5
