@@ -49,6 +49,9 @@ Caveats:
   counts against the build's memory limit), and /dev/shm without noexec;
   on cgroup v1 only the memory and pids controllers are joined (nodev
   mounts and the user namespace keep devices out).
+- ``readonlyPaths`` (/proc/sys, /proc/bus...) are bound read-only from the
+  host's /proc (bwrap binds host paths only), not remounted from the
+  sandbox's own: the same system-wide files, read-only either way.
 - A shell (``ocibuild shell``) runs in a session of its own, so it has no
   controlling terminal: no job control, and no way to push input into the
   operator's terminal (runc gives it a pty of its own instead).
@@ -169,7 +172,10 @@ def _mode(options: list[str]) -> str | None:
 
 def bwrap_argv(config: dict[str, Any], bundle_dir: Path, *, seccomp_fd: int | None = 3,
                attached: bool = False, bwrap: str = BWRAP) -> list[str]:
-    """The bwrap command that runs ``config`` (a bundle's config.json) as runc would."""
+    """The bwrap command that runs ``config`` (a bundle's config.json) as runc would.
+
+    ``attached`` (a shell on the caller's terminal) changes nothing: the
+    sandbox gets a session of its own either way (see the module caveats)."""
     proc = config["process"]
     linux = config.get("linux", {})
     kinds = {ns["type"]: ns.get("path") for ns in linux.get("namespaces", [])}
