@@ -43,7 +43,15 @@ from pipeline.caps import Caps
 from pipeline.definition import Graph, Stage
 from pipeline.errors import PipelineError, RunCancelled, RunFailed
 from pipeline.events import JsonProgress, PlainProgress, RichProgress, Subscriber
-from pipeline.state import GRAPH, Run, RunStatus, StageState, load_run, new_run_dir
+from pipeline.state import (
+    GRAPH,
+    JournalState,
+    Run,
+    RunStatus,
+    StageState,
+    load_run,
+    new_run_dir,
+)
 
 __all__ = ["main"]
 
@@ -316,11 +324,22 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def why(graph: Graph, run: Run, stage: str) -> str:
-    """One line: what happened to ``stage`` in ``run``, or why it did not run."""
+def why(graph: Graph, run: Run, stage: str, journal: JournalState | None = None) -> str:
+    """One line: what happened to ``stage`` in ``run``, what it waits for while
+    the run goes on (``journal``: the run's, for its cap waits), or why it
+    did not run."""
     if stage not in graph:
         raise UsageError(f"no stage {stage!r} in this run; stages: "
                          f"{', '.join(sorted(graph.names))}")
+    wait = journal.waits.get(stage) if journal is not None else None
+    if wait is not None and run.status is RunStatus.RUNNING:
+        cap = str(wait["cap"])
+        caps = journal.caps if journal is not None else {}
+        limit = caps.get("running") if cap == "running" else caps.get("kinds", {}).get(cap)
+        since = time.time() - float(wait["time"] or time.time())
+        return (f"{stage} waits for cap {cap!r}" + (f" (at most {limit} at once)" if limit
+                                                    else "")
+                + f", for {since:.1f} s: its dependencies are done")
     outcome = run.stages.get(stage)
     state = outcome.state if outcome is not None else StageState.PENDING
     if state.ok:
@@ -353,14 +372,20 @@ def why(graph: Graph, run: Run, stage: str) -> str:
             todo.extend(graph[dep].deps)
     if run.status is RunStatus.STOPPED:
         return f"{stage} did not run: the run stopped as asked before it (resume continues)"
+    if run.status is RunStatus.RUNNING and all(
+            (o := run.stages.get(d)) is not None and o.state.ok for d in graph[stage].deps):
+        return (f"{stage} has not ended: its dependencies are done and it waits for no cap, "
+                f"so it runs now (or the run's process died)")
     if run.status is RunStatus.CANCELLED:
         return f"{stage} did not run: the run was cancelled"
     return f"{stage} did not run ({state.value}; the run is {run.status.value})"
 
 
 def cmd_why(args: argparse.Namespace) -> int:
+    from pipeline.state import read_journal
+
     run_dir = _find_run(args, args.run)
-    print(why(_shape_of(run_dir), load_run(run_dir), args.stage))
+    print(why(_shape_of(run_dir), load_run(run_dir), args.stage, read_journal(run_dir)))
     return 0
 
 

@@ -311,6 +311,8 @@ class Runner:
             self._journal = Journal(self.run_dir, fsync=self.durability == "fsync")
             self._journal.append({"type": "run", "digest": graph.digest, "attempt": attempt,
                                   "time": started,
+                                  "caps": {"running": self.caps.running,
+                                           "kinds": dict(self.caps.kinds)},
                                   "stop_after": list(stop_after) if stop_after else None,
                                   "from_stage": from_stage if isinstance(from_stage, str)
                                   or from_stage is None else list(from_stage)})
@@ -482,7 +484,9 @@ class Runner:
             try:
                 if running is not None and not running.acquire_nowait(node):
                     plan.waiting_on(node.name, "running")
+                    self._note_wait(node, "running")
                     await running.acquire(node)
+                    self._note_wait(node, None)
                 try:
                     node.attempts = ctx.attempt = attempts = 1
                     node.started = _now()
@@ -568,8 +572,22 @@ class Runner:
             return
         assert self._plan is not None
         self._plan.waiting_on(node.name, cap)
+        self._note_wait(node, cap)
         await lim.acquire(key)
         self._plan.waiting_on(node.name)
+        self._note_wait(node, None)
+
+    def _note_wait(self, node: _Node, cap: str | None) -> None:
+        """Journal that a stage waits for a cap (None: no longer), so that a
+        reader of the run directory (``pipeline-run why``) can tell while the
+        run goes on."""
+        if self._journal is None:
+            return
+        self._pending_lines.append((None, json.dumps(
+            {"type": "wait", "name": node.name, "cap": cap, "time": _now()})))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _mark_started(self, node: _Node) -> None:
         assert self._plan is not None

@@ -273,6 +273,11 @@ class JournalState:
     records: Mapping[str, StageRecord]
     started: float | None
     ended: float | None
+    #: Stages that wait for a cap now (no record of their end since), by name:
+    #: the cap and since when (``{"cap": ..., "time": ...}``).
+    waits: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    #: The caps of the latest attempt (``{"running": N|None, "kinds": {...}}``).
+    caps: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 def read_journal(run_dir: str | Path) -> JournalState:
@@ -287,6 +292,8 @@ def read_journal(run_dir: str | Path) -> JournalState:
     status = RunStatus.RUNNING
     started = ended = None
     records: dict[str, StageRecord] = {}
+    waits: dict[str, dict[str, Any]] = {}
+    caps: dict[str, Any] = {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
@@ -302,10 +309,18 @@ def read_journal(run_dir: str | Path) -> JournalState:
                 digest = rec["digest"]
                 attempt = rec.get("attempt", attempt + 1)
                 status = RunStatus.RUNNING
+                caps = rec.get("caps") or {}
+                waits.clear()
                 if started is None:
                     started = rec.get("time")
                 ended = None
+            elif kind == "wait":
+                if rec.get("cap") is None:
+                    waits.pop(rec["name"], None)
+                else:
+                    waits[rec["name"]] = {"cap": rec["cap"], "time": rec.get("time")}
             elif kind == "stage":
+                waits.pop(rec["name"], None)
                 records[rec["name"]] = StageRecord(
                     name=rec["name"], state=StageState(rec["state"]),
                     result=rec.get("result"), codec=rec.get("codec"),
@@ -315,10 +330,11 @@ def read_journal(run_dir: str | Path) -> JournalState:
             elif kind == "end":
                 status = RunStatus(rec["status"])
                 ended = rec.get("time")
+                waits.clear()
     if digest is None:
         raise StateError(path, "journal has no run record")
     return JournalState(run_dir=run_dir, digest=digest, attempt=attempt, status=status,
-                        records=records, started=started, ended=ended)
+                        records=records, started=started, ended=ended, waits=waits, caps=caps)
 
 
 def load_run(run_dir: str | Path, graph: Any = None) -> Run:

@@ -67,6 +67,16 @@ async def once_more(ctx):
     if len(tried) == 1:
         raise RuntimeError("first attempt fails")
 
+async def hog(ctx):
+    while not os.path.exists("release"):
+        await asyncio.sleep(0.02)
+
+def live():
+    def holding(name, deps=()):
+        return Stage(name=name, fn=hog, deps=deps,
+                     resources=[Resource(name=f"r_{name}", kind="slot", factory=slot)])
+    return Graph(stages=[holding("first"), holding("second")])
+
 def capped():
     jobs = [Stage(name=f"job{i}", fn=busy,
                   resources=[Resource(name=f"w{i}", kind="worker", factory=slot)])
@@ -165,6 +175,40 @@ def test_timeline_of_a_run_from_its_directory_alone(user: Path) -> None:
     assert "×2" in texts  # the retried stage's two attempts
     titles = [t.text or "" for t in root.iter() if t.tag.endswith("title")]
     assert any(t.startswith("retried: finished") and "2 attempts" in t for t in titles)
+
+
+def test_why_names_the_cap_a_stage_waits_for_while_the_run_goes_on(user: Path) -> None:
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_RUN_ROOT"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "graphs.py:live",
+                             "--caps", "slot=1"], cwd=user, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        said = {}
+        while time.monotonic() < deadline:
+            runs = list((user / "pipeline-runs").glob("*/journal.jsonl"))
+            if runs:
+                run = runs[0].parent.name
+                said = {name: cli(user, "why", run, name).stdout.strip()
+                        for name in ("first", "second")}
+                if all("waits for cap" in t or "runs now" in t for t in said.values()):
+                    break
+            time.sleep(0.1)
+        # One holds the only slot; the other waits for it, as the run directory says.
+        assert sorted(said.values(), key=lambda t: "waits" in t)[1].endswith(
+            "its dependencies are done"), said
+        assert any(t.split(" waits for cap 'slot' (at most 1 at once), for ")[0] in
+                   ("first", "second") for t in said.values()), said
+        assert any("runs now" in t for t in said.values()), said
+        (user / "release").touch()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+        assert cli(user, "why", run, "second").stdout.startswith("second finished")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize(("args", "message"), [
