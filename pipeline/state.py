@@ -3,8 +3,9 @@
 A run directory holds::
 
     graph.json      the graph's canonical definition and digest (at start)
-    journal.jsonl   append-only: one line per run attempt, per settled stage,
-                    per run end. The source of truth.
+    journal.jsonl   append-only: one line per run attempt (with its caps), per
+                    settled stage, per run end, and a "wait" line whenever a
+                    stage starts or stops waiting for a cap. The source of truth.
     state.json      a readable snapshot, atomically replaced at the end of a run
     stages/<name>/  each stage's scratch directory (made on first use)
 
