@@ -6,7 +6,7 @@ handles SIGINT/SIGTERM), watch it through subscribers, draw it with
 :func:`to_dot`/:func:`to_mermaid`/:func:`render_image`/:func:`to_text`, and
 continue a stopped or failed run with :func:`resume`. While a run goes,
 :meth:`Runner.why_pending` says what a stage waits for. A graph can be one
-stage of another (:meth:`Graph.as_stage`); :func:`to_timeline` draws a run
+stage of another (:func:`as_stage`); :func:`to_timeline` draws a run
 as a Gantt chart. ``python -m pipeline`` (``pipeline-run``,
 :mod:`pipeline.cli`) runs, resumes, draws and explains anyone's graphs from
 the command line.
@@ -74,6 +74,7 @@ from pipeline.state import (
     new_run_id,
     run_token,
 )
+from pipeline.subgraph import as_stage
 from pipeline.sync import run_sync
 
 __all__ = [
@@ -119,6 +120,7 @@ __all__ = [
     "StageState",
     "StateError",
     "Subscriber",
+    "as_stage",
     "load_run",
     "new_run_dir",
     "new_run_id",

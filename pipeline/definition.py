@@ -183,7 +183,7 @@ class Stage:
     params: Any = None
     description: str = ""
     prefix: str = ""  # namespace added by Graph.prefixed; names resolve inside it first
-    #: The graph this stage runs, when it is one (:meth:`Graph.as_stage`).
+    #: The graph this stage runs, when it is one (:func:`pipeline.as_stage`).
     subgraph: Graph | None = attrs.field(default=None, eq=False, repr=False)
     # Derived from ``resources`` once (the scheduler reads them per run).
     local_resources: tuple[Resource, ...] = attrs.field(init=False, eq=False, repr=False)
@@ -432,58 +432,6 @@ class Graph:
         }
 
     # -- composing ----------------------------------------------------------------
-
-    def as_stage(self, name: str, *, deps: Iterable[str] = (),
-                 resources: Iterable[Resource | str] = (), caps: Any = None,
-                 timeout: float | None = None, retries: int = 0,
-                 description: str = "") -> Stage:
-        """This graph as one stage of another.
-
-        The stage runs the graph to its end, with its own ``caps``
-        (:class:`~pipeline.Caps`) and its own shared resources, while it
-        holds ``resources`` of the outer graph. Its result maps each inner
-        stage to its result (``ctx.results[name]["inner"]``); a failed inner
-        stage fails the stage, naming it (``name/inner``). The inner run
-        keeps its directory in the outer one's (``subgraphs/<name>``): when
-        the outer run is resumed and this stage runs again, the inner run
-        is resumed too, its finished stages reused. The inner graph's digest
-        is part of the outer one's. Drawn as a cluster (DOT) or a subgraph
-        (Mermaid).
-        """
-        inner = self
-
-        async def run_subgraph(ctx: Any) -> dict[str, Any]:
-            from pipeline.errors import PipelineError
-            from pipeline.events import EventKind
-            from pipeline.resume import resume
-            from pipeline.runner import Runner
-            from pipeline.state import GRAPH, StageState
-
-            def forward(event: Any) -> None:
-                if event.stage is not None and event.kind in (
-                        EventKind.STAGE_FINISHED, EventKind.STAGE_FAILED,
-                        EventKind.STAGE_REUSED, EventKind.STAGE_CANCELLED):
-                    ctx.log(f"{name}/{event.stage}: {event.kind.value.removeprefix('stage_')}")
-
-            sub_dir = ctx.run_dir / "subgraphs" / name if ctx.run_dir is not None else None
-            if sub_dir is not None and (sub_dir / GRAPH).exists():
-                run = await resume(sub_dir, inner, caps=caps, subscribers=[forward])
-            else:
-                if sub_dir is not None:
-                    sub_dir.mkdir(parents=True)
-                run = await Runner(inner, run_dir=sub_dir, caps=caps,
-                                   subscribers=[forward]).run()
-            failed = run.names(StageState.FAILED)
-            if failed:
-                first = run.stages[failed[0]]
-                raise PipelineError(f"inner stage {name}/{failed[0]} failed: "
-                                    f"{first.error or 'failed'}")
-            return {n: o.result for n, o in run.stages.items() if o.state.ok}
-
-        return Stage(name=name, fn=run_subgraph, deps=deps, resources=resources,
-                     timeout=timeout, retries=retries, version=f"graph:{inner.digest}",
-                     description=description or f"the graph of {len(inner.names)} stages",
-                     subgraph=inner)
 
     def prefixed(self, prefix: str) -> Graph:
         """A copy with every stage and shared resource renamed ``prefix/name``.

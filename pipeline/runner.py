@@ -143,7 +143,8 @@ class Runner:
     """Runs one graph once (``run``), or continues a run directory (see :func:`resume`).
 
     ``run_root``: a new run directory is made under it per run. ``run_dir``:
-    use exactly this directory. Neither: nothing is persisted.
+    use exactly this directory. Neither: nothing is persisted (``run_id``:
+    what the run_started event names then).
     """
 
     def __init__(
@@ -157,6 +158,7 @@ class Runner:
         durability: str = "flush",
         fail_fast: bool = False,
         limiters: Mapping[str, CapacityLimiter] | None = None,
+        run_id: str | None = None,
     ) -> None:
         if not isinstance(graph, Graph):
             raise DefinitionError(f"Runner needs a Graph, not {graph!r}")
@@ -169,6 +171,8 @@ class Runner:
         self.durability = durability
         self._run_root = Path(run_root) if run_root is not None else None
         self.run_dir: Path | None = Path(run_dir) if run_dir is not None else None
+        # What run_started names when the run has no directory.
+        self._run_name = run_id or ""
         self._subs: list[Subscriber] = list(subscribers)
         self.running_limiter = CapacityLimiter(self.caps.running, name="running")
         self._running: CapacityLimiter | None = (
@@ -317,7 +321,7 @@ class Runner:
                                   "from_stage": from_stage if isinstance(from_stage, str)
                                   or from_stage is None else list(from_stage)})
         try:
-            self._emit(EventKind.RUN_STARTED, None, str(self.run_dir or ""),
+            self._emit(EventKind.RUN_STARTED, None, str(self.run_dir or self._run_name),
                        {"stages": len(plan.active) + len(reused), "attempt": attempt})
             for name in reused:
                 self._emit(EventKind.STAGE_REUSED, name)

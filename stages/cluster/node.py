@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from stages.errors import BuildError, BuildFailed, RequestError, ServiceError, SpecError, cause_of
 
 if TYPE_CHECKING:
@@ -59,20 +61,18 @@ BATCH_WAIT = 0.05
 FORGET_AFTER = 60.0
 
 
+@attrs.frozen(kw_only=True)
 class NodeConfig:
     """What the client gives every node: the shared store, the operator's
     policy, limits. ``state_dir`` None: the node's ``$OCIBUILD_STATE`` or
     the default state directory."""
 
-    def __init__(self, *, blob_address: str, directory_address: str, jobs: int,
-                 policy: Policy | None = None, timeout: float | None = None,
-                 state_dir: str | None = None) -> None:
-        self.blob_address = blob_address
-        self.directory_address = directory_address
-        self.jobs = jobs
-        self.policy = policy
-        self.timeout = timeout
-        self.state_dir = state_dir
+    blob_address: str
+    directory_address: str
+    jobs: int
+    policy: Policy | None = None
+    timeout: float | None = None
+    state_dir: str | None = None
 
 
 class _Events:

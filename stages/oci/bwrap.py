@@ -73,6 +73,7 @@ from typing import Any
 from stages.errors import BundleError
 from stages.oci.process import SandboxProcess
 from stages.util.aio import Child
+from stages.util.files import write_atomic
 
 __all__ = ["BwrapSandbox", "bwrap_argv", "compile_seccomp"]
 
@@ -147,10 +148,7 @@ def _program_file(profile: dict[str, Any], directory: Path) -> Path:
     program = compile_seccomp(profile)
     path = directory / f".seccomp-{hashlib.sha256(program).hexdigest()[:32]}.bpf"
     if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".seccomp-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(program)
-        os.replace(tmp, path)
+        write_atomic(path, program)
     return path
 
 

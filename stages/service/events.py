@@ -76,25 +76,21 @@ class BuildEvents:
     """A pipeline subscriber that passes one build's events on to ``emit``.
 
     ``prefix`` is the build's stage-name prefix in the run (``<key>/``);
-    events of other builds in the same run are ignored. ``build_id``: what
-    Started says (default: the run's id, from its directory).
+    events of other builds in the same run are ignored.
     """
 
     _STATES = {"stage_started": "started", "stage_finished": "finished",
                "stage_failed": "failed", "stage_cancelled": "cancelled"}
 
-    def __init__(self, prefix: str, emit: Callable[[BuildEvent], None],
-                 build_id: str | None = None) -> None:
+    def __init__(self, prefix: str, emit: Callable[[BuildEvent], None]) -> None:
         self.prefix = prefix
         self.emit = emit
-        self.build_id = build_id
         self._started: dict[str, float] = {}
 
     def __call__(self, event: Event) -> None:
         kind = event.kind.value
         if kind == "run_started":
-            build_id = self.build_id or str(event.message).rsplit("/", 1)[-1]
-            self.emit(Started(build_id=build_id, time=event.time))
+            self.emit(Started(build_id=str(event.message).rsplit("/", 1)[-1], time=event.time))
             return
         stage = event.stage
         if stage is None or not stage.startswith(self.prefix):

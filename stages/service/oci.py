@@ -265,13 +265,8 @@ class OciBuildService(BuildService):
             if record:
                 shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: no run to keep
             raise
-        subscribers = list(subscribers)
-        if not record:  # the id is the run's, though it has no directory
-            from stages.service.events import BuildEvents
-
-            subscribers = [BuildEvents(s.prefix, s.emit, run_dir.name)
-                           if isinstance(s, BuildEvents) else s for s in subscribers]
-        runner = Runner(graph, run_dir=run_dir if record else None, caps=build_caps(self.jobs),
+        runner = Runner(graph, run_dir=run_dir if record else None, run_id=run_dir.name,
+                        caps=build_caps(self.jobs),
                         subscribers=[*self.subscribers, *subscribers], limiters=self.limiters)
         run = await runner.run(stop_after=stops)
         self._mark_paused(run, specs)

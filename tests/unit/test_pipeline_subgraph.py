@@ -1,4 +1,4 @@
-"""A graph as one stage of another (Graph.as_stage): results by path, its own
+"""A graph as one stage of another (pipeline.as_stage): results by path, its own
 caps, failures named by path, resume inside, digests, drawings."""
 
 from __future__ import annotations
@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import Caps, Graph, Resource, Stage, load_run, run_sync, to_dot, to_mermaid, to_text
+from pipeline import (
+    Caps,
+    Graph,
+    Resource,
+    Stage,
+    as_stage,
+    load_run,
+    run_sync,
+    to_dot,
+    to_mermaid,
+    to_text,
+)
 
 
 def inner_graph(work: Path, *, extra: str = "") -> Graph:
@@ -55,7 +66,7 @@ def outer_graph(work: Path, inner: Graph) -> Graph:
 
     return Graph(stages=[
         Stage(name="prep", fn=prep),
-        inner.as_stage("sub", deps=["prep"], caps=Caps(kinds={"slot": 1})),
+        as_stage(inner, "sub", deps=["prep"], caps=Caps(kinds={"slot": 1})),
         Stage(name="use", fn=use, deps=["sub"]),
     ])
 
@@ -122,7 +133,7 @@ def test_a_cancelled_outer_run_cancels_the_inner_one(tmp_path: Path) -> None:
         await asyncio.sleep(3600)
 
     inner = Graph(stages=[Stage(name="wait", fn=forever)])
-    outer = Graph(stages=[inner.as_stage("sub")])
+    outer = Graph(stages=[as_stage(inner, "sub")])
 
     async def main():
         runner = Runner(outer, run_root=tmp_path / "runs")
