@@ -19,8 +19,12 @@ Resources:
   mount server under the build's key. Acquired by ``mount``, used by ``run``,
   released (the key removed) once ``run`` is done, also on failure or
   cancellation.
-- ``container`` (local to ``run``, kind ``container``): one runc container;
-  the service caps this kind at its number of jobs.
+- ``cgroup`` (shared, kind ``cgroup``, used by ``run``): the build's own
+  cgroup, which holds its limits. Made before ``run`` waits for its
+  container's cap and removed after the cap is given back: the kernel takes
+  milliseconds to make and remove one, and the next container need not wait.
+- ``container`` (local to ``run``, kind ``container``): one runc container or
+  bwrap sandbox; the service caps this kind at its number of jobs.
 - ``workspace`` (shared, kind ``workspace``): a slot held from ``bundle``
   through ``ingest``, capped at twice the jobs (:func:`build_caps`), so a
   long queue of builds prepares its bundles just in time.
@@ -51,7 +55,7 @@ __all__ = ["GRAPH_VERSION", "STAGE_NAMES", "build_caps", "build_graph", "graph_f
            "workspace_cap"]
 
 STAGE_NAMES = ("validate", "spec", "bundle", "mount", "run", "ingest", "teardown")
-GRAPH_VERSION = "ocibuild-build-1"
+GRAPH_VERSION = "ocibuild-build-2"
 
 
 @contextlib.asynccontextmanager
@@ -91,8 +95,10 @@ def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
 
     inputs = Resource(name="inputs", kind="inputs", factory=bind(mount.inputs_mounted),
                       description="the request's inputs in the FUSE mount")
+    cgroup = Resource(name="cgroup", kind="cgroup", factory=bind(run.build_cgroup),
+                      description="the build's cgroup, with its limits")
     container = Resource(name="container", kind="container", factory=bind(run.container),
-                         description="a runc container")
+                         description="a runc container or a bwrap sandbox")
     workspace = Resource(name="workspace", kind="workspace", factory=_workspace,
                          description="a slot for a build on disk, bundle to ingest")
     stages = [
@@ -106,7 +112,7 @@ def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
               resources=["workspace", "inputs"],
               description="inputs through FUSE, read-only"),
         Stage(name="run", fn=bind(run.stage), deps=["mount"],
-              resources=["workspace", "inputs", container], timeout=None,
+              resources=["workspace", "inputs", "cgroup", container], timeout=None,
               description="runc run of the bundle"),
         Stage(name="ingest", fn=bind(ingest.stage), deps=["run"], resources=["workspace"],
               description="outputs into castore, reference scan"),
@@ -119,7 +125,7 @@ def build_graph(build: BuildSpec, host: BuildHost | None) -> Graph:
     ]
     made = ({"request_sha256": _request_digest(build.request)} if build.request is not None
             else {"request_from": build.request_from})
-    return Graph(stages=stages, resources=[workspace, inputs], version=GRAPH_VERSION,
+    return Graph(stages=stages, resources=[workspace, inputs, cgroup], version=GRAPH_VERSION,
                  params={**made, "key": build.key, "keep": build.keep,
                          "timeout": build.timeout})
 

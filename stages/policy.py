@@ -35,8 +35,8 @@ from stages.errors import RequestError
 if TYPE_CHECKING:  # the request model loads with the first build, not with the service
     from stages.request import BuildRequest
 
-__all__ = ["DEFAULT_MAX_MEMORY", "DEFAULT_MAX_PIDS", "DEFAULT_SYSTEMS", "DEFAULT_TMP_SIZE",
-           "POLICY_RULES", "Policy", "check_request", "parse_size"]
+__all__ = ["DEFAULT_MAX_MEMORY", "DEFAULT_MAX_PIDS", "DEFAULT_SERVE_TIMEOUT", "DEFAULT_SYSTEMS",
+           "DEFAULT_TMP_SIZE", "POLICY_RULES", "Policy", "check_request", "parse_size"]
 
 #: Processes (and threads) one build may have at once.
 DEFAULT_MAX_PIDS = 4096
@@ -44,6 +44,9 @@ DEFAULT_MAX_PIDS = 4096
 DEFAULT_MAX_MEMORY = 8 << 30
 #: Size of a build's /tmp (a tmpfs, counted in its memory too): 1 GiB.
 DEFAULT_TMP_SIZE = 1 << 30
+#: The longest a build of a remote client (``ocibuild serve``) may run, by
+#: default (seconds).
+DEFAULT_SERVE_TIMEOUT = 3600.0
 #: What this machine builds: x86-64 Linux. (Nix 2.8 also offers i686-linux
 #: here; the seccomp filter is x86-64 only, stages.oci.seccomp.)
 DEFAULT_SYSTEMS = ("x86_64-linux",)

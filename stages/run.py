@@ -26,14 +26,20 @@ from stages.oci.process import SandboxProcess
 from stages.oci.runc import RuncContainer
 from stages.util.aio import finish_then_cancel
 
-__all__ = ["container", "log_path", "sandbox", "stage"]
+__all__ = ["build_cgroup", "container", "log_path", "sandbox", "stage"]
 
 
 @contextlib.asynccontextmanager
-async def container(build: BuildSpec, host: BuildHost,
-                    ctx: StageContext) -> AsyncIterator[SandboxProcess]:
-    """Resource factory: one container of the build's bundle, deleted on release,
-    in the build's own cgroup (made here with the policy's limits, removed after)."""
+async def build_cgroup(build: BuildSpec, host: BuildHost,
+                       ctx: StageContext) -> AsyncIterator[BuildCgroup | None]:
+    """Resource factory: the build's own cgroup with the policy's limits (None
+    when the host makes none), removed on release.
+
+    A resource of its own, taken before the container's cap and given back
+    after it: making and removing a cgroup costs milliseconds of kernel time
+    (the removal waits for RCU), which the next build's container need not wait
+    for.
+    """
     cgroup = host.cgroup(build)
     try:
         if cgroup is not None:
@@ -41,15 +47,23 @@ async def container(build: BuildSpec, host: BuildHost,
             # anyway): the finally below then removes what it made.
             await finish_then_cancel(asyncio.to_thread(
                 cgroup.create, max_memory=host.policy.max_memory,
-                max_pids=host.policy.max_pids))
-        async with contextlib.AsyncExitStack() as stack:
-            if request_of(build, ctx).network_access and host.netns_dir is not None:
-                await stack.enter_async_context(SlirpNetwork(host.netns_path(build)))
-            c = await stack.enter_async_context(sandbox(build, host, cgroup))
-            yield c
+                max_pids=host.policy.max_pids, leaf=host.runtime != "runc"))
+        yield cgroup
     finally:
         if cgroup is not None:
             await finish_then_cancel(asyncio.to_thread(cgroup.remove))
+
+
+@contextlib.asynccontextmanager
+async def container(build: BuildSpec, host: BuildHost,
+                    ctx: StageContext) -> AsyncIterator[SandboxProcess]:
+    """Resource factory: one container of the build's bundle, deleted on release,
+    in the build's cgroup (the ``cgroup`` resource)."""
+    cgroup = ctx.resources.get("cgroup")
+    async with contextlib.AsyncExitStack() as stack:
+        if request_of(build, ctx).network_access and host.netns_dir is not None:
+            await stack.enter_async_context(SlirpNetwork(host.netns_path(build)))
+        yield await stack.enter_async_context(sandbox(build, host, cgroup))
 
 
 def sandbox(build: BuildSpec, host: BuildHost, cgroup: BuildCgroup | None = None, *,

@@ -9,6 +9,7 @@ with a non-zero exit, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -68,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spare.prestart()
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What is imported by now lives as long as the process: out of the
+    # collector's way, during the run and in the collection at exit (~25 ms
+    # of a command's time otherwise).
+    gc.freeze()
     try:
         return int(args.handler(args) or 0)
     except _user_error_types() as exc:
@@ -78,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    finally:
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stages.cli import UserError
 from stages.cli.common import check_timeout, policy, policy_options
-from stages.grpc.serve import DEFAULT_TIMEOUT
+from stages.policy import DEFAULT_SERVE_TIMEOUT as DEFAULT_TIMEOUT
 from stages.service.prune import SERVE_KEEP, SERVE_OLDER_THAN, PruneSettings, format_duration
 
 __all__ = ["register"]

@@ -141,7 +141,8 @@ async def _shell(run_dir: Path, args: argparse.Namespace, spec, command) -> int:
                     # runc applies the kept limits itself; bwrap needs a cgroup.
                     cgroup = BuildCgroup(f"{host.cgroup_root}/{spec.key}.shell")
                     limits = kept_limits(json.loads(layout.config.read_text()), req)
-                    cgroup.create(max_memory=limits["max_memory"], max_pids=limits["max_pids"])
+                    cgroup.create(max_memory=limits["max_memory"], max_pids=limits["max_pids"],
+                                  leaf=True)
                     stack.callback(cgroup.remove)
                 container = await stack.enter_async_context(
                     sandbox(spec, host, cgroup, bundle_dir=shell_bundle, name=container_id))

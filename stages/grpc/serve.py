@@ -56,7 +56,7 @@ import attrs
 import grpc
 
 from stages.errors import ServiceError
-from stages.policy import Policy
+from stages.policy import DEFAULT_SERVE_TIMEOUT, Policy
 from stages.service.prune import (
     PRUNE_INTERVAL,
     SERVE_KEEP,
@@ -72,7 +72,7 @@ MAX_MESSAGE = 128 << 20
 CASTORE_SERVICE_NAMES = ("tvix.castore.v1.BlobService", "tvix.castore.v1.DirectoryService")
 SHUTDOWN_GRACE = 3.0
 #: The longest a build of a remote client may run, by default (seconds).
-DEFAULT_TIMEOUT = 3600.0
+DEFAULT_TIMEOUT = DEFAULT_SERVE_TIMEOUT
 #: What a build farm keeps of its run records, by default.
 DEFAULT_PRUNE = PruneSettings(keep=SERVE_KEEP, older_than=SERVE_OLDER_THAN)
 

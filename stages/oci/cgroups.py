@@ -48,17 +48,26 @@ def available() -> bool:
 
 
 def _hierarchies() -> list[Path]:
-    """Every mounted hierarchy runc may make a container's cgroup in."""
+    """Every mounted hierarchy runc may make a container's cgroup in (looked
+    up once per cgroup root: a removal per build need not scan them again)."""
+    cached = _HIERARCHIES.get(CGROUP_FS)
+    if cached is not None:
+        return cached
     if _unified():
-        return [CGROUP_FS]
-    seen: set[Path] = set()
-    out = []
-    for entry in sorted(CGROUP_FS.iterdir()):
-        real = entry.resolve()
-        if entry.is_dir() and real not in seen and os.path.ismount(real):
-            seen.add(real)
-            out.append(real)
-    return out
+        found = [CGROUP_FS]
+    else:
+        seen: set[Path] = set()
+        found = []
+        for entry in sorted(CGROUP_FS.iterdir()):
+            real = entry.resolve()
+            if entry.is_dir() and real not in seen and os.path.ismount(real):
+                seen.add(real)
+                found.append(real)
+    _HIERARCHIES[CGROUP_FS] = found
+    return found
+
+
+_HIERARCHIES: dict[Path, list[Path]] = {}
 
 
 def _rmdir(path: Path) -> None:
@@ -134,9 +143,14 @@ class BuildCgroup:
         """The ``cgroupsPath`` of the build's container: a child without limits."""
         return f"/{self.relative}/build"
 
-    def create(self, *, max_memory: int | None, max_pids: int | None) -> None:
+    def create(self, *, max_memory: int | None, max_pids: int | None,
+               leaf: bool = False) -> None:
+        """Make the cgroup with its limits. ``leaf``: also what
+        :meth:`procs_files` names, for a runtime that makes no cgroups."""
         if _unified():
             self._create_unified(max_memory, max_pids)
+            if leaf:  # v2: no process in a cgroup that hands controllers down
+                (CGROUP_FS / self.container_path.strip("/")).mkdir(exist_ok=True)
             return
         memory = CGROUP_FS / "memory" / self.relative
         pids = CGROUP_FS / "pids" / self.relative
@@ -152,17 +166,13 @@ class BuildCgroup:
 
     def procs_files(self) -> list[Path]:
         """The ``cgroup.procs`` files a process writes its pid to in order to run
-        in the build's container cgroup (made here, as runc makes
-        :attr:`container_path`): for a runtime that does not make cgroups."""
-        leaf = self.container_path.strip("/")
+        under the build's limits, for a runtime that does not make cgroups
+        (made by ``create(leaf=True)``): on v1 the build's cgroup itself in
+        each limiting hierarchy, on v2 its child :attr:`container_path`."""
         if _unified():
-            (CGROUP_FS / leaf).mkdir(exist_ok=True)
-            return [CGROUP_FS / leaf / "cgroup.procs"]
-        files = []
-        for controller in _V1_LIMITS:
-            (CGROUP_FS / controller / leaf).mkdir(exist_ok=True)
-            files.append(CGROUP_FS / controller / leaf / "cgroup.procs")
-        return files
+            return [CGROUP_FS / self.container_path.strip("/") / "cgroup.procs"]
+        return [CGROUP_FS / controller / self.relative / "cgroup.procs"
+                for controller in _V1_LIMITS]
 
     def _create_unified(self, max_memory: int | None, max_pids: int | None) -> None:
         parts = self.relative.split("/")

@@ -389,11 +389,11 @@ def test_sigterm_mid_dag_leaves_nothing_on_any_node(cluster: RayCluster) -> None
                               stderr=subprocess.PIPE, text=True)
     try:
         # Both nodes run builders (two each: the sleepers are independent).
+        # (A container is listed a moment before its builder runs: wait for both.)
         _wait("builders on both nodes",
               lambda: len(cluster.containers(0)) == 2 and len(cluster.containers(1)) == 2
-              or client.poll() is not None, 120)
+              and len(processes_with("sleep 120")) >= 4 or client.poll() is not None, 120)
         assert client.poll() is None, client.communicate()
-        assert len(processes_with("sleep 120")) >= 4
         client.send_signal(signal.SIGTERM)
         sent = time.monotonic()
 

@@ -63,3 +63,30 @@ def test_an_unknown_mount_type_is_refused() -> None:
     config = {**CONFIG, "mounts": [{"destination": "/x", "type": "nfs", "source": "h:/x"}]}
     with pytest.raises(BundleError, match="not supported by the bwrap runtime"):
         bwrap_argv(config, Path("/b"))
+
+
+def test_sources_resolve_as_realpath_does(tmp_path: Path) -> None:
+    """The renderer resolves bind sources (to find the mounts below them) with
+    cached parents; every kind of link must resolve as os.path.realpath."""
+    import os
+
+    from stages.oci.bwrap import _realpath
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "far" / "away" / "q").mkdir(parents=True)
+    links = {"a/b/up": "../a", "abs": str(tmp_path / "a" / "b" / "up"), "loop1": "loop2",
+             "loop2": "loop1", "a/self": ".", "a/lnk": str(tmp_path / "far" / "away"),
+             "a/dotdot": "lnk/../q", "chain": "a/self/lnk/q", "a/b/back": "../../a"}
+    for name, target in links.items():
+        os.symlink(target, tmp_path / name)
+    paths = [tmp_path / p for p in (*links, "a/b/up/lnk/q", "loop1/x", "missing/x",
+                                   "a/self/self/b/back/b", "chain/../q")]
+    for p in [*map(str, paths), "/", "/proc/self", "//tmp", "relative/x", "/x" * 60]:
+        assert _realpath(p) == os.path.realpath(p), p
+    # A parent that now leads elsewhere (swapped for a link) is seen at once.
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    (tmp_path / "other" / "y").mkdir(parents=True)
+    assert _realpath(str(tmp_path / "x" / "y")) == str(tmp_path / "x" / "y")
+    (tmp_path / "x").rename(tmp_path / "x.old")
+    os.symlink(tmp_path / "other", tmp_path / "x")
+    assert _realpath(str(tmp_path / "x" / "y")) == str(tmp_path / "other" / "y")
