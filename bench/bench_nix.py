@@ -16,6 +16,12 @@ Each tool builds derivations of its own; the order turns from run to run;
 medians of ``--runs``. Targets: with runc <= 2.0x nix-build (runc's own
 cost puts the best near 1.45x); with bwrap <= 0.7x (ahead of Nix).
 
+With bwrap, each run also times the floor under any bwrap runtime: as many
+bare bwrap sandboxes, two at a time, each a bundle as the service writes it
+rendered as the runtime renders it (seccomp included), run by setpriv and
+bwrap alone: no store, no Python between them (bench_build's bare bwrap
+batch). ``floor ratio`` is that time over nix-build's.
+
 ``--profile`` adds one in-process run of
 :func:`stages.nix.build.build_derivations` under cProfile, and prints the
 busiest functions and the wall time per stage kind (summed over builds).
@@ -81,6 +87,8 @@ def _delete(drvs: list[str]) -> None:
     subprocess.run(["nix-store", "--delete", *paths, *drvs], capture_output=True, env=NIX_ENV)
 
 
+LABELS = {"nix": "nix-build", "floor": "bare bwrap"}
+
 #: Per runtime: its --build-service-addr scheme, and the target ratio to nix-build.
 RUNTIMES = {"runc": ("oci", 2.0), "bwrap": ("bwrap", 0.7)}
 
@@ -136,6 +144,32 @@ def _profile(work: Path, drvs: list[str], runtime: str = "runc") -> dict:
     return {"wall_s": took, "stage_wall_sum_s": stage_time, "top": out.getvalue()}
 
 
+def _floor_bundles(work: Path, count: int) -> list[Path]:
+    """``count`` bundles for bare bwrap runs (bench_build's), in ``work``."""
+    from bench.bench_build import _bare_bundles, _make_tools
+    from stages.castore import ingest_path, open_castore
+
+    work.mkdir(mode=0o711)
+    tools_dir = _make_tools(work)
+    store = f"local://{work}/store"
+
+    async def ingest():
+        castore = open_castore(store, store)
+        try:
+            return await ingest_path(castore, tools_dir)
+        finally:
+            await castore.aclose()
+
+    return _bare_bundles(work, tools_dir, asyncio.run(ingest()), count)
+
+
+def _floor(bundles: list[Path]) -> float:
+    """Bare bwrap of every bundle, two at a time (the builds' --jobs)."""
+    from bench.bench_build import _bare_batch
+
+    return _bare_batch(Path("/nonexistent"), bundles, 2, "bwrap")
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench_nix")
     ap.add_argument("--runs", type=int, default=3)
@@ -162,23 +196,35 @@ def main(argv: list[str]) -> int:
         made += warm
         _time(_ocibuild(work, warm))  # imports busybox into the store, starts everything once
         _time(["nix-build", "--no-out-link", *warm])
+        floor = "bwrap" in runtimes
+        bundles = _floor_bundles(work / "floor", args.drvs) if floor else []
         times: dict[str, list[float]] = {"nix": [], **{rt: [] for rt in runtimes}}
+        if floor:
+            times["floor"] = []
         for run in range(args.runs):
             # Each tool its own new derivations; the order turns every run.
-            todo = ["nix", *runtimes]
+            todo = list(times)
             shift = run % len(todo)
             for who in todo[shift:] + todo[:shift]:
+                if who == "floor":
+                    times[who].append(_floor(bundles))
+                    continue
                 drvs = _instantiate(work, args.drvs)
                 made += drvs
                 cmd = (["nix-build", "--no-out-link", "--max-jobs", "2", *drvs] if who == "nix"
                        else _ocibuild(work, drvs, who))
                 times[who].append(_time(cmd))
-            print(f"run {run}: " + ", ".join(f"{'nix-build' if w == 'nix' else w} "
-                                             f"{t[-1]:.2f} s" for w, t in times.items()),
-                  flush=True)
+            print(f"run {run}: " + ", ".join(f"{LABELS.get(w, w)} {t[-1]:.2f} s"
+                                             for w, t in times.items()), flush=True)
         nix_m = statistics.median(times["nix"])
         result: dict = {"drvs": args.drvs, "runs": args.runs, "nix_build_s": times["nix"],
                         "nix_median_s": nix_m}
+        if floor:
+            floor_m = statistics.median(times["floor"])
+            result["bare_bwrap"] = {"s": times["floor"], "median_s": floor_m,
+                                    "ratio": floor_m / nix_m}
+            print(f"{args.drvs} bare bwrap sandboxes, two at a time: {floor_m:.2f} s, "
+                  f"floor ratio {floor_m / nix_m:.2f}x nix-build")
         ok = True
         for rt in runtimes:
             median = statistics.median(times[rt])

@@ -39,7 +39,7 @@ from stages.oci.runc import cleanup_stale_containers
 from stages.teardown import KEPT_MARKER
 
 __all__ = ["DEFAULT_RUNTIME_BASE", "RUNTIME_ENV", "RUNTIME_MIN_BYTES", "Instance",
-           "cleanup_dead_instances", "live_instance_keys"]
+           "cleanup_dead_instances", "live_instance_keys", "sweep_orphan_runtimes"]
 
 
 def _try_lock(path: Path) -> int | None:
@@ -83,6 +83,8 @@ async def cleanup_dead_instances(state_dir: Path) -> list[str]:
     removed: list[str] = []
     if cgroups.available():
         removed += [f"cgroup ocibuild/{key}" for key in cgroups.sweep()]
+    removed += [f"runtime {path} (its state directory is gone)"
+                for path in sweep_orphan_runtimes()]
     instances = state_dir / "instances"
     if not instances.is_dir():
         return removed
@@ -191,6 +193,46 @@ def _runtime_home() -> Path | None:
     except BuildError:
         return None
     return home
+
+
+def sweep_orphan_runtimes(*, older_than: float = 300.0) -> list[Path]:
+    """Remove the runtime directories of instances that died more than
+    ``older_than`` seconds ago, of any state directory on this host.
+
+    A dead instance's runtime directory is removed by the next service on
+    its state directory; when that directory is gone (a temporary one, a
+    removed cache) nobody would, and the tmpfs would keep it for good. An
+    instance is named ``<pid>-<nonce>``: one whose process is gone, made
+    longer ago than ``older_than`` (so not a pid just reused), with nothing
+    mounted inside, goes. Returns what was removed.
+    """
+    home = _runtime_home()
+    if home is None:
+        return []
+    removed = []
+    now = time.time()
+    for entry in sorted(home.iterdir()):
+        pid, _, nonce = entry.name.partition("-")
+        if not (pid.isdigit() and nonce) or _alive(int(pid)):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < older_than or not entry.is_dir():
+                continue
+            remove_bundle(entry)  # refuses while anything is mounted inside
+        except (OSError, BuildError):
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _linked_runtime(inst: Path) -> Path | None:

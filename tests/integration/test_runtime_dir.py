@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,43 @@ def test_a_small_file_system_is_not_used(monkeypatch) -> None:
             subprocess.run(["umount", str(d)], check=True)
     finally:
         shutil.rmtree(d)
+
+
+def test_runtime_directories_whose_state_directory_is_gone_are_swept(base: Path) -> None:
+    """A dead instance whose state directory was removed leaves its runtime
+    directory on the tmpfs with nobody to clean it: a starting service sweeps
+    it, and only it (a live owner's, a young one and strangers stay)."""
+    import asyncio
+
+    from stages.service.recovery import cleanup_dead_instances
+
+    home = _runtime_home()
+    assert home is not None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    old = time.time() - 3600
+
+    def runtime(name: str, age: float | None = old) -> Path:
+        d = home / name
+        (d / "bundles" / "k" / "rootfs").mkdir(parents=True)
+        if age is not None:
+            os.utime(d, (age, age))
+        return d
+
+    orphan = runtime(f"{gone.pid}-0badcafe")
+    live = runtime(f"{os.getpid()}-1badcafe")
+    young = runtime(f"{gone.pid}-2badcafe", age=None)
+    stranger = runtime("not-an-instance")
+    mounted = runtime(f"{gone.pid}-3badcafe")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mounted / "bundles")], check=True)
+    os.utime(mounted, (old, old))
+    try:
+        state = base / "state"
+        state.mkdir()
+        removed = asyncio.run(cleanup_dead_instances(state))
+    finally:
+        subprocess.run(["umount", str(mounted / "bundles")], check=True)
+    assert not orphan.exists()
+    assert f"runtime {orphan} (its state directory is gone)" in removed
+    for kept in (live, young, stranger, mounted):
+        assert kept.is_dir(), kept
