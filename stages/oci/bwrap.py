@@ -305,16 +305,19 @@ _REAL_DIRS: dict[str, tuple[str, int, int]] = {}
 
 
 def _real_dir(path: str, depth: int = 0) -> str:
-    """:func:`_realpath` of a directory, remembered while the directory the
-    path leads to is the same one: one stat instead of an lstat per
-    component (the builds' sources share their parents)."""
+    """:func:`_realpath` of a directory, remembered while both the path and
+    the remembered real path lead to the same directory: two stats instead
+    of an lstat per component (the builds' sources share their parents)."""
     try:
         st = os.stat(path)
     except OSError:
         return os.path.realpath(path)
     known = _REAL_DIRS.get(path)
     if known is not None and known[1:] == (st.st_dev, st.st_ino):
-        return known[0]
+        with contextlib.suppress(OSError):
+            real = os.stat(known[0])
+            if (real.st_dev, real.st_ino) == known[1:]:
+                return known[0]
     real = _realpath(path, depth)
     if len(_REAL_DIRS) > 1024:
         _REAL_DIRS.clear()

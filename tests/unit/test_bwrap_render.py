@@ -90,3 +90,12 @@ def test_sources_resolve_as_realpath_does(tmp_path: Path) -> None:
     (tmp_path / "x").rename(tmp_path / "x.old")
     os.symlink(tmp_path / "other", tmp_path / "x")
     assert _realpath(str(tmp_path / "x" / "y")) == str(tmp_path / "other" / "y")
+    # The same directory, reached through a link that now names its new place.
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "via").symlink_to(tmp_path / "moved")
+    (tmp_path / "moved" / "d").mkdir()
+    assert _realpath(str(tmp_path / "via" / "d" / "e")) == str(tmp_path / "moved" / "d" / "e")
+    (tmp_path / "moved").rename(tmp_path / "moved2")
+    (tmp_path / "via").unlink()
+    (tmp_path / "via").symlink_to(tmp_path / "moved2")
+    assert _realpath(str(tmp_path / "via" / "d" / "e")) == str(tmp_path / "moved2" / "d" / "e")
