@@ -315,8 +315,8 @@ def _real_dir(path: str, depth: int = 0) -> str:
     known = _REAL_DIRS.get(path)
     if known is not None and known[1:] == (st.st_dev, st.st_ino):
         with contextlib.suppress(OSError):
-            real = os.stat(known[0])
-            if (real.st_dev, real.st_ino) == known[1:]:
+            there = os.stat(known[0])
+            if (there.st_dev, there.st_ino) == known[1:]:
                 return known[0]
     real = _realpath(path, depth)
     if len(_REAL_DIRS) > 1024:
