@@ -64,10 +64,23 @@ class _Scoped(dict[str, Any]):
 
     def __missing__(self, key: str) -> Any:
         full = self.prefix + key
-        if self.prefix and full in self:
-            return self[full]
+        if self.prefix and dict.__contains__(self, full):
+            return dict.__getitem__(self, full)
         raise KeyError(f"stage {self.stage!r} has no {self.what} {key!r} "
                        f"(it has: {', '.join(sorted(self)) or 'none'})")
+
+    # in and get() resolve as [] does: a composed graph's stage asks by the
+    # name it was defined with.
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or (
+            bool(self.prefix) and isinstance(key, str)
+            and dict.__contains__(self, self.prefix + key))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 class _Results(Mapping[str, Any]):

@@ -59,7 +59,7 @@ async def container(build: BuildSpec, host: BuildHost,
                     ctx: StageContext) -> AsyncIterator[SandboxProcess]:
     """Resource factory: one container of the build's bundle, deleted on release,
     in the build's cgroup (the ``cgroup`` resource)."""
-    cgroup = ctx.resources.get("cgroup")
+    cgroup = ctx.resources["cgroup"]
     async with contextlib.AsyncExitStack() as stack:
         if request_of(build, ctx).network_access and host.netns_dir is not None:
             await stack.enter_async_context(SlirpNetwork(host.netns_path(build)))
@@ -77,6 +77,11 @@ def sandbox(build: BuildSpec, host: BuildHost, cgroup: BuildCgroup | None = None
     from stages.oci.bwrap import BwrapSandbox
     from stages.oci.idmap import BUILD_GID, BUILD_UID
 
+    if cgroup is None and host.cgroup_root is not None:
+        # bwrap applies no limits itself: without its cgroup the build would
+        # run unlimited (runc applies linux.resources even so).
+        raise RuncError(name, "the bwrap sandbox has no cgroup to hold its limits; "
+                              "refusing to run it without them")
     return BwrapSandbox(bundle, name, uid=host.idmap.host_uid(BUILD_UID),
                         gid=host.idmap.host_gid(BUILD_GID),
                         cgroup_procs=cgroup.procs_files() if cgroup is not None else ())

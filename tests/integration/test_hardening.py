@@ -188,6 +188,23 @@ async def test_a_shell_fork_bomb_fails_naming_the_process_limit(env: Env) -> Non
     assert f"process limit {MAX_PIDS} (--max-pids)" in str(info.value)
 
 
+async def test_the_limits_hold_in_a_graph_of_several_builds(env: Env) -> None:
+    """Several requests are one graph whose stages are named KEY/STAGE (as
+    every ``nix build`` is): the limits hold there too, and are named."""
+    from stages.service import build_result
+
+    bomb, hog = env.sh("while true; do sleep 30 & done"), env.python(_touch_memory(MAX_MEMORY * 2))
+    run, specs = await env.svc.run_builds([bomb, hog, env.sh("echo ok > /nix/store/out")])
+    errors = []
+    for spec in specs[:2]:
+        with pytest.raises(BuildFailed) as info:
+            build_result(run, spec)
+        errors.append(str(info.value))
+    assert f"process limit {MAX_PIDS} (--max-pids)" in errors[0], errors[0]
+    assert f"memory limit {MAX_MEMORY} bytes reached" in errors[1], errors[1]
+    assert build_result(run, specs[2]).outputs  # the harmless one built beside them
+
+
 async def test_no_cgroup_outlives_its_build(env: Env) -> None:
     await env.out(env.sh("echo ok > /nix/store/out"))
     for controller in ("memory", "pids", "cpu", "freezer"):

@@ -99,3 +99,23 @@ def test_sources_resolve_as_realpath_does(tmp_path: Path) -> None:
     (tmp_path / "via").unlink()
     (tmp_path / "via").symlink_to(tmp_path / "moved2")
     assert _realpath(str(tmp_path / "via" / "d" / "e")) == str(tmp_path / "moved2" / "d" / "e")
+
+
+def test_a_bwrap_sandbox_without_its_cgroup_is_refused(tmp_path: Path) -> None:
+    """bwrap applies no limits itself: a host that makes cgroups never runs a
+    bwrap sandbox outside one (a lost cgroup must not mean unlimited)."""
+    from types import SimpleNamespace
+
+    from stages.errors import RuncError
+    from stages.oci.cgroups import BuildCgroup
+    from stages.oci.idmap import load_idmap
+    from stages.run import sandbox
+
+    host = SimpleNamespace(runtime="bwrap", cgroup_root="ocibuild", idmap=load_idmap())
+    build = SimpleNamespace(key="k")
+    with pytest.raises(RuncError, match="no cgroup to hold its limits"):
+        sandbox(build, host, None, bundle_dir=tmp_path)  # type: ignore[arg-type]
+    made = sandbox(build, host, BuildCgroup("ocibuild/k"), bundle_dir=tmp_path)  # type: ignore[arg-type]
+    assert isinstance(made, BwrapSandbox) and made.cgroup_procs
+    host.cgroup_root = None  # a host without cgroups: limits in config.json are refused later
+    assert isinstance(sandbox(build, host, None, bundle_dir=tmp_path), BwrapSandbox)  # type: ignore[arg-type]

@@ -68,6 +68,27 @@ async def test_results_reach_users_and_prefix_resolution():
                            "x/consume": 20, "y/consume": 20}
 
 
+async def test_a_composed_stage_finds_its_resources_by_the_names_it_was_defined_with():
+    """[], in and get() of ctx.resources all resolve inside the stage's prefix."""
+    from pipeline import Resource
+
+    @contextlib.asynccontextmanager
+    async def box(ctx):
+        yield f"box of {ctx.name}"
+
+    async def use(ctx):
+        return [ctx.resources["box"], "box" in ctx.resources, ctx.resources.get("box"),
+                ctx.resources.get("nope", "default"), "nope" in ctx.resources]
+
+    inner = Graph(stages=[Stage(name="use", fn=use, resources=["box"])],
+                  resources=[Resource(name="box", factory=box)])
+    run = await Runner(Graph.compose(inner.prefixed("x"), inner.prefixed("y"))).run()
+    assert run.status is RunStatus.FINISHED, run.stages
+    for p in ("x", "y"):
+        assert run.results[f"{p}/use"] == [f"box of {p}/use", True, f"box of {p}/use",
+                                           "default", False]
+
+
 async def test_running_cap_and_kind_caps_are_respected():
     t = Tracker()
     stages = [stage(t, f"s{i}", sleep=0.005,
