@@ -268,12 +268,15 @@ class _MountTable:
         """The mount points strictly below ``path``, relative to it, parents first."""
         if self._points is None:
             self._points = []
+            info = ""
             with contextlib.suppress(OSError):
-                for line in Path("/proc/self/mountinfo").read_text().splitlines():
-                    fields = line.split(" ")
-                    if len(fields) > 4:
-                        self._points.append(re.sub(
-                            r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+                info = Path("/proc/self/mountinfo").read_text()
+            for line in info.splitlines():
+                fields = line.split(" ")
+                if len(fields) > 4:
+                    self._points.append(re.sub(
+                        r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+            _mounts_now(info)
         real = _realpath(path).rstrip("/") + "/"
         found = {p[len(real):] for p in self._points if p.startswith(real)}
         return sorted(found, key=lambda p: (p.count("/"), p))
@@ -300,8 +303,19 @@ def _realpath(path: str, depth: int = 0) -> str:
     return _realpath(os.path.join(real_parent, target), depth + 1)
 
 
-#: directory -> (its real path, st_dev, st_ino when resolved)
+#: directory -> (its real path, st_dev, st_ino when resolved), while the
+#: mount table is :data:`_REAL_DIRS_MOUNTS`.
 _REAL_DIRS: dict[str, tuple[str, int, int]] = {}
+_REAL_DIRS_MOUNTS = [""]
+
+
+def _mounts_now(info: str) -> None:
+    """Forget the remembered real paths when the mount table changed: two bind
+    mounts of one directory are the same (st_dev, st_ino), yet a path may
+    now lead through the other one, with other mounts below it."""
+    if info != _REAL_DIRS_MOUNTS[0]:
+        _REAL_DIRS.clear()
+        _REAL_DIRS_MOUNTS[0] = info
 
 
 def _real_dir(path: str, depth: int = 0) -> str:
