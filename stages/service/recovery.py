@@ -42,6 +42,18 @@ __all__ = ["DEFAULT_RUNTIME_BASE", "RUNTIME_ENV", "RUNTIME_MIN_BYTES", "Instance
            "cleanup_dead_instances", "live_instance_keys", "sweep_orphan_runtimes"]
 
 
+def _try_lock_dir(path: Path) -> int | None:
+    """An fd holding an exclusive flock on the directory ``path``, or None if
+    another holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _try_lock(path: Path) -> int | None:
     """An fd holding an exclusive flock on ``path``, or None if another holds it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -201,10 +213,13 @@ def sweep_orphan_runtimes(*, older_than: float = 300.0) -> list[Path]:
 
     A dead instance's runtime directory is removed by the next service on
     its state directory; when that directory is gone (a temporary one, a
-    removed cache) nobody would, and the tmpfs would keep it for good. An
-    instance is named ``<pid>-<nonce>``: one whose process is gone, made
-    longer ago than ``older_than`` (so not a pid just reused), with nothing
-    mounted inside, goes. Returns what was removed.
+    removed cache) nobody would, and the tmpfs would keep it for good. A
+    live instance holds an flock on its runtime directory (seen from any
+    pid namespace that shares the tmpfs); an instance is named
+    ``<pid>-<nonce>``. One whose lock is free and whose process is gone,
+    made longer ago than ``older_than`` (so not one still starting, or a
+    pid just reused), with nothing mounted inside, goes. Returns what was
+    removed.
     """
     home = _runtime_home()
     if home is None:
@@ -216,9 +231,16 @@ def sweep_orphan_runtimes(*, older_than: float = 300.0) -> list[Path]:
         if not (pid.isdigit() and nonce) or _alive(int(pid)):
             continue
         try:
-            if now - entry.lstat().st_mtime < older_than or not entry.is_dir():
+            if now - entry.lstat().st_mtime < older_than or entry.is_symlink() \
+                    or not entry.is_dir():
                 continue
-            remove_bundle(entry)  # refuses while anything is mounted inside
+            lock = _try_lock_dir(entry)
+            if lock is None:
+                continue  # alive, in a pid namespace of its own
+            try:
+                remove_bundle(entry)  # refuses while anything is mounted inside
+            finally:
+                os.close(lock)
         except (OSError, BuildError):
             continue
         removed.append(entry)
@@ -257,6 +279,9 @@ class Instance:
     lock_fd: int
     #: Its runtime directory on a tmpfs (bundles/, trash/), or None.
     runtime: Path | None = None
+    #: An flock on the runtime directory itself, held for the instance's
+    #: life: seen by a sweep of any state directory, in any pid namespace.
+    runtime_fd: int | None = None
 
     @classmethod
     def create(cls, state_dir: Path) -> Instance:
@@ -274,8 +299,10 @@ class Instance:
             # The link first: a crash after it leaves nothing unaccounted for.
             os.symlink(runtime, inst / "runtime")
             runtime.mkdir(mode=0o711)
+            runtime_fd = _try_lock_dir(runtime)
             (runtime / "bundles").mkdir(mode=0o711)
             (runtime / "rootfs").mkdir(mode=0o711)
+            return cls(inst, fd, runtime, runtime_fd)
         return cls(inst, fd, runtime)
 
     def record_key(self, key: str) -> None:
@@ -285,5 +312,7 @@ class Instance:
     def close(self) -> None:
         if self.runtime is not None:
             rmtree(self.runtime, ignore_errors=True)
+        if self.runtime_fd is not None:
+            os.close(self.runtime_fd)
         rmtree(self.dir, ignore_errors=True)
         os.close(self.lock_fd)

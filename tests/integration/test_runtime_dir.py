@@ -7,6 +7,7 @@ else, or the service keeps its bundles on disk.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -134,6 +135,11 @@ def test_runtime_directories_whose_state_directory_is_gone_are_swept(base: Path)
 
     orphan = runtime(f"{gone.pid}-0badcafe")
     live = runtime(f"{os.getpid()}-1badcafe")
+    # Alive in another pid namespace: its pid means nothing here, its lock does.
+    elsewhere = runtime(f"{gone.pid}-4badcafe")
+    held = os.open(elsewhere, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    os.utime(elsewhere, (old, old))
     young = runtime(f"{gone.pid}-2badcafe", age=None)
     stranger = runtime("not-an-instance")
     mounted = runtime(f"{gone.pid}-3badcafe")
@@ -145,7 +151,22 @@ def test_runtime_directories_whose_state_directory_is_gone_are_swept(base: Path)
         removed = asyncio.run(cleanup_dead_instances(state))
     finally:
         subprocess.run(["umount", str(mounted / "bundles")], check=True)
+        os.close(held)
     assert not orphan.exists()
     assert f"runtime {orphan} (its state directory is gone)" in removed
-    for kept in (live, young, stranger, mounted):
+    for kept in (live, young, stranger, mounted, elsewhere):
         assert kept.is_dir(), kept
+
+
+def test_a_live_instance_holds_its_runtime_directory(base: Path) -> None:
+    """What the sweep tests for liveness: an instance locks its runtime
+    directory for its whole life, and lets it go when it closes."""
+    from stages.service.recovery import Instance, _try_lock_dir
+
+    state = base / "state"
+    state.mkdir()
+    inst = Instance.create(state)
+    assert inst.runtime is not None
+    assert _try_lock_dir(inst.runtime) is None  # held
+    inst.close()
+    assert not inst.runtime.exists()
