@@ -103,14 +103,17 @@ class RuncError(BuildError):
     """runc failed, or the builder exited with a non-zero status.
 
     ``exit_code`` is runc's exit status (128+N when the builder died of
-    signal N); ``log_tail`` holds the last lines of the build log.
+    signal N); ``log_tail`` holds the last lines of the build log;
+    ``runtime_signal`` the signal that killed the runtime itself (runc,
+    bwrap), if one did.
     """
 
     def __init__(self, container_id: str, message: str, *, exit_code: int | None = None,
-                 log_tail: str = "") -> None:
+                 log_tail: str = "", runtime_signal: int | None = None) -> None:
         self.container_id = container_id
         self.exit_code = exit_code
         self.log_tail = log_tail
+        self.runtime_signal = runtime_signal
         text = f"container {container_id}: {message}"
         if exit_code is not None:
             text += f" (exit code {exit_code})"

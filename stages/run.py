@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,14 @@ async def stage(build: BuildSpec, host: BuildHost, ctx: StageContext) -> dict[st
 def _named_limit(exc: RuncError, build: BuildSpec, host: BuildHost) -> RuncError:
     """The builder's failure, named after the limit it hit, if it hit one."""
     cgroup = host.cgroup(build)
-    if cgroup is None or exc.exit_code is None:
+    if cgroup is None or (exc.exit_code is None and exc.runtime_signal is None):
         return exc
     policy = host.policy
-    if exc.exit_code == 128 + 9 and cgroup.memory_limit_hit():  # SIGKILLed, at its limit
+    killed = exc.exit_code == 128 + 9 or exc.runtime_signal == signal.SIGKILL
+    if killed and cgroup.memory_limit_hit():  # SIGKILLed, at its limit
+        # (bwrap is in the build's cgroup: the kernel may pick it, not the builder.)
         what = (f"memory limit {policy.max_memory} bytes reached (--max-memory): the kernel "
-                f"killed the builder")
+                f"killed the {'builder' if exc.runtime_signal is None else 'sandbox'}")
     elif cgroup.pids_limit_hit():
         what = (f"the builder failed after reaching the process limit {policy.max_pids} "
                 f"(--max-pids)")

@@ -116,7 +116,7 @@ class SandboxProcess:
             raise RuncError(self.container_id,
                             f"{self.tool} itself was killed by {signal.Signals(-code).name} "
                             f"(from outside the build); the sandbox was killed and removed",
-                            log_tail=self.log_tail)
+                            log_tail=self.log_tail, runtime_signal=-code)
         if check and code != 0:
             raise RuncError(self.container_id, "the builder failed", exit_code=code,
                             log_tail=self.log_tail)

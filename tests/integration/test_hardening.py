@@ -205,6 +205,24 @@ async def test_the_limits_hold_in_a_graph_of_several_builds(env: Env) -> None:
     assert build_result(run, specs[2]).outputs  # the harmless one built beside them
 
 
+async def test_a_tmpfs_filled_past_the_memory_limit_names_the_limit(env: Env) -> None:
+    """tmpfs pages are memory the kernel cannot reclaim: the OOM killer may
+    pick any process of the build's cgroup, bwrap itself included. Either
+    way the failure names the memory limit."""
+    small = 48 << 20
+    policy = Policy(allowed_ro_paths=["/lib", "/lib64", "/usr"], max_pids=MAX_PIDS,
+                    max_memory=small, tmp_size=4 * small)
+    store = f"local://{env.base}/store"
+    async with OciBuildService(env.base / "state-small", blob_address=store,
+                               directory_address=store, jobs=1, policy=policy,
+                               runtime=env.svc.runtime) as svc:
+        script = (f"dd if=/dev/zero of=/tmp/fill bs=1M count={2 * (small >> 20)} || exit $?; "
+                  "echo survived > /nix/store/out")
+        with pytest.raises(BuildFailed) as info:
+            await svc.do_build(env.sh(script))
+    assert f"memory limit {small} bytes reached (--max-memory)" in str(info.value), info.value
+
+
 async def test_no_cgroup_outlives_its_build(env: Env) -> None:
     await env.out(env.sh("echo ok > /nix/store/out"))
     for controller in ("memory", "pids", "cpu", "freezer"):
