@@ -5,7 +5,8 @@ counters that tell an OOM kill from a builder that died of SIGKILL for
 another reason. So the service makes one cgroup per build itself
 (``ocibuild/<instance>/<key>``), puts the build's memory and process
 limits on it, and runs the container in a child of it (``.../build``, the
-config.json's ``cgroupsPath``) with no limits of its own: the limits are hit
+config.json's ``cgroupsPath``; a bwrap sandbox on v1 joins the build's
+cgroup itself) with no limits of its own: the limits are hit
 in the build's cgroup, whose counters outlive the container
 (``memory.oom_control``'s ``oom_kill`` and ``pids.events``' ``max`` on
 cgroup v1; ``memory.events`` and ``pids.events`` on v2). The run stage

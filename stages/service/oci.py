@@ -18,7 +18,7 @@ inside its user namespace. Root's home (0700) is therefore not a default.
 The state directory::
 
     instances/<id>/lock     flock held while service instance <id> lives
-    instances/<id>/janitor.lock  flock held while its janitor lives
+    instances/<id>/janitor.lock  flock held while its janitor lives (runc)
     instances/<id>/keys     the build keys it created, one a line
     instances/<id>/mnt/     its FUSE mountpoint
     instances/<id>/runc/    its runc --root (its containers only)

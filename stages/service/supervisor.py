@@ -1,7 +1,8 @@
 """The janitor of one service instance: kills its containers if the owner dies.
 
-A service (``ocibuild build``, ``nix build``, ``serve``) starts one
-supervisor process in its own session, holding the write end of a pipe to
+A service (``ocibuild build``, ``nix build``, ``serve``) with the runc
+runtime starts one supervisor process in its own session (a bwrap sandbox
+dies with bwrap, and bwrap with the service: no supervisor then), holding the write end of a pipe to
 the supervisor's stdin. When the service ends normally it writes ``bye``
 and closes the pipe; the supervisor exits. When the service dies any other
 way (SIGKILL included) the kernel closes the pipe, the supervisor reads
