@@ -151,9 +151,15 @@ def _bare_latency(runc_root: Path, bundle: Path, runs: int) -> list[float]:
     return [_bare_run(runc_root, bundle) for _ in range(runs)]
 
 
-def _bare_batch(runc_root: Path, bundles: list[Path], jobs: int,
+def _bare_batch(runc_root: Path | None, bundles: list[Path], jobs: int,
                 runtime: str = "runc") -> float:
-    run = _bare_bwrap_run if runtime == "bwrap" else (lambda b: _bare_run(runc_root, b))
+    """Every bundle by the bare runtime, ``jobs`` at a time (bwrap needs no
+    ``runc_root``)."""
+    if runtime == "bwrap":
+        run = _bare_bwrap_run
+    else:
+        assert runc_root is not None
+        run = lambda b: _bare_run(runc_root, b)
     start = time.perf_counter()
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(run, bundles))

@@ -167,7 +167,7 @@ def _floor(bundles: list[Path]) -> float:
     """Bare bwrap of every bundle, two at a time (the builds' --jobs)."""
     from bench.bench_build import _bare_batch
 
-    return _bare_batch(Path("/nonexistent"), bundles, 2, "bwrap")
+    return _bare_batch(None, bundles, 2, "bwrap")
 
 
 def main(argv: list[str]) -> int:

@@ -269,9 +269,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         except PipelineError as exc:
             print(f"{d.name}  unreadable: {exc}")
             continue
-        counts: dict[str, int] = {}
-        for o in run.stages.values():
-            counts[o.state.value] = counts.get(o.state.value, 0) + 1
+        counts = run.state_counts()
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started or 0))
         target = ""
         if (d / TARGET_FILE).exists():

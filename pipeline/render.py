@@ -220,15 +220,8 @@ def to_text(graph: Graph, run: Run | None = None) -> str:
             lines += ["    | " + line for line in inner]
     if run is not None:
         lines.append(f"run {run.status.value}: " + ", ".join(
-            f"{k} {v}" for k, v in sorted(_count(run).items())))
+            f"{k} {v}" for k, v in sorted(run.state_counts().items())))
     return "\n".join(lines) + "\n"
-
-
-def _count(run: Run) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for o in run.stages.values():
-        counts[o.state.value] = counts.get(o.state.value, 0) + 1
-    return counts
 
 
 def render_image(graph: Graph, path: str | Path, run: Run | None = None, *,

@@ -152,6 +152,13 @@ class Run:
     def names(self, state: StageState) -> list[str]:
         return [n for n, o in self.stages.items() if o.state is state]
 
+    def state_counts(self) -> dict[str, int]:
+        """How many stages are in each state, by the state's value."""
+        counts: dict[str, int] = {}
+        for o in self.stages.values():
+            counts[o.state.value] = counts.get(o.state.value, 0) + 1
+        return counts
+
     def check(self) -> Run:
         """Raise :class:`~pipeline.errors.RunFailed` if any stage failed; else self."""
         from pipeline.errors import RunFailed

@@ -152,9 +152,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if run is None:
             print(f"{path.name}  unreadable: {problem}")
             continue
-        counts: dict[str, int] = {}
-        for o in run.stages.values():
-            counts[o.state.value] = counts.get(o.state.value, 0) + 1
+        counts = run.state_counts()
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         print(f"{path.name}  {run.status.value:<9}  {summary}")
     return 0

@@ -87,8 +87,6 @@ class _Events:
         self.done_at: float | None = None
 
     def append(self, event: Any) -> None:
-        import attrs
-
         from stages.grpc.build_service import event_to_proto
         from stages.service.events import Started
 

@@ -69,7 +69,7 @@ from stages.nix.pathinfo import PathInfo, PathInfoDB, node_present
 from stages.nix.storepath import check_store_path, hash_part, name_part
 
 if TYPE_CHECKING:
-    from pipeline import Graph, Run, Subscriber
+    from pipeline import Graph, Run, Stage, Subscriber
     from stages.castore.addresses import Castore
     from stages.context import BuildHost, BuildSpec
     from stages.nix.to_request import DerivationRequest
@@ -434,6 +434,40 @@ def _make_request(plan: _Plan, drv_path: str, cores: int) -> DerivationRequest:
     return dreq
 
 
+def _buildable(plan: _Plan, cores: int) -> list[tuple[str, str, list[str]]]:
+    """The derivations to build, in the plan's order: path, key, and the
+    register stages of the inputs built in the run that it waits for (none:
+    its request is made now, and no request stage is needed). A derivation
+    whose inputs failed, or whose request cannot be made, leaves the plan
+    with its error."""
+    out = []
+    building = set(plan.to_build)
+    for drv_path in plan.to_build:
+        why = _deps_failed(plan, drv_path)
+        deps = [f"{plan.keys[d]}/register" for d in plan.drvs[drv_path].input_drvs
+                if d in building]
+        if why is None and not deps:
+            try:
+                _make_request(plan, drv_path, cores)
+            except NixError as exc:
+                why = str(exc)
+        if why is not None:
+            plan.errors[drv_path] = why
+            building.discard(drv_path)
+            continue
+        out.append((drv_path, plan.keys[drv_path], deps))
+    plan.to_build = [d for d in plan.to_build if d in building]
+    return out
+
+
+def _request_stage(plan: _Plan, drv_path: str, cores: int, deps: list[str]) -> Stage:
+    """``<key>/request``: the BuildRequest, made once its inputs are registered."""
+    from pipeline import Stage
+
+    return Stage(name=f"{plan.keys[drv_path]}/request", fn=_request_fn(plan, drv_path, cores),
+                 deps=deps, description=f"BuildRequest of {drv_path}")
+
+
 def _graph(plan: _Plan, host: BuildHost, cores: int,
            keep_failed: bool = False) -> tuple[list[BuildSpec], Graph | None]:
     """The builds and the graph; a derivation whose inputs are all there already gets its
@@ -444,34 +478,17 @@ def _graph(plan: _Plan, host: BuildHost, cores: int,
 
     specs: list[BuildSpec] = []
     extra: list[Stage] = []
-    building = set(plan.to_build)
     # Kept bundles live in the state directory, not on the runtime tmpfs.
     keeping: dict = {"keep": "failed"} if keep_failed else {"ephemeral": True}
-    for drv_path in list(plan.to_build):
-        key = plan.keys[drv_path]
-        drv = plan.drvs[drv_path]
-        why = _deps_failed(plan, drv_path)
-        if why is not None:
-            plan.errors[drv_path] = why
-            building.discard(drv_path)
-            continue
-        deps = [f"{plan.keys[d]}/register" for d in drv.input_drvs if d in building]
+    for drv_path, key, deps in _buildable(plan, cores):
         if deps:
-            extra.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
-                               deps=deps, description=f"BuildRequest of {drv_path}"))
+            extra.append(_request_stage(plan, drv_path, cores, deps))
             specs.append(BuildSpec(key=key, request_from=f"{key}/request", **keeping))
         else:
-            try:
-                request = _make_request(plan, drv_path, cores).request
-            except NixError as exc:
-                plan.errors[drv_path] = str(exc)
-                building.discard(drv_path)
-                continue
-            specs.append(BuildSpec(key=key, request=request, **keeping))
+            specs.append(BuildSpec(key=key, request=plan.requests[drv_path].request, **keeping))
         extra.append(Stage(name=f"{key}/register", fn=_register_fn(plan, drv_path, cores),
                            deps=[f"{key}/ingest"],
                            description=f"NAR hashes, references; register {drv_path}'s outputs"))
-    plan.to_build = [d for d in plan.to_build if d in building]
     if not specs:
         return specs, None
     return specs, graph_for_requests(specs, host, stages=extra)
@@ -537,26 +554,9 @@ def _remote_graph(plan: _Plan, service: BuildService, cores: int) -> Graph | Non
     from pipeline import Graph, Resource, Stage
 
     stages: list[Stage] = []
-    building = set(plan.to_build)
-    for drv_path in list(plan.to_build):
-        key = plan.keys[drv_path]
-        why = _deps_failed(plan, drv_path)
-        if why is not None:
-            plan.errors[drv_path] = why
-            building.discard(drv_path)
-            continue
-        deps = [f"{plan.keys[d]}/register" for d in plan.drvs[drv_path].input_drvs
-                if d in building]
+    for drv_path, key, deps in _buildable(plan, cores):
         if deps:
-            stages.append(Stage(name=f"{key}/request", fn=_request_fn(plan, drv_path, cores),
-                                deps=deps, description=f"BuildRequest of {drv_path}"))
-        else:
-            try:
-                _make_request(plan, drv_path, cores)
-            except NixError as exc:
-                plan.errors[drv_path] = str(exc)
-                building.discard(drv_path)
-                continue
+            stages.append(_request_stage(plan, drv_path, cores, deps))
         stages.append(Stage(name=f"{key}/build", fn=_remote_build_fn(plan, drv_path, cores,
                                                                      service),
                             deps=[f"{key}/request"] if deps else [],
@@ -567,7 +567,6 @@ def _remote_graph(plan: _Plan, service: BuildService, cores: int) -> Graph | Non
                             deps=[f"{key}/build"],
                             description=f"NAR hashes, references; register {drv_path}'s "
                                         f"outputs"))
-    plan.to_build = [d for d in plan.to_build if d in building]
     return Graph(stages=stages) if stages else None
 
 
